@@ -1,0 +1,287 @@
+//! Map keys, map values and events shared by kernel and userspace.
+
+/// Longest token accepted (RFC 6750 b64token); longer is `malformed`.
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// Ramp stages per contract.
+pub const MAX_STAGES: usize = 16;
+/// Scope definitions; a token's scope set is a bitmask over these.
+pub const MAX_SCOPES: usize = 64;
+/// Longest scope path prefix.
+pub const MAX_SCOPE_PREFIX: usize = 128;
+/// Contracts that can be loaded at once.
+pub const MAX_CONTRACTS: u32 = 1024;
+/// Listeners (interface + port) the datapath tells apart in its statistics.
+pub const MAX_LISTENERS: u32 = 64;
+/// Bytes of an HTTP request (request line + header block) the parser examines.
+pub const SCAN_BYTES: usize = 8192;
+/// Default capacity of the token, revocation and token-state maps.
+pub const DEFAULT_MAX_TOKENS: u32 = 1 << 20;
+
+/// The keyed 128-bit fingerprint of a token (SipHash-2-4-128 words `[h1, h2]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u64; 2]);
+
+impl Fingerprint {
+    pub const ZERO: Fingerprint = Fingerprint([0, 0]);
+}
+
+/// The 128-bit fingerprint key, loaded by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FingerprintKey(pub [u64; 2]);
+
+/// Per-request decision, in decision order. Counted per listener in `VERDICT_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// Not an inspected HTTP request (other port, ACK, body segment...).
+    Pass = 0,
+    Allow = 1,
+    Missing = 2,
+    Malformed = 3,
+    Incomplete = 4,
+    Unknown = 5,
+    Revoked = 6,
+    NotYetValid = 7,
+    Expired = 8,
+    OutOfScope = 9,
+    Throttled = 10,
+}
+
+pub const VERDICT_COUNT: usize = 11;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT] = [
+        Verdict::Pass,
+        Verdict::Allow,
+        Verdict::Missing,
+        Verdict::Malformed,
+        Verdict::Incomplete,
+        Verdict::Unknown,
+        Verdict::Revoked,
+        Verdict::NotYetValid,
+        Verdict::Expired,
+        Verdict::OutOfScope,
+        Verdict::Throttled,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Allow => "allow",
+            Verdict::Missing => "missing",
+            Verdict::Malformed => "malformed",
+            Verdict::Incomplete => "incomplete",
+            Verdict::Unknown => "unknown",
+            Verdict::Revoked => "revoked",
+            Verdict::NotYetValid => "not_yet_valid",
+            Verdict::Expired => "expired",
+            Verdict::OutOfScope => "out_of_scope",
+            Verdict::Throttled => "throttled",
+        }
+    }
+
+    pub fn from_u32(v: u32) -> Option<Verdict> {
+        Verdict::ALL.get(v as usize).copied()
+    }
+}
+
+/// What the datapath did with a judged request (in events).
+pub mod action {
+    /// Let through: allowed, observe mode, or a default of `allow`.
+    pub const PASSED: u8 = 0;
+    pub const DROPPED: u8 = 1;
+    /// The server side got an RST in place of the request.
+    pub const RESET: u8 = 2;
+}
+
+/// Listener `mode`.
+pub mod mode {
+    pub const ENFORCE: u8 = 0;
+    pub const OBSERVE: u8 = 1;
+}
+
+/// Listener `action` on a denied request.
+pub mod deny_action {
+    pub const DROP: u8 = 0;
+    pub const RESET: u8 = 1;
+}
+
+/// Default for missing / unknown / incomplete tokens.
+pub mod default_policy {
+    pub const DENY: u8 = 0;
+    pub const ALLOW: u8 = 1;
+}
+
+/// Global datapath configuration, `CONFIG[0]`. Written by userspace at load and on reload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GlobalConfig {
+    pub key: FingerprintKey,
+    /// Events each CPU may emit per second; what exceeds it is counted as dropped.
+    pub events_per_sec: u32,
+    /// `CLOCK_FIXED` makes the datapath read `fixed_now_ns` instead of the clock (tests only).
+    pub clock_mode: u32,
+    pub fixed_now_ns: u64,
+}
+
+pub const CLOCK_REAL: u32 = 0;
+pub const CLOCK_FIXED: u32 = 1;
+
+/// `LISTENERS` key: an interface and a TCP destination port (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub ifindex: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// How one listener treats the requests it judges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Index into the statistics (< MAX_LISTENERS).
+    pub id: u32,
+    pub mode: u8,
+    pub action: u8,
+    pub on_missing: u8,
+    pub on_unknown: u8,
+    pub on_incomplete: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Token flag: the token is not restricted to its scope set.
+pub const TOKEN_ANY_SCOPE: u32 = 1;
+
+/// `TOKENS` value: what a fingerprint may do. Times are CLOCK_TAI nanoseconds, 0 = unset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub contract: u32,
+    pub flags: u32,
+    /// Bitmask over `SCOPES` indexes.
+    pub scopes: u64,
+    pub not_before_ns: u64,
+    pub expires_ns: u64,
+    /// Explicit ramp start; 0 = the first request starts the ramp.
+    pub ramp_start_ns: u64,
+}
+
+/// One ramp stage: from `after_ns` past the ramp start, GCRA with emission interval
+/// `interval_ns` (= 1 s / rate) and tolerance `tolerance_ns` (= burst × interval).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stage {
+    pub after_ns: u64,
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
+}
+
+/// `CONTRACTS[i]`: a ramp of up to MAX_STAGES stages with an optional breach penalty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Contract {
+    pub n_stages: u32,
+    /// On breach, demote by this many stages ...
+    pub penalty_stages: u32,
+    /// ... for this long after the last breach.
+    pub penalty_ns: u64,
+    pub stages: [Stage; MAX_STAGES],
+}
+
+/// `SCOPES[i]`: a method set and a request-target prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// Bitmask of `http::method` bits.
+    pub methods: u32,
+    pub prefix_len: u32,
+    pub prefix: [u8; MAX_SCOPE_PREFIX],
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            methods: 0,
+            prefix_len: 0,
+            prefix: [0; MAX_SCOPE_PREFIX],
+        }
+    }
+}
+
+/// `TOKEN_STATE` value: per-token runtime state, updated lock-free by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenState {
+    /// GCRA theoretical arrival time (compare-and-swap).
+    pub tat_ns: u64,
+    /// When the ramp started (first use, or `TokenInfo::ramp_start_ns`).
+    pub ramp_start_ns: u64,
+    /// Penalty demotion applies until then.
+    pub penalty_until_ns: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub breaches: u64,
+    /// Contract the state was built under; a reload that changes it resets the state.
+    pub contract: u32,
+    /// Stage the last admission decision used (after any penalty).
+    pub stage: u32,
+}
+
+/// `TOKEN_STATS` value (per CPU): requests by verdict for one token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenStats {
+    pub by_verdict: [u64; VERDICT_COUNT],
+}
+
+/// `EVENT_BUDGET[0]` (per CPU): the event rate cap's window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub window_start_ns: u64,
+    pub emitted: u64,
+    /// Events the cap (or a full ring) dropped, ever.
+    pub dropped: u64,
+}
+
+/// A decision other than allow/pass, streamed through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub time_ns: u64,
+    /// Zero when the request carried no (well-formed) token.
+    pub fingerprint: Fingerprint,
+    /// Keyed hash of the request-target (no path bytes leave the kernel either).
+    pub path_hash: u64,
+    /// IPv4 addresses are IPv4-mapped IPv6 (::ffff:a.b.c.d).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub listener: u32,
+    pub verdict: u32,
+    /// One `http::method` bit.
+    pub method: u32,
+    /// One of `action::*`.
+    pub action: u8,
+    pub _pad: [u8; 7],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Fingerprint {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerConfig {}
+    unsafe impl aya::Pod for TokenInfo {}
+    unsafe impl aya::Pod for Contract {}
+    unsafe impl aya::Pod for Scope {}
+    unsafe impl aya::Pod for TokenState {}
+    unsafe impl aya::Pod for TokenStats {}
+    unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for Event {}
+}

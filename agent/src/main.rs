@@ -1,0 +1,1 @@
+fn main() { println!("{}", rampart::EBPF_OBJECT.len()); }
