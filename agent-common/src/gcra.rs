@@ -92,16 +92,17 @@ mod tests {
             }
         }
         assert_eq!(admitted, 4, "burst 3 admits 1 + 3 at once");
-        // One second later exactly 10 more fit.
-        let later = now + NANOS_PER_SEC;
-        let mut more = 0;
-        for _ in 0..50 {
-            if let Some(t) = admit(tat, later, i, 3 * i) {
+        // Under continuous demand (a request every ms) over [0, 1 s]: burst + 1 at once,
+        // then one per interval.
+        let mut tat = 0;
+        let mut total = 0;
+        for ms in 0..=1000u64 {
+            if let Some(t) = admit(tat, now + ms * 1_000_000, i, 3 * i) {
                 tat = t;
-                more += 1;
+                total += 1;
             }
         }
-        assert_eq!(more, 10);
+        assert_eq!(total, 4 + 10);
     }
 
     #[test]

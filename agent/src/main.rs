@@ -1,1 +1,3 @@
-fn main() { println!("{}", rampart::EBPF_OBJECT.len()); }
+fn main() {
+    println!("{}", rampart::EBPF_OBJECT.len());
+}
