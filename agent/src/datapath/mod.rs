@@ -1,1 +1,3 @@
-//! (to be written)
+//! The one facade over the eBPF object: load, typed maps, attach, pins.
+
+pub mod clock;
