@@ -1,0 +1,543 @@
+//! `cargo xtask vm-test`: run commands (test binaries) inside a qemu VM booted on
+//! Debian 12's 6.1 cloud kernel, the oldest kernel the datapath supports.
+//!
+//! The guest sees the host's whole root filesystem (virtiofs, read-only, under a
+//! tmpfs overlay so it is writable), so host-built binaries, their libraries, `ip`,
+//! `nginx` and the repo all sit at the same paths as on the host. Always TCG: the
+//! nested KVM on our CI machines runs guests far slower than plain emulation.
+
+mod debug_exit;
+mod initramfs;
+mod kernel;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+pub use kernel::{ensure_kernel, KernelFiles};
+
+/// Debian packages the host needs: qemu, virtiofsd (shipped in qemu-system-common
+/// on Debian 12) and a static busybox for the initramfs. The kernel itself is fetched
+/// by [`ensure_kernel`] with `apt-get download`, not installed.
+pub const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-common", "busybox-static"];
+
+/// Modules the guest loads (with their dependencies): virtio-pci and virtiofs for the
+/// host root, overlay to make it writable, and what the datapath and its tests use.
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtiofs",
+    "overlay",
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "act_bpf",
+];
+
+/// Second bpffs inside the guest, exported as `RAMPART_BPFFS`: `ip netns exec`
+/// remounts /sys and so hides /sys/fs/bpf.
+pub const GUEST_BPFFS: &str = "/run/rampart-bpffs";
+
+/// virtiofs tag of the host root; must match init.sh.
+const FS_TAG: &str = "hostroot";
+
+/// Where the virtiofsd daemon lives: Debian 12 ships the C one with qemu, later
+/// releases the Rust one in its own package. They take different flags.
+const VIRTIOFSD: &[(&str, Flavour)] = &[
+    ("/usr/lib/qemu/virtiofsd", Flavour::C),
+    ("/usr/libexec/virtiofsd", Flavour::Rust),
+];
+
+#[derive(Clone, Copy)]
+enum Flavour {
+    C,
+    Rust,
+}
+
+/// Guest status written to isa-debug-exit; qemu then exits with `(v << 1) | 1`.
+/// Zero is not used: its exit code 1 is also what qemu returns on its own errors.
+/// Keep in sync with init.sh.
+const PASSED: i32 = 1;
+const COMMAND_FAILED: i32 = 2;
+const SETUP_FAILED: i32 = 3;
+
+/// Prefix of the lines run.sh/init.sh print for the host to follow progress.
+const MARK: &str = "@@rampart-vm: ";
+
+/// What to run in the VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Commands run in order, each as argv (no shell), stopping at the first failure
+    /// unless `keep_going`.
+    pub commands: Vec<Vec<String>>,
+    /// Extra environment for every command (after the defaults: host PATH and HOME,
+    /// `RAMPART_BPFFS`, `RAMPART_IN_VM=1`).
+    pub env: Vec<(String, String)>,
+    /// Whole run, boot included; qemu is killed when it expires.
+    pub timeout: Duration,
+    /// Where the unpacked kernel is cached.
+    pub cache_dir: PathBuf,
+    /// Working directory of the commands; the same path as on the host.
+    pub workdir: PathBuf,
+    /// Run the remaining commands after one fails (the run still fails).
+    pub keep_going: bool,
+}
+
+impl VmOptions {
+    /// Defaults for a workspace at `workspace_root`: cache in `target/vm-cache`, run
+    /// from the workspace root, 10 minute timeout, stop at the first failure.
+    pub fn new(workspace_root: &Path, commands: Vec<Vec<String>>) -> Self {
+        Self {
+            commands,
+            env: Vec::new(),
+            timeout: Duration::from_secs(600),
+            cache_dir: workspace_root.join("target/vm-cache"),
+            workdir: workspace_root.to_path_buf(),
+            keep_going: false,
+        }
+    }
+}
+
+/// Boots the VM, runs `opts.commands` in it while streaming the guest console to
+/// stdout, and fails if any command failed, the guest could not set up, or the run
+/// timed out.
+pub fn run(opts: VmOptions) -> Result<()> {
+    let started = Instant::now();
+    ensure!(!opts.commands.is_empty(), "no commands to run in the VM");
+    ensure!(
+        opts.workdir.is_absolute(),
+        "workdir {} must be absolute: the guest resolves it against the host root",
+        opts.workdir.display()
+    );
+    let qemu = which("qemu-system-x86_64")
+        .context("qemu-system-x86_64 not found; install vm::HOST_PACKAGES")?;
+    let (virtiofsd, flavour) = VIRTIOFSD
+        .iter()
+        .find(|(path, _)| Path::new(path).exists())
+        .copied()
+        .context("no virtiofsd found; install vm::HOST_PACKAGES")?;
+
+    let kernel = ensure_kernel(&opts.cache_dir)?;
+    println!("[vm] booting Linux {} (TCG)", kernel.release);
+    let modules = kernel::modules_in_load_order(&kernel, GUEST_MODULES)?;
+    let initramfs = initramfs::build(&modules, &run_script(&opts)?)?;
+
+    let dir = RunDir::create()?;
+    let initrd = dir.0.join("initramfs.cpio");
+    fs::write(&initrd, initramfs).with_context(|| format!("writing {}", initrd.display()))?;
+    let socket = dir.0.join("virtiofs.sock");
+    let fsd_log = dir.0.join("virtiofsd.log");
+
+    let mut fsd = Command::new(virtiofsd);
+    match flavour {
+        Flavour::C => fsd
+            .arg(format!("--socket-path={}", socket.display()))
+            .args([
+                "-o",
+                "source=/",
+                "-o",
+                "cache=auto",
+                "-o",
+                "log_level=warn",
+                // The namespace sandbox's pivot_root fails when the shared dir is the
+                // host's own root; we share everything anyway, so chroot loses nothing.
+                "-o",
+                "sandbox=chroot",
+            ]),
+        Flavour::Rust => fsd
+            .arg(format!("--socket-path={}", socket.display()))
+            .args([
+                "--shared-dir=/",
+                "--cache=auto",
+                "--log-level=warn",
+                "--sandbox=chroot",
+            ]),
+    };
+    let fsd = fsd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&fsd_log)?)
+        .spawn()
+        .with_context(|| format!("starting {virtiofsd}"))?;
+    let mut fsd = Reaped(fsd);
+    wait_for_socket(&socket, &mut fsd.0, &fsd_log)?;
+
+    let mut qemu = Reaped(
+        Command::new(qemu)
+            .args(qemu_args(&kernel, &initrd, &socket))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu")?,
+    );
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let console = {
+        let out = qemu.0.stdout.take().expect("piped");
+        let progress = Arc::clone(&progress);
+        thread::spawn(move || follow_console(out, started, &progress))
+    };
+    let stderr = {
+        let err = qemu.0.stderr.take().expect("piped");
+        thread::spawn(move || prefix_lines(err, "[qemu] "))
+    };
+
+    let status = wait_with_deadline(&mut qemu.0, started + opts.timeout)?;
+    let _ = console.join();
+    let _ = stderr.join();
+    let progress = progress.lock().expect("console thread panicked").clone();
+    let Some(status) = status else {
+        bail!(
+            "VM timed out after {:?} ({}); qemu killed",
+            opts.timeout,
+            progress.describe(&opts.commands)
+        );
+    };
+    println!("[vm] finished in {:.1}s", started.elapsed().as_secs_f64());
+    match guest_status(status) {
+        Some(PASSED) => Ok(()),
+        Some(COMMAND_FAILED) => bail!("in the VM: {}", progress.describe(&opts.commands)),
+        Some(SETUP_FAILED) => bail!("VM guest setup failed (see the init: line above)"),
+        _ => {
+            let log = fs::read_to_string(&fsd_log).unwrap_or_default();
+            bail!(
+                "VM ended without reporting a result ({status}; kernel panic or qemu error?) \
+                 during {}{}",
+                progress.describe(&opts.commands),
+                if log.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nvirtiofsd log:\n{log}")
+                }
+            )
+        }
+    }
+}
+
+fn qemu_args(kernel: &KernelFiles, initrd: &Path, socket: &Path) -> Vec<String> {
+    const MEM: &str = "2G";
+    let append = [
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        // Guest page-table isolation and friends cost a lot under TCG and do not change
+        // what a root BPF loader sees.
+        "mitigations=off",
+        "random.trust_cpu=on",
+    ]
+    .join(" ");
+    [
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        MEM,
+        // vhost-user needs guest RAM the daemon can map.
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={MEM},share=on"),
+        "-numa",
+        "node,memdev=mem",
+        "-chardev",
+        &format!("socket,id=fs0,path={}", socket.display()),
+        "-device",
+        &format!("vhost-user-fs-pci,chardev=fs0,tag={FS_TAG}"),
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-chardev",
+        "stdio,id=console,signal=off",
+        "-serial",
+        "chardev:console",
+        "-kernel",
+        &kernel.vmlinuz.to_string_lossy(),
+        "-initrd",
+        &initrd.to_string_lossy(),
+        "-append",
+        &append,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The script init.sh runs chrooted into the host root.
+fn run_script(opts: &VmOptions) -> Result<String> {
+    let mut env = vec![
+        (
+            "PATH".to_owned(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        ),
+        (
+            "HOME".to_owned(),
+            std::env::var("HOME").unwrap_or_else(|_| "/root".to_owned()),
+        ),
+        ("TERM".to_owned(), "dumb".to_owned()),
+        ("RAMPART_BPFFS".to_owned(), GUEST_BPFFS.to_owned()),
+        ("RAMPART_IN_VM".to_owned(), "1".to_owned()),
+    ];
+    env.extend(opts.env.iter().cloned());
+
+    let mut s = String::from("# Generated by xtask vm for one run.\n");
+    for (key, value) in &env {
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        ensure!(valid, "invalid environment variable name {key:?}");
+        writeln!(s, "export {key}={}", quote(value))?;
+    }
+    writeln!(s, "cd {} || exit 1", quote(&opts.workdir.to_string_lossy()))?;
+    writeln!(s, "failed=0")?;
+    for (i, argv) in opts.commands.iter().enumerate() {
+        ensure!(!argv.is_empty(), "command {} is empty", i + 1);
+        let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+        let line = line.join(" ");
+        writeln!(s, "echo {}", quote(&format!("{MARK}start {i}")))?;
+        writeln!(s, "{line}")?;
+        writeln!(s, "rc=$?")?;
+        writeln!(s, "echo \"{MARK}exit {i} $rc\"")?;
+        if opts.keep_going {
+            writeln!(s, "[ $rc -eq 0 ] || failed=1")?;
+        } else {
+            writeln!(s, "[ $rc -eq 0 ] || exit 1")?;
+        }
+    }
+    writeln!(s, "exit $failed")?;
+    Ok(s)
+}
+
+/// Single-quotes `s` for sh.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// What the host learned from the guest console.
+#[derive(Debug, Default, Clone)]
+struct Progress {
+    booted: Option<Duration>,
+    /// Index of the command now running, if any.
+    running: Option<usize>,
+    /// (index, exit status) of finished commands.
+    finished: Vec<(usize, i32)>,
+}
+
+impl Progress {
+    fn describe(&self, commands: &[Vec<String>]) -> String {
+        let show = |i: usize| format!("command {} `{}`", i + 1, commands[i].join(" "));
+        let failed: Vec<String> = self
+            .finished
+            .iter()
+            .filter(|(_, rc)| *rc != 0)
+            .map(|&(i, rc)| format!("{} exited with {rc}", show(i)))
+            .collect();
+        if !failed.is_empty() {
+            return failed.join("; ");
+        }
+        match (self.booted, self.running) {
+            (None, _) => "before the guest finished booting".to_owned(),
+            (Some(_), Some(i)) => format!("while running {}", show(i)),
+            (Some(_), None) => format!(
+                "after {} of {} commands",
+                self.finished.len(),
+                commands.len()
+            ),
+        }
+    }
+}
+
+fn follow_console(out: impl Read, started: Instant, progress: &Mutex<Progress>) {
+    let mut out = BufReader::new(out);
+    let mut line = Vec::new();
+    let mut command_started = started;
+    loop {
+        line.clear();
+        match out.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        let Some(mark) = text.strip_prefix(MARK) else {
+            println!("[vm] {text}");
+            continue;
+        };
+        let mut p = progress.lock().expect("lock");
+        let mut words = mark.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("ready"), _, _) => {
+                let boot = started.elapsed();
+                p.booted = Some(boot);
+                println!("[vm] guest ready after {:.1}s", boot.as_secs_f64());
+            }
+            (Some("start"), Some(i), _) => {
+                p.running = i.parse().ok();
+                command_started = Instant::now();
+            }
+            (Some("exit"), Some(i), Some(rc)) => {
+                if let (Ok(i), Ok(rc)) = (i.parse(), rc.parse()) {
+                    p.running = None;
+                    p.finished.push((i, rc));
+                    let verdict = if rc == 0 {
+                        "passed".to_owned()
+                    } else {
+                        format!("FAILED ({rc})")
+                    };
+                    println!(
+                        "[vm] command {} {verdict} in {:.1}s",
+                        i + 1,
+                        command_started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            _ => println!("[vm] {text}"),
+        }
+    }
+}
+
+fn prefix_lines(input: impl Read, prefix: &str) {
+    for line in BufReader::new(input).lines() {
+        let Ok(line) = line else { return };
+        eprintln!("{prefix}{line}");
+    }
+}
+
+/// Waits for qemu; `None` if the deadline passed (qemu is then killed).
+fn wait_with_deadline(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Decodes isa-debug-exit's `(v << 1) | 1`; other exits (0 after a panic reboot,
+/// signals) carry no guest status.
+fn guest_status(status: ExitStatus) -> Option<i32> {
+    let code = status.code()?;
+    (code & 1 == 1 && code > 1).then_some(code >> 1)
+}
+
+fn wait_for_socket(socket: &Path, fsd: &mut Child, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = fsd.try_wait()? {
+            let log = fs::read_to_string(log).unwrap_or_default();
+            bail!("virtiofsd exited ({status}) before listening:\n{log}");
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "virtiofsd did not create {}",
+            socket.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+/// A child that is killed when dropped, so an early `?` never leaves qemu or
+/// virtiofsd running.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Per-run scratch directory (initramfs, vhost-user socket, logs), removed on drop.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let dir = std::env::temp_dir().join(format!("rampart-vm-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_survives_single_quotes() {
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        assert_eq!(quote(""), "''");
+    }
+
+    #[test]
+    fn script_stops_at_first_failure_unless_keep_going() {
+        let mut opts = VmOptions::new(
+            Path::new("/repo"),
+            vec![
+                vec!["true".into()],
+                vec!["sh".into(), "-c".into(), "exit 3".into()],
+            ],
+        );
+        opts.env.push(("RUST_LOG".into(), "debug".into()));
+        let script = run_script(&opts).unwrap();
+        assert!(script.contains("export RUST_LOG='debug'\n"));
+        assert!(script.contains("cd '/repo' || exit 1\n"));
+        assert!(script.contains("'sh' '-c' 'exit 3'\n"));
+        assert_eq!(script.matches("|| exit 1\n").count(), 3);
+
+        opts.keep_going = true;
+        let script = run_script(&opts).unwrap();
+        assert_eq!(script.matches("|| failed=1\n").count(), 2);
+
+        opts.env.push(("BAD NAME".into(), String::new()));
+        assert!(run_script(&opts).is_err());
+    }
+
+    #[test]
+    fn debug_exit_codes_decode() {
+        use std::os::unix::process::ExitStatusExt;
+        let exit = |code: i32| ExitStatus::from_raw(code << 8);
+        assert_eq!(guest_status(exit(3)), Some(PASSED));
+        assert_eq!(guest_status(exit(5)), Some(COMMAND_FAILED));
+        assert_eq!(guest_status(exit(7)), Some(SETUP_FAILED));
+        // A panic reboot (0) and qemu's own errors (1) are not guest results.
+        assert_eq!(guest_status(exit(0)), None);
+        assert_eq!(guest_status(exit(1)), None);
+    }
+}
