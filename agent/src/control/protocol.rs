@@ -1,0 +1,567 @@
+//! Wire format of the control socket: one JSON object per line each way.
+//!
+//! Request: `{"op": "<name>", ...fields}`. Response: `{"ok": true, ...body}` or
+//! `{"ok": false, "error": "..."}`. After a successful `events.subscribe` the server sends one
+//! event object per line until the client disconnects.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use agent_common::{http::method, Event, Fingerprint, Verdict};
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::{
+    store::{fingerprint_hex, parse_fingerprint_hex, TokenRecord, TokenStatus},
+    token::TokenRuntime,
+};
+
+/// A fingerprint on the wire: 32 lower-case hex characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fp(pub Fingerprint);
+
+impl Serialize for Fp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&fingerprint_hex(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Fp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_fingerprint_hex(&s)
+            .map(Fp)
+            .ok_or_else(|| serde::de::Error::custom("fingerprint must be 32 hex characters"))
+    }
+}
+
+impl std::fmt::Display for Fp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&fingerprint_hex(&self.0))
+    }
+}
+
+/// A verdict on the wire, by name (`allow`, `revoked`, `out_of_scope`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictName(pub Verdict);
+
+impl Serialize for VerdictName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for VerdictName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Verdict::ALL
+            .iter()
+            .find(|v| v.name() == s)
+            .map(|&v| VerdictName(v))
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
+    }
+}
+
+/// Which events a subscriber wants; unset fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<VerdictName>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, ev: &EventRecord) -> bool {
+        self.fingerprint.is_none_or(|f| ev.fingerprint == Some(f))
+            && self.verdict.is_none_or(|v| ev.verdict == v)
+    }
+}
+
+/// Every operation the daemon understands. Durations are whole seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", deny_unknown_fields)]
+pub enum Request {
+    #[serde(rename = "token.issue")]
+    TokenIssue {
+        contract: String,
+        #[serde(default)]
+        scopes: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_secs: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        label: Option<String>,
+    },
+    #[serde(rename = "token.rotate")]
+    TokenRotate {
+        fingerprint: Fp,
+        /// How long the old token stays valid; 0 when unset.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_secs: Option<u64>,
+        /// Lifetime of the successor; unset keeps the old token's lifetime.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_secs: Option<u64>,
+    },
+    #[serde(rename = "token.revoke")]
+    TokenRevoke {
+        fingerprint: Fp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    #[serde(rename = "token.list")]
+    TokenList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expiring_within_secs: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idle_secs: Option<u64>,
+        /// Include revoked and expired tokens.
+        #[serde(default)]
+        all: bool,
+    },
+    #[serde(rename = "token.show")]
+    TokenShow { fingerprint: Fp },
+    #[serde(rename = "status")]
+    Status,
+    #[serde(rename = "reload")]
+    Reload,
+    #[serde(rename = "events.subscribe")]
+    EventsSubscribe {
+        #[serde(flatten)]
+        filter: EventFilter,
+    },
+    #[serde(rename = "top")]
+    Top {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
+}
+
+/// Op names, for error messages and `Request::op`.
+pub const OPS: &[&str] = &[
+    "token.issue",
+    "token.rotate",
+    "token.revoke",
+    "token.list",
+    "token.show",
+    "status",
+    "reload",
+    "events.subscribe",
+    "top",
+];
+
+impl Request {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::TokenIssue { .. } => "token.issue",
+            Request::TokenRotate { .. } => "token.rotate",
+            Request::TokenRevoke { .. } => "token.revoke",
+            Request::TokenList { .. } => "token.list",
+            Request::TokenShow { .. } => "token.show",
+            Request::Status => "status",
+            Request::Reload => "reload",
+            Request::EventsSubscribe { .. } => "events.subscribe",
+            Request::Top { .. } => "top",
+        }
+    }
+
+    /// Parses one request line, with messages that say what is wrong (never echoing values:
+    /// a confused client might have sent a token).
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        let text = std::str::from_utf8(line)
+            .map_err(|e| format!("request is not valid UTF-8 (at byte {})", e.valid_up_to()))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| format!("request is not valid JSON: {}", json_pos(&e)))?;
+        let Value::Object(obj) = &value else {
+            return Err("request must be a JSON object".into());
+        };
+        let op = match obj.get("op") {
+            Some(Value::String(op)) => op.clone(),
+            Some(_) => return Err("\"op\" must be a string".into()),
+            None => return Err("request has no \"op\"".into()),
+        };
+        if !OPS.contains(&op.as_str()) {
+            // Op names are short identifiers; cap what we echo anyway.
+            let shown: String = op.chars().take(40).collect();
+            return Err(format!("unknown op {shown:?} (known: {})", OPS.join(", ")));
+        }
+        serde_json::from_value(value).map_err(|e| format!("invalid {op} request: {e}"))
+    }
+}
+
+/// Position of a JSON syntax error, without serde_json's echo of the offending input.
+fn json_pos(e: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
+}
+
+/// A response line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub body: Map<String, Value>,
+}
+
+/// A response body could not be built or read as the expected type.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("response body must serialise to a JSON object")]
+    NotAnObject,
+    #[error("response body does not match the expected shape")]
+    Shape(#[source] serde_json::Error),
+    #[error("daemon: {0}")]
+    Daemon(String),
+}
+
+impl Response {
+    /// `{"ok": true}` plus the fields of `body` (which must serialise to an object).
+    pub fn ok<T: Serialize>(body: &T) -> Response {
+        match serde_json::to_value(body) {
+            Ok(Value::Object(body)) => Response {
+                ok: true,
+                error: None,
+                body,
+            },
+            Ok(Value::Null) => Response::ok_empty(),
+            Ok(_) => Response::error(BodyError::NotAnObject.to_string()),
+            Err(e) => Response::error(format!("cannot encode response: {e}")),
+        }
+    }
+
+    pub fn ok_empty() -> Response {
+        Response {
+            ok: true,
+            error: None,
+            body: Map::new(),
+        }
+    }
+
+    pub fn error(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            body: Map::new(),
+        }
+    }
+
+    /// The body as `T`, or the daemon's error.
+    pub fn into_result<T: DeserializeOwned>(self) -> Result<T, BodyError> {
+        if !self.ok {
+            return Err(BodyError::Daemon(
+                self.error.unwrap_or_else(|| "unspecified error".into()),
+            ));
+        }
+        serde_json::from_value(Value::Object(self.body)).map_err(BodyError::Shape)
+    }
+
+    /// The line to write, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self)
+            .unwrap_or_else(|_| br#"{"ok":false,"error":"cannot encode response"}"#.to_vec());
+        v.push(b'\n');
+        v
+    }
+}
+
+/// Datapath view of a token, as `token.show` reports it. Times are Unix seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeView {
+    pub stage: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<i64>,
+    pub breaches: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub penalty_until: Option<i64>,
+    /// Requests by verdict name (zero counts omitted).
+    pub requests: BTreeMap<String, u64>,
+}
+
+impl RuntimeView {
+    /// `tai_offset_ns` is CLOCK_TAI − CLOCK_REALTIME (`datapath::clock::tai_offset_ns`).
+    pub fn from_runtime(rt: &TokenRuntime, tai_offset_ns: i64) -> RuntimeView {
+        let unix =
+            |tai: u64| (tai != 0).then(|| (tai as i64 - tai_offset_ns).div_euclid(1_000_000_000));
+        RuntimeView {
+            stage: rt.state.stage,
+            rate_per_sec: rt.rate_per_sec,
+            first_seen: unix(rt.state.first_seen_ns),
+            last_seen: unix(rt.state.last_seen_ns),
+            breaches: rt.state.breaches,
+            penalty_until: unix(rt.state.penalty_until_ns),
+            requests: Verdict::ALL
+                .iter()
+                .zip(rt.by_verdict)
+                .filter(|(_, n)| *n != 0)
+                .map(|(v, n)| (v.name().to_owned(), n))
+                .collect(),
+        }
+    }
+}
+
+/// A token as the control socket reports it. Times are Unix seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub fingerprint: Fp,
+    pub contract: String,
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub issued_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<Fp>,
+    pub status: TokenStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeView>,
+}
+
+impl TokenView {
+    /// `now` (Unix seconds) turns a lapsed active token into `expired`.
+    pub fn new(rec: &TokenRecord, now: i64, runtime: Option<RuntimeView>) -> TokenView {
+        TokenView {
+            fingerprint: Fp(rec.fingerprint),
+            contract: rec.contract.clone(),
+            scopes: rec.scopes.clone(),
+            label: rec.label.clone(),
+            issued_at: rec.issued_at,
+            not_before: rec.not_before,
+            expires_at: rec.expires_at,
+            rotated_from: rec.rotated_from.map(Fp),
+            status: rec.status_at(now),
+            runtime,
+        }
+    }
+}
+
+/// Body of `token.issue` and `token.rotate`. `token` is the plaintext, sent exactly once.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct IssuedBody {
+    pub token: String,
+    pub record: TokenView,
+    /// `token.rotate` only: the predecessor with its shortened expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<TokenView>,
+}
+
+impl std::fmt::Debug for IssuedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedBody")
+            .field("token", &"<redacted>")
+            .field("record", &self.record)
+            .field("old", &self.old)
+            .finish()
+    }
+}
+
+/// Body of `token.show`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShowBody {
+    pub record: TokenView,
+}
+
+/// Body of `token.list`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListBody {
+    pub tokens: Vec<TokenView>,
+}
+
+/// Body of `token.revoke`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevokeBody {
+    pub fingerprint: Fp,
+    pub revoked_at: i64,
+    pub reason: String,
+    /// The token had been revoked before; the fields describe the original revocation.
+    #[serde(default)]
+    pub already: bool,
+}
+
+/// One streamed datapath event. No request bytes leave the kernel: the path is a keyed hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// CLOCK_TAI nanoseconds.
+    pub time_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fp>,
+    pub verdict: VerdictName,
+    /// passed, dropped or reset.
+    pub action: String,
+    pub method: String,
+    pub listener: u32,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub path_hash: String,
+}
+
+fn mapped_ip(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+impl EventRecord {
+    /// `None` for an event whose verdict number this build does not know.
+    pub fn from_event(ev: &Event) -> Option<EventRecord> {
+        let verdict = Verdict::from_u32(ev.verdict)?;
+        let action = match ev.action {
+            agent_common::action::PASSED => "passed",
+            agent_common::action::DROPPED => "dropped",
+            agent_common::action::RESET => "reset",
+            _ => "unknown",
+        };
+        Some(EventRecord {
+            time_ns: ev.time_ns,
+            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then_some(Fp(ev.fingerprint)),
+            verdict: VerdictName(verdict),
+            action: action.into(),
+            method: method::name(ev.method).into(),
+            listener: ev.listener,
+            src: mapped_ip(ev.saddr),
+            sport: ev.sport,
+            dst: mapped_ip(ev.daddr),
+            dport: ev.dport,
+            path_hash: format!("{:016x}", ev.path_hash),
+        })
+    }
+}
+
+/// What follows a successful `events.subscribe` response, one per line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StreamItem {
+    /// The subscriber fell behind and this many events were skipped.
+    Lagged {
+        lagged: u64,
+    },
+    Event(EventRecord),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_parse_errors_are_specific() {
+        let fp = Fingerprint([0x0123_4567_89ab_cdef, 0x1]);
+        let reqs = [
+            Request::TokenIssue {
+                contract: "standard".into(),
+                scopes: vec!["read".into()],
+                ttl_secs: Some(60),
+                label: None,
+            },
+            Request::TokenRevoke {
+                fingerprint: Fp(fp),
+                reason: Some("leak".into()),
+            },
+            Request::EventsSubscribe {
+                filter: EventFilter {
+                    fingerprint: Some(Fp(fp)),
+                    verdict: Some(VerdictName(Verdict::OutOfScope)),
+                },
+            },
+            Request::Status,
+        ];
+        for r in reqs {
+            let line = serde_json::to_vec(&r).unwrap();
+            assert_eq!(Request::parse(&line).unwrap(), r);
+        }
+        let line = br#"{"op":"events.subscribe","verdict":"out_of_scope"}"#;
+        assert!(matches!(
+            Request::parse(line).unwrap(),
+            Request::EventsSubscribe { filter } if filter.verdict == Some(VerdictName(Verdict::OutOfScope))
+        ));
+
+        let err = |l: &[u8]| Request::parse(l).unwrap_err();
+        assert!(err(b"\xff\xfe").contains("UTF-8"));
+        assert!(err(b"{\"op\":").contains("not valid JSON"));
+        assert!(err(b"[1]").contains("JSON object"));
+        assert!(err(br#"{"op":"token.explode"}"#).contains("unknown op"));
+        assert!(err(br#"{"op":"token.issue"}"#).contains("missing field `contract`"));
+        assert!(err(br#"{"op":"token.show","fingerprint":"xyz"}"#).contains("32 hex"));
+        assert!(err(br#"{"op":"events.subscribe","verdict":"maybe"}"#).contains("unknown verdict"));
+    }
+
+    #[test]
+    fn response_shape() {
+        let r = Response::ok(&RevokeBody {
+            fingerprint: Fp(Fingerprint([1, 2])),
+            revoked_at: 5,
+            reason: "x".into(),
+            already: false,
+        });
+        let line = String::from_utf8(r.to_line()).unwrap();
+        assert!(line.starts_with(r#"{"ok":true,"#));
+        assert!(line.contains(r#""fingerprint":"00000000000000010000000000000002""#));
+        let back: Response = serde_json::from_str(&line).unwrap();
+        let body: RevokeBody = back.into_result().unwrap();
+        assert_eq!(body.revoked_at, 5);
+
+        let e = Response::error("nope");
+        assert_eq!(
+            String::from_utf8(e.to_line()).unwrap(),
+            "{\"ok\":false,\"error\":\"nope\"}\n"
+        );
+        assert!(matches!(
+            e.into_result::<RevokeBody>(),
+            Err(BodyError::Daemon(m)) if m == "nope"
+        ));
+    }
+
+    #[test]
+    fn event_records_decode_kernel_events() {
+        let mut ev = Event {
+            time_ns: 7,
+            fingerprint: Fingerprint([3, 4]),
+            verdict: Verdict::Revoked as u32,
+            method: method::POST,
+            action: agent_common::action::DROPPED,
+            sport: 40000,
+            dport: 8080,
+            ..Default::default()
+        };
+        ev.saddr[10] = 0xff;
+        ev.saddr[11] = 0xff;
+        ev.saddr[12..].copy_from_slice(&[10, 0, 0, 1]);
+        let rec = EventRecord::from_event(&ev).unwrap();
+        assert_eq!(rec.src, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(rec.dst, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(rec.verdict, VerdictName(Verdict::Revoked));
+        assert_eq!(rec.action, "dropped");
+        assert_eq!(rec.method, "POST");
+        let f = EventFilter {
+            fingerprint: Some(Fp(Fingerprint([3, 4]))),
+            verdict: None,
+        };
+        assert!(f.matches(&rec));
+        let f = EventFilter {
+            fingerprint: None,
+            verdict: Some(VerdictName(Verdict::Allow)),
+        };
+        assert!(!f.matches(&rec));
+        ev.verdict = 99;
+        assert!(EventRecord::from_event(&ev).is_none());
+    }
+}
