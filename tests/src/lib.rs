@@ -1,1 +1,7 @@
 //! Shared test support: packet builder, network-namespace topology.
+
+pub mod client;
+pub mod netns;
+pub mod nginx;
+pub mod topology;
+pub mod upstream;
