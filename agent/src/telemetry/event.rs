@@ -32,6 +32,15 @@ impl EventContext {
             listeners,
         }
     }
+
+    /// The listener's configured name, or `listener_<id>` for one a reload removed while
+    /// its events were in flight.
+    pub fn listener_name(&self, id: u32) -> String {
+        match self.listeners.get(&id) {
+            Some(name) => name.clone(),
+            None => format!("listener_{id}"),
+        }
+    }
 }
 
 /// One datapath decision other than allow/pass.
@@ -61,18 +70,13 @@ impl EventRecord {
             Some(v) => v.name().to_owned(),
             None => format!("verdict_{}", ev.verdict),
         };
-        let listener = match ctx.listeners.get(&ev.listener) {
-            Some(name) => name.clone(),
-            // A listener removed by a reload while its events were in flight.
-            None => format!("listener_{}", ev.listener),
-        };
         EventRecord {
             time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
             fingerprint: (ev.fingerprint != Fingerprint::ZERO)
                 .then(|| fingerprint_hex(&ev.fingerprint)),
             verdict,
             action: action_name(ev.action),
-            listener,
+            listener: ctx.listener_name(ev.listener),
             src: endpoint(ev.saddr, ev.sport).to_string(),
             dst: endpoint(ev.daddr, ev.dport).to_string(),
             method: method::name(ev.method).to_owned(),

@@ -15,11 +15,11 @@ pub mod top;
 
 use std::{net::SocketAddr, path::PathBuf};
 
-pub use event::{EventContext, EventRecord};
+pub use event::{EventContext, EventFilter, EventRecord};
 pub use export::EventExporter;
 pub use http::serve_metrics;
 pub use metrics::{BuildInfo, DatapathSnapshot, ListenerRequests, MapFill, Metrics, TokenCounts};
-pub use top::{render_frame, RateEstimator, TopRow};
+pub use top::{render_frame, RateEstimator, TopRow, TopSnapshot};
 
 /// Errors of the telemetry area.
 #[derive(Debug, thiserror::Error)]

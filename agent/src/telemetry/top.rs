@@ -36,6 +36,13 @@ pub struct TopRow {
     pub last_seen: Option<String>,
 }
 
+/// Body of the control socket's `top` response: the tokens seen recently, any order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TopSnapshot {
+    pub rows: Vec<TopRow>,
+}
+
 /// Renders one frame: a title line, a column header, then rows sorted by current rate
 /// (descending), every line at most `width` characters and at most `height` lines in all.
 /// Lines end in `\n`; the caller positions the cursor.
