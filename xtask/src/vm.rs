@@ -48,18 +48,9 @@ pub const GUEST_BPFFS: &str = "/run/rampart-bpffs";
 /// virtiofs tag of the host root; must match init.sh.
 const FS_TAG: &str = "hostroot";
 
-/// Where the virtiofsd daemon lives: Debian 12 ships the C one with qemu, later
-/// releases the Rust one in its own package. They take different flags.
-const VIRTIOFSD: &[(&str, Flavour)] = &[
-    ("/usr/lib/qemu/virtiofsd", Flavour::C),
-    ("/usr/libexec/virtiofsd", Flavour::Rust),
-];
-
-#[derive(Clone, Copy)]
-enum Flavour {
-    C,
-    Rust,
-}
+/// virtiofsd as shipped in Debian 12's qemu-system-common (the C implementation;
+/// later Debian releases ship the Rust one, with other flags, in its own package).
+const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 
 /// Guest status written to isa-debug-exit; qemu then exits with `(v << 1) | 1`.
 /// Zero is not used: its exit code 1 is also what qemu returns on its own errors.
@@ -118,11 +109,10 @@ pub fn run(opts: VmOptions) -> Result<()> {
     );
     let qemu = which("qemu-system-x86_64")
         .context("qemu-system-x86_64 not found; install vm::HOST_PACKAGES")?;
-    let (virtiofsd, flavour) = VIRTIOFSD
-        .iter()
-        .find(|(path, _)| Path::new(path).exists())
-        .copied()
-        .context("no virtiofsd found; install vm::HOST_PACKAGES")?;
+    ensure!(
+        Path::new(VIRTIOFSD).exists(),
+        "{VIRTIOFSD} not found; install vm::HOST_PACKAGES"
+    );
 
     let kernel = ensure_kernel(&opts.cache_dir)?;
     println!("[vm] booting Linux {} (TCG)", kernel.release);
@@ -135,37 +125,28 @@ pub fn run(opts: VmOptions) -> Result<()> {
     let socket = dir.0.join("virtiofs.sock");
     let fsd_log = dir.0.join("virtiofsd.log");
 
-    let mut fsd = Command::new(virtiofsd);
-    match flavour {
-        Flavour::C => fsd
-            .arg(format!("--socket-path={}", socket.display()))
-            .args([
-                "-o",
-                "source=/",
-                "-o",
-                "cache=auto",
-                "-o",
-                "log_level=warn",
-                // The namespace sandbox's pivot_root fails when the shared dir is the
-                // host's own root; we share everything anyway, so chroot loses nothing.
-                "-o",
-                "sandbox=chroot",
-            ]),
-        Flavour::Rust => fsd
-            .arg(format!("--socket-path={}", socket.display()))
-            .args([
-                "--shared-dir=/",
-                "--cache=auto",
-                "--log-level=warn",
-                "--sandbox=chroot",
-            ]),
-    };
-    let fsd = fsd
+    // cache=always: each run is a fresh VM and the host tree does not change under a
+    // test run, so the guest may cache everything; exec-heavy commands (ip, tc,
+    // dynamic linking through FUSE) run about four times faster than with `auto`.
+    let fsd = Command::new(VIRTIOFSD)
+        .arg(format!("--socket-path={}", socket.display()))
+        .args([
+            "-o",
+            "source=/",
+            "-o",
+            "cache=always",
+            "-o",
+            "log_level=warn",
+            // The namespace sandbox's pivot_root fails when the shared dir is the
+            // host's own root; we share everything anyway, so chroot loses nothing.
+            "-o",
+            "sandbox=chroot",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&fsd_log)?)
         .spawn()
-        .with_context(|| format!("starting {virtiofsd}"))?;
+        .with_context(|| format!("starting {VIRTIOFSD}"))?;
     let mut fsd = Reaped(fsd);
     wait_for_socket(&socket, &mut fsd.0, &fsd_log)?;
 
