@@ -573,6 +573,9 @@ impl VethPair {
         a_ns.ip(&[
             "link",
             "add",
+            // Explicit `name`: a bare name that abbreviates a keyword ("a" = address)
+            // would be misparsed.
+            "name",
             a.name,
             "type",
             "veth",

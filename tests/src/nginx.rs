@@ -45,6 +45,12 @@ pub enum NginxError {
         waited: Duration,
         log: String,
     },
+    #[error("nginx started {got} of {want} worker processes; error log:\n{log}")]
+    NoWorkers {
+        want: usize,
+        got: usize,
+        log: String,
+    },
     #[error("probing nginx: {source}")]
     Probe { source: NetnsError },
 }
@@ -162,7 +168,27 @@ impl Nginx {
                 thread::sleep(Duration::from_millis(10));
             }
         }
-        Ok(())
+        // The master listens before it forks workers; wait for them so callers (and the
+        // process accounting in tests) see the finished instance.
+        let master = self.pid().unwrap_or_default();
+        let want = self.config.worker_processes.max(1) as usize;
+        let children = format!("/proc/{master}/task/{master}/children");
+        loop {
+            let n = fs::read_to_string(&children)
+                .map(|s| s.split_whitespace().count())
+                .unwrap_or(0);
+            if n >= want {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(NginxError::NoWorkers {
+                    want,
+                    got: n,
+                    log: self.error_log(),
+                });
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn dir(&self) -> &Path {

@@ -363,6 +363,23 @@ fn accessors_match_the_kernel_and_drop_cleans_up_everything() {
     assert!(!dir.exists(), "nginx dir {} left behind", dir.display());
 }
 
+#[test]
+fn a_panicking_test_still_cleans_up() {
+    let mut names = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let topo = topology();
+        names = Some(topo.namespace_names());
+        panic!("simulated test failure");
+    }));
+    assert!(result.is_err());
+    let names = names.expect("topology was built before the panic");
+    let left: Vec<String> = netns::list_ours()
+        .into_iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(left.is_empty(), "namespaces left after a panic: {left:?}");
+}
+
 fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
