@@ -1,1 +1,736 @@
-//! (to be written)
+//! The daemon's configuration file, `/etc/rampart/rampart.toml`.
+//!
+//! Parsed with serde; every error, including the checks that span several listeners, is
+//! reported as `file:line:col: message`. Relative paths resolve against the directory of
+//! the configuration file, so a config and its policy can live together in a repository.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use agent_common::{default_policy, deny_action, mode, ListenerConfig, MAX_LISTENERS};
+use serde::{Deserialize, Deserializer};
+use serde_spanned::Spanned;
+
+use crate::{
+    paths,
+    policy::{CompiledPolicy, Diagnostic, SourceText},
+};
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The file it was read from (relative paths below were resolved against its directory).
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    /// Policy files, merged in this order.
+    pub policy: Vec<PathBuf>,
+    /// Warn (log, metrics) when a token expires within this long.
+    pub expiry_warning: Duration,
+    pub maps: MapsConfig,
+    pub events: EventsConfig,
+    pub listeners: Vec<Listener>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            path: PathBuf::from(paths::CONFIG_FILE),
+            state_dir: PathBuf::from(paths::STATE_DIR),
+            bpffs_dir: PathBuf::from(paths::BPFFS_DIR),
+            control_socket: PathBuf::from(paths::CONTROL_SOCKET),
+            metrics_addr: paths::METRICS_ADDR.parse().expect("valid default address"),
+            // No policy: only tokens issued at runtime are known.
+            policy: Vec::new(),
+            // A day's notice leaves time to rotate before a token stops working.
+            expiry_warning: Duration::from_secs(24 * 3600),
+            maps: MapsConfig::default(),
+            events: EventsConfig::default(),
+            // No listener: the daemon loads but judges nothing until one is configured.
+            listeners: Vec::new(),
+        }
+    }
+}
+
+/// `[maps]`: capacities of the datapath maps, fixed when the eBPF object is loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapsConfig {
+    /// Tokens (static and issued) the datapath can know at once.
+    #[serde(deserialize_with = "positive")]
+    pub max_tokens: u32,
+    /// Revoked fingerprints remembered until they expire.
+    #[serde(deserialize_with = "positive")]
+    pub max_revoked: u32,
+    /// Per-token statistics (an LRU: the least recently seen tokens drop out).
+    #[serde(deserialize_with = "positive")]
+    pub token_stats: u32,
+    /// Event ring buffer size; the kernel wants a power of two and whole pages.
+    #[serde(deserialize_with = "ring_bytes")]
+    pub ring_bytes: u32,
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        MapsConfig {
+            // About a million tokens: 48 bytes each in TOKENS, plus their state.
+            max_tokens: agent_common::DEFAULT_MAX_TOKENS,
+            // Revocations live until the token would have expired; as many as tokens.
+            max_revoked: agent_common::DEFAULT_MAX_TOKENS,
+            // Statistics for the 64k busiest tokens are enough for `rampart top`.
+            token_stats: 65536,
+            // 1 MiB holds about ten thousand events, seconds of backlog at the default cap.
+            ring_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `[events]`: the stream of denials.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events each CPU may emit per second; the rest are counted, not sent.
+    #[serde(deserialize_with = "positive")]
+    pub per_cpu_per_sec: u32,
+    /// Append events as JSON lines to this file (rotated), if set.
+    pub export_file: Option<PathBuf>,
+    /// Rotate the export file when it reaches this size.
+    pub export_max_bytes: u64,
+    /// Rotated export files to keep.
+    pub export_keep: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            // A flood of denials must not become a flood of userspace work.
+            per_cpu_per_sec: 1000,
+            // Export is opt-in; `rampart events` streams without it.
+            export_file: None,
+            // 64 MiB per file, five files: a bounded footprint on disk.
+            export_max_bytes: 64 << 20,
+            export_keep: 5,
+        }
+    }
+}
+
+/// `[[listener]]`: an interface and the ports on it whose requests are judged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub interface: String,
+    pub hook: Hook,
+    pub ports: Vec<u16>,
+    pub mode: Mode,
+    pub action: DenyAction,
+    pub on_missing: DefaultPolicy,
+    pub on_unknown: DefaultPolicy,
+    pub on_incomplete: DefaultPolicy,
+}
+
+impl Listener {
+    /// The `LISTENERS` map value for this listener, `id` being its statistics index.
+    pub fn datapath_config(&self, id: u32) -> ListenerConfig {
+        ListenerConfig {
+            id,
+            mode: self.mode.to_datapath(),
+            action: self.action.to_datapath(),
+            on_missing: self.on_missing.to_datapath(),
+            on_unknown: self.on_unknown.to_datapath(),
+            on_incomplete: self.on_incomplete.to_datapath(),
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Where the program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp(XdpMode),
+    /// TC ingress (also sees loopback traffic, which XDP in native mode does not).
+    Tc,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hook::Xdp(XdpMode::Native) => f.write_str("xdp (native)"),
+            Hook::Xdp(XdpMode::Generic) => f.write_str("xdp (generic)"),
+            Hook::Tc => f.write_str("tc"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum HookKind {
+    Xdp,
+    Tc,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver: fastest, needs driver support.
+    #[default]
+    Native,
+    /// In the stack (SKB mode): works everywhere.
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Denied requests are dropped or reset.
+    #[default]
+    Enforce,
+    /// Everything passes; verdicts are only counted and streamed (for rollout).
+    Observe,
+}
+
+impl Mode {
+    pub fn to_datapath(self) -> u8 {
+        match self {
+            Mode::Enforce => mode::ENFORCE,
+            Mode::Observe => mode::OBSERVE,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyAction {
+    #[default]
+    Drop,
+    /// Reset the connection so the client fails fast instead of retransmitting.
+    Reset,
+}
+
+impl DenyAction {
+    pub fn to_datapath(self) -> u8 {
+        match self {
+            DenyAction::Drop => deny_action::DROP,
+            DenyAction::Reset => deny_action::RESET,
+        }
+    }
+}
+
+/// What happens to requests without a (known, complete) token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    #[default]
+    Deny,
+    Allow,
+}
+
+impl DefaultPolicy {
+    pub fn to_datapath(self) -> u8 {
+        match self {
+            DefaultPolicy::Deny => default_policy::DENY,
+            DefaultPolicy::Allow => default_policy::ALLOW,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Diagnostic),
+}
+
+impl ConfigError {
+    /// As a diagnostic, to list with policy problems.
+    pub fn into_diagnostic(self) -> Diagnostic {
+        match self {
+            ConfigError::Read { path, source } => {
+                Diagnostic::whole_file(path, format!("cannot read configuration: {source}"))
+            }
+            ConfigError::Invalid(d) => d,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_str(&text, path)
+    }
+
+    /// Parses configuration text as if read from `path` (which names it in errors and
+    /// anchors relative paths).
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let src = SourceText::new(path, text);
+        let file: ConfigFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid(src.at(e.span(), e.message().trim_end())))?;
+        let listeners = validate_listeners(&src, file.listener).map_err(ConfigError::Invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| base.join(p);
+        Ok(Config {
+            path: path.to_path_buf(),
+            state_dir: resolve(file.state_dir),
+            bpffs_dir: resolve(file.bpffs_dir),
+            control_socket: resolve(file.control_socket),
+            metrics_addr: file.metrics_addr,
+            policy: file.policy.into_iter().map(resolve).collect(),
+            expiry_warning: file.expiry_warning,
+            maps: file.maps,
+            events: EventsConfig {
+                export_file: file.events.export_file.map(resolve),
+                ..file.events
+            },
+            listeners,
+        })
+    }
+
+    /// The fingerprint key file inside the state directory.
+    pub fn key_path(&self) -> PathBuf {
+        self.state_dir.join(paths::KEY_FILE)
+    }
+
+    /// The SQLite database inside the state directory.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join(paths::DB_FILE)
+    }
+}
+
+/// Loads the configuration and every policy file it names: what `rampart check` runs and
+/// what the daemon (re)loads. All problems found are returned, in file order.
+pub fn load_all(path: &Path) -> Result<(Config, CompiledPolicy), Vec<Diagnostic>> {
+    let config = Config::load(path).map_err(|e| vec![e.into_diagnostic()])?;
+    let policy = CompiledPolicy::load(&config.policy)?;
+    Ok((config, policy))
+}
+
+/// The file as written; `Config::from_str` validates and resolves it.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigFile {
+    state_dir: PathBuf,
+    bpffs_dir: PathBuf,
+    control_socket: PathBuf,
+    metrics_addr: SocketAddr,
+    policy: Vec<PathBuf>,
+    #[serde(deserialize_with = "duration")]
+    expiry_warning: Duration,
+    maps: MapsConfig,
+    events: EventsConfig,
+    listener: Vec<Spanned<ListenerEntry>>,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        // Exactly the defaults of `Config`.
+        let c = Config::default();
+        ConfigFile {
+            state_dir: c.state_dir,
+            bpffs_dir: c.bpffs_dir,
+            control_socket: c.control_socket,
+            metrics_addr: c.metrics_addr,
+            policy: c.policy,
+            expiry_warning: c.expiry_warning,
+            maps: c.maps,
+            events: c.events,
+            listener: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerEntry {
+    name: Spanned<String>,
+    interface: Spanned<String>,
+    hook: HookKind,
+    xdp_mode: Option<Spanned<XdpMode>>,
+    ports: Spanned<Vec<Spanned<u16>>>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    action: DenyAction,
+    #[serde(default)]
+    on_missing: DefaultPolicy,
+    #[serde(default)]
+    on_unknown: DefaultPolicy,
+    #[serde(default)]
+    on_incomplete: DefaultPolicy,
+}
+
+/// The checks that look across listeners, or at fields serde passes through unchecked.
+fn validate_listeners(
+    src: &SourceText,
+    entries: Vec<Spanned<ListenerEntry>>,
+) -> Result<Vec<Listener>, Diagnostic> {
+    let at = |span: std::ops::Range<usize>, message: String| src.at(Some(span), message);
+    let here = |span: &std::ops::Range<usize>| src.location(span.start);
+    let mut names: HashMap<String, String> = HashMap::new();
+    // (interface, port) → listener name; interface → (hook, listener name).
+    let mut claimed: HashMap<(String, u16), String> = HashMap::new();
+    let mut hooks: HashMap<String, (Hook, String)> = HashMap::new();
+    let mut listeners = Vec::new();
+    for (i, spanned) in entries.into_iter().enumerate() {
+        let entry_span = spanned.span();
+        let e = spanned.into_inner();
+        if i == MAX_LISTENERS as usize {
+            return Err(at(
+                entry_span,
+                format!("more than {MAX_LISTENERS} listeners (the datapath tells at most {MAX_LISTENERS} apart)"),
+            ));
+        }
+        let name = e.name.get_ref().clone();
+        if name.is_empty() {
+            return Err(at(e.name.span(), "listener name must not be empty".into()));
+        }
+        if let Some(first) = names.get(&name) {
+            return Err(at(
+                e.name.span(),
+                format!("listener name `{name}` is already used at {first}"),
+            ));
+        }
+        names.insert(name.clone(), here(&e.name.span()));
+
+        let interface = e.interface.get_ref().clone();
+        // IFNAMSIZ is 16 including the terminating NUL.
+        if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+            return Err(at(
+                e.interface.span(),
+                format!(
+                    "`{interface}` is not an interface name (1 to 15 characters, no '/' or spaces)"
+                ),
+            ));
+        }
+
+        let hook = match (e.hook, &e.xdp_mode) {
+            (HookKind::Xdp, mode) => {
+                Hook::Xdp(mode.as_ref().map(|m| *m.get_ref()).unwrap_or_default())
+            }
+            (HookKind::Tc, None) => Hook::Tc,
+            (HookKind::Tc, Some(mode)) => {
+                return Err(at(
+                    mode.span(),
+                    format!("`xdp_mode` applies to xdp listeners only; listener `{name}` uses tc"),
+                ))
+            }
+        };
+        // One program per interface: two hooks would judge (and rate-limit) requests twice.
+        match hooks.get(&interface) {
+            Some((other, owner)) if *other != hook => {
+                return Err(at(
+                    entry_span,
+                    format!(
+                        "interface `{interface}` is attached with {other} by listener `{owner}`; \
+                         every listener on an interface must use the same hook and xdp_mode"
+                    ),
+                ))
+            }
+            Some(_) => {}
+            None => {
+                hooks.insert(interface.clone(), (hook, name.clone()));
+            }
+        }
+
+        let ports_span = e.ports.span();
+        let ports = e.ports.into_inner();
+        if ports.is_empty() {
+            return Err(at(ports_span, format!("listener `{name}` has no ports")));
+        }
+        let mut port_list = Vec::new();
+        for port in ports {
+            let (span, port) = (port.span(), *port.get_ref());
+            if port == 0 {
+                return Err(at(span, "port 0 is not a valid listener port".into()));
+            }
+            if let Some(owner) = claimed.get(&(interface.clone(), port)) {
+                return Err(at(
+                    span,
+                    format!(
+                        "port {port} on `{interface}` is already claimed by listener `{owner}`"
+                    ),
+                ));
+            }
+            claimed.insert((interface.clone(), port), name.clone());
+            port_list.push(port);
+        }
+
+        listeners.push(Listener {
+            name,
+            interface,
+            hook,
+            ports: port_list,
+            mode: e.mode,
+            action: e.action,
+            on_missing: e.on_missing,
+            on_unknown: e.on_unknown,
+            on_incomplete: e.on_incomplete,
+        });
+    }
+    Ok(listeners)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::policy::units::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn ring_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if !n.is_power_of_two() || n < 4096 {
+        return Err(serde::de::Error::custom(format!(
+            "ring_bytes {n} must be a power of two of at least 4096 (whole pages)"
+        )));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(text, Path::new("/etc/rampart/rampart.toml"))
+    }
+
+    /// The `file:line:col: message` a user would see.
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const TWO_LISTENERS: &str = r#"
+policy = ["policy.toml", "/srv/extra.toml"]
+expiry_warning = "1h30m"
+
+[events]
+export_file = "events.jsonl"
+
+[[listener]]
+name = "public"
+interface = "eth0"
+hook = "xdp"
+xdp_mode = "generic"
+ports = [80, 8080]
+mode = "observe"
+action = "reset"
+on_missing = "allow"
+
+[[listener]]
+name = "local"
+interface = "lo"
+hook = "tc"
+ports = [8080]
+"#;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c,
+            Config {
+                path: PathBuf::from("/etc/rampart/rampart.toml"),
+                ..Config::default()
+            }
+        );
+        assert_eq!(c.state_dir, Path::new("/var/lib/rampart"));
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.maps.max_tokens, agent_common::DEFAULT_MAX_TOKENS);
+        assert_eq!(c.maps.token_stats, 65536);
+        assert_eq!(c.events.per_cpu_per_sec, 1000);
+        assert_eq!(c.expiry_warning, Duration::from_secs(86400));
+        assert_eq!(c.key_path(), Path::new("/var/lib/rampart/fingerprint.key"));
+        assert_eq!(c.db_path(), Path::new("/var/lib/rampart/rampart.db"));
+    }
+
+    #[test]
+    fn listeners_and_relative_paths() {
+        let c = parse(TWO_LISTENERS).unwrap();
+        assert_eq!(
+            c.policy,
+            [
+                PathBuf::from("/etc/rampart/policy.toml"),
+                PathBuf::from("/srv/extra.toml")
+            ]
+        );
+        assert_eq!(
+            c.events.export_file,
+            Some(PathBuf::from("/etc/rampart/events.jsonl"))
+        );
+        assert_eq!(c.expiry_warning, Duration::from_secs(5400));
+        assert_eq!(c.listeners.len(), 2);
+        let public = &c.listeners[0];
+        assert_eq!(public.hook, Hook::Xdp(XdpMode::Generic));
+        assert_eq!(public.ports, [80, 8080]);
+        assert_eq!(
+            public.datapath_config(7),
+            ListenerConfig {
+                id: 7,
+                mode: mode::OBSERVE,
+                action: deny_action::RESET,
+                on_missing: default_policy::ALLOW,
+                on_unknown: default_policy::DENY,
+                on_incomplete: default_policy::DENY,
+                _pad: [0; 3],
+            }
+        );
+        let local = &c.listeners[1];
+        assert_eq!(local.hook, Hook::Tc);
+        assert_eq!(
+            (local.mode, local.action),
+            (Mode::Enforce, DenyAction::Drop)
+        );
+    }
+
+    #[test]
+    fn xdp_mode_defaults_to_native() {
+        let c = parse(
+            "[[listener]]\nname = \"a\"\ninterface = \"eth0\"\nhook = \"xdp\"\nports = [80]\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].hook, Hook::Xdp(XdpMode::Native));
+    }
+
+    #[test]
+    fn unknown_field() {
+        assert_eq!(
+            error("state_dir = \"/x\"\nstate_dri = \"/y\"\n"),
+            "/etc/rampart/rampart.toml:2:1: unknown field `state_dri`, expected one of `state_dir`, \
+             `bpffs_dir`, `control_socket`, `metrics_addr`, `policy`, `expiry_warning`, `maps`, \
+             `events`, `listener`"
+        );
+    }
+
+    #[test]
+    fn bad_values() {
+        assert_eq!(
+            error("expiry_warning = \"soon\"\n"),
+            "/etc/rampart/rampart.toml:1:18: invalid duration `soon` (expected number at 0); write \
+             it like \"30s\", \"5m\" or \"1h30m\""
+        );
+        assert_eq!(
+            error("\n[maps]\nring_bytes = 5000\n"),
+            "/etc/rampart/rampart.toml:3:14: ring_bytes 5000 must be a power of two of at least \
+             4096 (whole pages)"
+        );
+        assert_eq!(
+            error("[events]\nper_cpu_per_sec = 0\n"),
+            "/etc/rampart/rampart.toml:2:19: must be at least 1"
+        );
+        let bad_hook = error(
+            "[[listener]]\nname = \"a\"\ninterface = \"eth0\"\nhook = \"kprobe\"\nports = [80]\n",
+        );
+        assert!(
+            bad_hook.starts_with("/etc/rampart/rampart.toml:4:8: unknown variant `kprobe`"),
+            "{bad_hook}"
+        );
+        let bad_port =
+            error("[[listener]]\nname = \"a\"\ninterface = \"eth0\"\nhook = \"tc\"\nports = [80, 70000]\n");
+        assert!(
+            bad_port.starts_with("/etc/rampart/rampart.toml:5:14: "),
+            "{bad_port}"
+        );
+        let bad_addr = error("metrics_addr = \"localhost\"\n");
+        assert!(
+            bad_addr.starts_with("/etc/rampart/rampart.toml:1:16: "),
+            "{bad_addr}"
+        );
+    }
+
+    #[test]
+    fn listener_errors() {
+        let listener = |name: &str, iface: &str, hook: &str, ports: &str| {
+            format!("[[listener]]\nname = \"{name}\"\ninterface = \"{iface}\"\nhook = \"{hook}\"\nports = {ports}\n")
+        };
+        let a = listener("a", "eth0", "xdp", "[80]");
+        assert_eq!(
+            error(&format!("{a}{}", listener("a", "eth1", "xdp", "[80]"))),
+            "/etc/rampart/rampart.toml:7:8: listener name `a` is already used at \
+             /etc/rampart/rampart.toml:2:8"
+        );
+        assert_eq!(
+            error(&listener("a", "eth0", "tc", "[80, 0]")),
+            "/etc/rampart/rampart.toml:5:14: port 0 is not a valid listener port"
+        );
+        assert_eq!(
+            error(&listener("a", "eth0", "tc", "[]")),
+            "/etc/rampart/rampart.toml:5:9: listener `a` has no ports"
+        );
+        assert_eq!(
+            error(&format!(
+                "{}xdp_mode = \"native\"\n",
+                listener("a", "lo", "tc", "[80]")
+            )),
+            "/etc/rampart/rampart.toml:6:12: `xdp_mode` applies to xdp listeners only; listener \
+             `a` uses tc"
+        );
+        assert_eq!(
+            error(&format!("{a}{}", listener("b", "eth0", "xdp", "[443, 80]"))),
+            "/etc/rampart/rampart.toml:10:15: port 80 on `eth0` is already claimed by listener `a`"
+        );
+        assert_eq!(
+            error(&listener("a", "eth0", "xdp", "[80, 80]")),
+            "/etc/rampart/rampart.toml:5:14: port 80 on `eth0` is already claimed by listener `a`"
+        );
+        let mixed = error(&format!("{a}{}", listener("b", "eth0", "tc", "[443]")));
+        assert!(
+            mixed.ends_with(
+                "interface `eth0` is attached with xdp (native) by listener `a`; every listener \
+                 on an interface must use the same hook and xdp_mode"
+            ),
+            "{mixed}"
+        );
+        // The same port on different interfaces is fine.
+        assert!(parse(&format!("{a}{}", listener("b", "lo", "tc", "[80]"))).is_ok());
+        let missing = error("[[listener]]\nname = \"a\"\ninterface = \"eth0\"\nports = [80]\n");
+        assert!(missing.contains("missing field `hook`"), "{missing}");
+    }
+
+    #[test]
+    fn too_many_listeners() {
+        let mut text = String::new();
+        for i in 0..=MAX_LISTENERS {
+            text.push_str(&format!(
+                "[[listener]]\nname = \"l{i}\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [{}]\n",
+                1000 + i
+            ));
+        }
+        let err = error(&text);
+        // The 65th listener starts on line 64 × 5 + 1.
+        assert!(
+            err.starts_with("/etc/rampart/rampart.toml:321:1: more than 64 listeners"),
+            "{err}"
+        );
+        let ok = text.rsplit_once("[[listener]]").unwrap().0;
+        assert_eq!(parse(ok).unwrap().listeners.len(), 64);
+    }
+
+    #[test]
+    fn unreadable_file() {
+        let err = Config::load(Path::new("/nonexistent/rampart.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err
+            .into_diagnostic()
+            .to_string()
+            .starts_with("/nonexistent/rampart.toml: cannot read configuration: "));
+    }
+}
