@@ -9,7 +9,7 @@ pub mod protocol;
 pub mod server;
 
 pub use client::{Client, ClientError, Subscription};
-pub use protocol::{EventFilter, EventRecord, Fp, Request, Response, StreamItem};
+pub use protocol::{EventFilter, EventRecord, Fp, Request, Response, StreamItem, VerdictName};
 pub use server::{bind, serve, ControlError, Handler, Peer, ServerOptions};
 
 #[cfg(test)]
@@ -272,14 +272,16 @@ mod tests {
 
     fn event(fp: u64, verdict: Verdict) -> EventRecord {
         EventRecord {
-            time: "2030-01-01T00:00:00.000000000Z".into(),
-            fingerprint: Some(crate::store::fingerprint_hex(&Fingerprint([fp, fp]))),
-            verdict: verdict.name().into(),
+            time_ns: fp,
+            fingerprint: Some(Fp(Fingerprint([fp, fp]))),
+            verdict: VerdictName(verdict),
             action: "dropped".into(),
-            listener: "api".into(),
-            src: "10.0.0.1:1234".into(),
-            dst: "10.0.0.2:80".into(),
             method: "GET".into(),
+            listener: 0,
+            src: "10.0.0.1".parse().unwrap(),
+            sport: 1234,
+            dst: "10.0.0.2".parse().unwrap(),
+            dport: 80,
             path_hash: "0000000000000000".into(),
         }
     }
@@ -290,8 +292,8 @@ mod tests {
         let c = Client::connect(&fx.path).await.unwrap();
         let mut sub = c
             .subscribe(EventFilter {
-                token: None,
-                verdict: Some("revoked".into()),
+                fingerprint: None,
+                verdict: Some(VerdictName(Verdict::Revoked)),
             })
             .await
             .unwrap();
@@ -302,7 +304,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got, Some(StreamItem::Event(event(2, Verdict::Revoked))));
+        assert_eq!(
+            got,
+            Some(StreamItem::Event(Box::new(event(2, Verdict::Revoked))))
+        );
 
         // Requests on other connections are unaffected while a stream is open.
         assert_status_works(&fx.path).await;

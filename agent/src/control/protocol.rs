@@ -4,13 +4,15 @@
 //! `{"ok": false, "error": "..."}`. After a successful `events.subscribe` the server sends one
 //! event object per line until the client disconnects.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+};
 
-use agent_common::{Fingerprint, Verdict};
+use agent_common::{http::method, Event, Fingerprint, Verdict};
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-pub use crate::telemetry::event::{EventFilter, EventRecord};
 use crate::{
     store::{fingerprint_hex, parse_fingerprint_hex, TokenRecord, TokenStatus},
     token::TokenRuntime,
@@ -38,6 +40,44 @@ impl<'de> Deserialize<'de> for Fp {
 impl std::fmt::Display for Fp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&fingerprint_hex(&self.0))
+    }
+}
+
+/// A verdict on the wire, by name (`allow`, `revoked`, `out_of_scope`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictName(pub Verdict);
+
+impl Serialize for VerdictName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for VerdictName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Verdict::ALL
+            .iter()
+            .find(|v| v.name() == s)
+            .map(|&v| VerdictName(v))
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
+    }
+}
+
+/// Which events a subscriber wants; unset fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<VerdictName>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, ev: &EventRecord) -> bool {
+        self.fingerprint.is_none_or(|f| ev.fingerprint == Some(f))
+            && self.verdict.is_none_or(|v| ev.verdict == v)
     }
 }
 
@@ -147,36 +187,8 @@ impl Request {
             let shown: String = op.chars().take(40).collect();
             return Err(format!("unknown op {shown:?} (known: {})", OPS.join(", ")));
         }
-        let req: Request =
-            serde_json::from_value(value).map_err(|e| format!("invalid {op} request: {e}"))?;
-        if let Request::EventsSubscribe { filter } = &req {
-            check_filter(filter)?;
-        }
-        Ok(req)
+        serde_json::from_value(value).map_err(|e| format!("invalid {op} request: {e}"))
     }
-}
-
-/// The event filter must name a well-formed fingerprint and a real verdict, or it would
-/// silently match nothing.
-fn check_filter(filter: &EventFilter) -> Result<(), String> {
-    if let Some(t) = &filter.token {
-        if parse_fingerprint_hex(t).is_none() {
-            return Err(
-                "invalid events.subscribe request: token must be a fingerprint (32 hex characters)"
-                    .into(),
-            );
-        }
-    }
-    if let Some(v) = &filter.verdict {
-        if !Verdict::ALL.iter().any(|k| k.name() == v) {
-            let names: Vec<_> = Verdict::ALL.iter().map(|k| k.name()).collect();
-            return Err(format!(
-                "invalid events.subscribe request: unknown verdict (known: {})",
-                names.join(", ")
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Position of a JSON syntax error, without serde_json's echo of the offending input.
@@ -380,6 +392,59 @@ pub struct RevokeBody {
     pub already: bool,
 }
 
+/// One streamed datapath event. No request bytes leave the kernel: the path is a keyed hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// CLOCK_TAI nanoseconds.
+    pub time_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fp>,
+    pub verdict: VerdictName,
+    /// passed, dropped or reset.
+    pub action: String,
+    pub method: String,
+    pub listener: u32,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub path_hash: String,
+}
+
+fn mapped_ip(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+impl EventRecord {
+    /// `None` for an event whose verdict number this build does not know.
+    pub fn from_event(ev: &Event) -> Option<EventRecord> {
+        let verdict = Verdict::from_u32(ev.verdict)?;
+        let action = match ev.action {
+            agent_common::action::PASSED => "passed",
+            agent_common::action::DROPPED => "dropped",
+            agent_common::action::RESET => "reset",
+            _ => "unknown",
+        };
+        Some(EventRecord {
+            time_ns: ev.time_ns,
+            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then_some(Fp(ev.fingerprint)),
+            verdict: VerdictName(verdict),
+            action: action.into(),
+            method: method::name(ev.method).into(),
+            listener: ev.listener,
+            src: mapped_ip(ev.saddr),
+            sport: ev.sport,
+            dst: mapped_ip(ev.daddr),
+            dport: ev.dport,
+            path_hash: format!("{:016x}", ev.path_hash),
+        })
+    }
+}
+
 /// What follows a successful `events.subscribe` response, one per line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -388,11 +453,13 @@ pub enum StreamItem {
     Lagged {
         lagged: u64,
     },
-    Event(EventRecord),
+    Event(Box<EventRecord>),
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -411,8 +478,8 @@ mod tests {
             },
             Request::EventsSubscribe {
                 filter: EventFilter {
-                    token: Some(fingerprint_hex(&fp)),
-                    verdict: Some("out_of_scope".into()),
+                    fingerprint: Some(Fp(fp)),
+                    verdict: Some(VerdictName(Verdict::OutOfScope)),
                 },
             },
             Request::Status,
@@ -424,7 +491,7 @@ mod tests {
         let line = br#"{"op":"events.subscribe","verdict":"out_of_scope"}"#;
         assert!(matches!(
             Request::parse(line).unwrap(),
-            Request::EventsSubscribe { filter } if filter.verdict.as_deref() == Some("out_of_scope")
+            Request::EventsSubscribe { filter } if filter.verdict == Some(VerdictName(Verdict::OutOfScope))
         ));
 
         let err = |l: &[u8]| Request::parse(l).unwrap_err();
@@ -435,7 +502,6 @@ mod tests {
         assert!(err(br#"{"op":"token.issue"}"#).contains("missing field `contract`"));
         assert!(err(br#"{"op":"token.show","fingerprint":"xyz"}"#).contains("32 hex"));
         assert!(err(br#"{"op":"events.subscribe","verdict":"maybe"}"#).contains("unknown verdict"));
-        assert!(err(br#"{"op":"events.subscribe","token":"rmp_abc"}"#).contains("32 hex"));
     }
 
     #[test]
@@ -462,5 +528,40 @@ mod tests {
             e.into_result::<RevokeBody>(),
             Err(BodyError::Daemon(m)) if m == "nope"
         ));
+    }
+
+    #[test]
+    fn event_records_decode_kernel_events() {
+        let mut ev = Event {
+            time_ns: 7,
+            fingerprint: Fingerprint([3, 4]),
+            verdict: Verdict::Revoked as u32,
+            method: method::POST,
+            action: agent_common::action::DROPPED,
+            sport: 40000,
+            dport: 8080,
+            ..Default::default()
+        };
+        ev.saddr[10] = 0xff;
+        ev.saddr[11] = 0xff;
+        ev.saddr[12..].copy_from_slice(&[10, 0, 0, 1]);
+        let rec = EventRecord::from_event(&ev).unwrap();
+        assert_eq!(rec.src, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(rec.dst, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(rec.verdict, VerdictName(Verdict::Revoked));
+        assert_eq!(rec.action, "dropped");
+        assert_eq!(rec.method, "POST");
+        let f = EventFilter {
+            fingerprint: Some(Fp(Fingerprint([3, 4]))),
+            verdict: None,
+        };
+        assert!(f.matches(&rec));
+        let f = EventFilter {
+            fingerprint: None,
+            verdict: Some(VerdictName(Verdict::Allow)),
+        };
+        assert!(!f.matches(&rec));
+        ev.verdict = 99;
+        assert!(EventRecord::from_event(&ev).is_none());
     }
 }

@@ -309,7 +309,7 @@ async fn stream_events<H: Handler, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     loop {
         let item = tokio::select! {
             ev = rx.recv() => match ev {
-                Ok(ev) if filter.matches(&ev) => StreamItem::Event(ev),
+                Ok(ev) if filter.matches(&ev) => StreamItem::Event(Box::new(ev)),
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(n)) => StreamItem::Lagged { lagged: n },
                 Err(broadcast::error::RecvError::Closed) => return,
