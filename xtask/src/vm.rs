@@ -14,6 +14,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Read},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -106,6 +107,15 @@ pub fn run(opts: VmOptions) -> Result<()> {
         opts.workdir.is_absolute(),
         "workdir {} must be absolute: the guest resolves it against the host root",
         opts.workdir.display()
+    );
+    // virtiofsd must read the whole host root as any user, and the guest runs the
+    // commands as root anyway.
+    let uid = fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
+    ensure!(
+        uid == 0,
+        "vm-test must run as root (virtiofsd shares the host's /)"
     );
     let qemu = which("qemu-system-x86_64")
         .context("qemu-system-x86_64 not found; install vm::HOST_PACKAGES")?;

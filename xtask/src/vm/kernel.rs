@@ -68,6 +68,8 @@ pub fn ensure_kernel(cache_dir: &Path) -> Result<KernelFiles> {
             return Err(err).with_context(|| format!("moving kernel into {}", root.display()));
         }
     }
+    // The unpacked tree is all later runs need.
+    let _ = fs::remove_dir_all(&download);
     let release = fs::read_to_string(root.join(STAMP))?;
     files(&root, release.trim())
 }
