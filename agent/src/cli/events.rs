@@ -1,0 +1,414 @@
+//! `rampart events`: datapath decisions other than allow.
+//!
+//! With `--follow`, streams live events from the daemon's control socket. Without it, prints
+//! the most recent recorded events from the configured export file (and its rotations), so
+//! a plain `rampart events` answers "what just happened" like `journalctl` does.
+
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+    net::SocketAddr,
+    path::Path,
+};
+
+use agent_common::{Fingerprint, Verdict};
+use anyhow::{bail, Context as _};
+use rampart::{
+    config::Config,
+    control::{self, Client, Fp, StreamItem, VerdictName},
+    telemetry::{
+        event::{fingerprint_hex, rfc3339_from_tai},
+        export::numbered,
+        EventContext, EventFilter, EventRecord,
+    },
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Stream live events from the daemon until interrupted.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only events of this token fingerprint (32 hex digits).
+    #[arg(long, value_name = "FP", value_parser = parse_fingerprint)]
+    token: Option<Fingerprint>,
+    /// Only events with this verdict (missing, malformed, incomplete, unknown, revoked,
+    /// not_yet_valid, expired, out_of_scope, throttled).
+    #[arg(long, value_name = "V", value_parser = parse_verdict)]
+    verdict: Option<Verdict>,
+    /// Print JSON lines instead of one-liners.
+    #[arg(long)]
+    json: bool,
+    /// Without --follow: print at most this many recorded events (the most recent).
+    #[arg(long, short = 'n', default_value_t = 100)]
+    lines: usize,
+}
+
+pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
+    let config = Config::load(config)
+        .with_context(|| format!("loading configuration {}", config.display()))?;
+    let mut out = io::stdout();
+    if args.follow {
+        let ctx = EventContext::new(listener_names(&config));
+        follow(&config, &ctx, &args, &mut out).await
+    } else {
+        recorded(&config, &args, &mut out)
+    }
+}
+
+/// Listener statistics ids are the listeners' positions in the configuration.
+fn listener_names(config: &Config) -> HashMap<u32, String> {
+    (0u32..)
+        .zip(&config.listeners)
+        .map(|(id, l)| (id, l.name.clone()))
+        .collect()
+}
+
+/// Live events; the daemon applies the filter before sending.
+async fn follow(
+    config: &Config,
+    ctx: &EventContext,
+    args: &Args,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let client = Client::connect(&config.control_socket).await?;
+    let filter = control::EventFilter {
+        fingerprint: args.token.map(Fp),
+        verdict: args.verdict.map(VerdictName),
+    };
+    let mut events = client.subscribe(filter).await?;
+    loop {
+        let item = tokio::select! {
+            item = events.next() => item?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match item {
+            None => bail!("the daemon closed the event stream"),
+            Some(StreamItem::Lagged { lagged }) => {
+                eprintln!("rampart: {lagged} events skipped: this reader fell behind");
+            }
+            Some(StreamItem::Event(ev)) => {
+                if !print(out, &from_wire(&ev, ctx), args.json)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
+    let Some(path) = &config.events.export_file else {
+        bail!(
+            "no event export file is configured (events.export_file); \
+             use --follow to stream live events"
+        );
+    };
+    let filter = EventFilter {
+        token: args.token.as_ref().map(fingerprint_hex),
+        verdict: args.verdict.map(|v| v.name().to_owned()),
+    };
+    // Newest file first, until enough records are gathered.
+    let mut chunks: Vec<Vec<EventRecord>> = Vec::new();
+    let mut have = 0;
+    let mut skipped = 0usize;
+    let files = std::iter::once(path.clone())
+        .chain((1..=config.events.export_keep as usize).map(|n| numbered(path, n)));
+    for file in files {
+        if have >= args.lines {
+            break;
+        }
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        };
+        let mut records = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<EventRecord>(line) {
+                Ok(r) if filter.matches(&r) => records.push(r),
+                Ok(_) => {}
+                // A line cut short by a crash, or written by another version.
+                Err(_) => skipped += 1,
+            }
+        }
+        have += records.len();
+        chunks.push(records);
+    }
+    if skipped > 0 {
+        eprintln!(
+            "rampart: skipped {skipped} unreadable lines in {}",
+            path.display()
+        );
+    }
+    let all: Vec<EventRecord> = chunks.into_iter().rev().flatten().collect();
+    for r in &all[all.len().saturating_sub(args.lines)..] {
+        if !print(out, r, args.json)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Writes one record; `false` when stdout is gone (`rampart events | head`).
+fn print(out: &mut impl Write, r: &EventRecord, json: bool) -> anyhow::Result<bool> {
+    let line = if json {
+        r.to_json_line()?
+    } else {
+        r.to_string()
+    };
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
+}
+
+/// The daemon streams raw fields (TAI time, listener id); render them like the export file.
+fn from_wire(ev: &control::EventRecord, ctx: &EventContext) -> EventRecord {
+    EventRecord {
+        time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
+        fingerprint: ev.fingerprint.map(|f| f.to_string()),
+        verdict: ev.verdict.0.name().to_owned(),
+        action: ev.action.clone(),
+        listener: ctx.listener_name(ev.listener),
+        src: SocketAddr::new(ev.src, ev.sport).to_string(),
+        dst: SocketAddr::new(ev.dst, ev.dport).to_string(),
+        method: ev.method.clone(),
+        path_hash: ev.path_hash.clone(),
+    }
+}
+
+fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("a fingerprint is 32 hex digits (see `rampart token list`)".into());
+    }
+    let word =
+        |r: std::ops::Range<usize>| u64::from_str_radix(&s[r], 16).map_err(|e| e.to_string());
+    Ok(Fingerprint([word(0..16)?, word(16..32)?]))
+}
+
+fn parse_verdict(s: &str) -> Result<Verdict, String> {
+    Verdict::ALL
+        .into_iter()
+        .find(|v| v.name() == s)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Verdict::ALL.iter().map(|v| v.name()).collect();
+            format!("unknown verdict; one of: {}", names.join(", "))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use rampart::{
+        control::{self, Handler, Peer, Request, Response, ServerOptions},
+        telemetry::EventExporter,
+    };
+    use tokio::sync::{broadcast, Notify};
+
+    use super::*;
+
+    const FP_A: Fingerprint = Fingerprint([0xa, 0xa]);
+    const FP_B: Fingerprint = Fingerprint([0xb, 0xb]);
+
+    fn args(follow: bool, token: Option<Fingerprint>, verdict: Option<Verdict>) -> Args {
+        Args {
+            follow,
+            token,
+            verdict,
+            json: false,
+            lines: 3,
+        }
+    }
+
+    fn config(dir: &Path, extra: &str) -> Config {
+        let text = format!(
+            "control_socket = \"{}\"\n{extra}",
+            dir.join("control.sock").display()
+        );
+        Config::from_str(&text, &dir.join("rampart.toml")).unwrap()
+    }
+
+    const OFFSET: i64 = 37_000_000_000;
+
+    fn ctx() -> EventContext {
+        EventContext {
+            tai_offset_ns: OFFSET,
+            listeners: HashMap::from([(0, "api".to_owned())]),
+        }
+    }
+
+    /// An event as the daemon streams it; `sport` tells events apart.
+    fn wire(fp: Fingerprint, verdict: Verdict, sport: u16) -> control::EventRecord {
+        control::EventRecord {
+            time_ns: 1_714_564_800_000_000_000 + OFFSET as u64,
+            fingerprint: Some(Fp(fp)),
+            verdict: VerdictName(verdict),
+            action: "dropped".into(),
+            method: "GET".into(),
+            listener: 0,
+            src: "192.0.2.1".parse().unwrap(),
+            sport,
+            dst: "10.0.0.1".parse().unwrap(),
+            dport: 80,
+            path_hash: "00000000000000ff".into(),
+        }
+    }
+
+    /// The same event as the daemon exports it.
+    fn record(fp: Fingerprint, verdict: Verdict, sport: u16) -> EventRecord {
+        from_wire(&wire(fp, verdict, sport), &ctx())
+    }
+
+    fn sports(out: &str) -> Vec<&str> {
+        out.lines()
+            .map(|l| l.split(" -> ").next().unwrap().rsplit(':').next().unwrap())
+            .collect()
+    }
+
+    struct Daemon {
+        events: Mutex<Option<broadcast::Sender<control::EventRecord>>>,
+        subscribed: Notify,
+    }
+
+    impl Handler for Daemon {
+        async fn handle(&self, _peer: Peer, _req: Request) -> Response {
+            Response::error("not in this test")
+        }
+
+        fn subscribe(
+            &self,
+            _peer: Peer,
+        ) -> Result<broadcast::Receiver<control::EventRecord>, String> {
+            let rx = self.events.lock().unwrap().as_ref().unwrap().subscribe();
+            self.subscribed.notify_one();
+            Ok(rx)
+        }
+    }
+
+    #[tokio::test]
+    async fn follow_prints_the_filtered_live_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), "");
+        let (tx, _) = broadcast::channel(16);
+        let daemon = Arc::new(Daemon {
+            events: Mutex::new(Some(tx)),
+            subscribed: Notify::new(),
+        });
+        let listener = control::bind(&config.control_socket).unwrap();
+        let opts = ServerOptions {
+            // SAFETY: geteuid has no preconditions.
+            allowed_uid: unsafe { libc::geteuid() },
+            ..ServerOptions::default()
+        };
+        tokio::spawn(control::serve(listener, daemon.clone(), opts));
+
+        let feed = async {
+            daemon.subscribed.notified().await;
+            let tx = daemon.events.lock().unwrap().take().unwrap();
+            for ev in [
+                wire(FP_A, Verdict::Throttled, 1),
+                wire(FP_B, Verdict::Throttled, 2),
+                wire(FP_A, Verdict::Revoked, 3),
+                wire(FP_A, Verdict::Throttled, 4),
+            ] {
+                tx.send(ev).unwrap();
+            }
+            // Dropping the last sender ends the stream.
+        };
+        let mut out = Vec::new();
+        let args = args(true, Some(FP_A), Some(Verdict::Throttled));
+        let ctx = ctx();
+        let (res, ()) = tokio::join!(follow(&config, &ctx, &args, &mut out), feed);
+        assert!(res
+            .unwrap_err()
+            .to_string()
+            .contains("closed the event stream"));
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(sports(&out), ["1", "4"], "{out}");
+        assert!(out.lines().all(|l| l.contains(&fingerprint_hex(&FP_A))));
+    }
+
+    #[test]
+    fn wire_events_render_like_exported_ones() {
+        let mut w = wire(FP_A, Verdict::Revoked, 5000);
+        w.src = "2001:db8::5".parse().unwrap();
+        w.listener = 4;
+        let r = from_wire(&w, &ctx());
+        assert_eq!(r.time, "2024-05-01T12:00:00.000000000Z");
+        assert_eq!(r.fingerprint, Some(fingerprint_hex(&FP_A)));
+        assert_eq!(r.verdict, "revoked");
+        assert_eq!(r.listener, "listener_4");
+        assert_eq!(r.src, "[2001:db8::5]:5000");
+        assert_eq!(r.dst, "10.0.0.1:80");
+    }
+
+    #[test]
+    fn recorded_prints_the_latest_matching_events_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("events.jsonl");
+        let config = config(
+            dir.path(),
+            &format!(
+                "[events]\nexport_file = \"{}\"\nexport_keep = 3\n",
+                export.display()
+            ),
+        );
+        let line_len = record(FP_A, Verdict::Throttled, 1)
+            .to_json_line()
+            .unwrap()
+            .len() as u64
+            + 1;
+        // Two events per file: .2 holds 1-2, .1 holds 3-4, the current file 5-6.
+        let mut x = EventExporter::new(&export, 2 * line_len, 3).unwrap();
+        for port in 1..=6 {
+            let fp = if port == 5 { FP_B } else { FP_A };
+            x.write(&record(fp, Verdict::Throttled, port)).unwrap();
+        }
+        assert!(numbered(&export, 2).exists());
+
+        let mut out = Vec::new();
+        recorded(&config, &args(false, Some(FP_A), None), &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(sports(&out), ["3", "4", "6"], "{out}");
+
+        let mut out = Vec::new();
+        let mut a = args(false, None, None);
+        a.json = true;
+        a.lines = 100;
+        recorded(&config, &a, &mut out).unwrap();
+        let parsed: Vec<EventRecord> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want: Vec<EventRecord> = (1..=6)
+            .map(|p| record(if p == 5 { FP_B } else { FP_A }, Verdict::Throttled, p))
+            .collect();
+        assert_eq!(parsed, want);
+    }
+
+    #[test]
+    fn recorded_without_export_file_points_to_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = recorded(
+            &config(dir.path(), ""),
+            &args(false, None, None),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--follow"), "{err}");
+    }
+
+    #[test]
+    fn argument_parsers_reject_nonsense() {
+        assert_eq!(
+            parse_fingerprint("0123456789abcdefFEDCBA9876543210").unwrap(),
+            Fingerprint([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210])
+        );
+        assert!(parse_fingerprint("0123").is_err());
+        assert!(parse_fingerprint("+123456789abcdef0123456789abcdef").is_err());
+        assert_eq!(parse_verdict("out_of_scope").unwrap(), Verdict::OutOfScope);
+        assert!(parse_verdict("denied").unwrap_err().contains("throttled"));
+    }
+}
