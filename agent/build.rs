@@ -10,7 +10,12 @@ fn main() -> anyhow::Result<()> {
     let root = manifest.parent().context("agent/ has a parent")?;
     let ebpf = root.join("agent-ebpf");
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    for p in ["agent-ebpf/src", "agent-ebpf/Cargo.toml", "agent-common/src"] {
+    for p in [
+        "agent-ebpf/src",
+        "agent-ebpf/Cargo.toml",
+        "agent-ebpf/.cargo/config.toml",
+        "agent-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
 

@@ -1,8 +1,105 @@
+//! Rampart's eBPF programs: thin entries over one shared judge.
 #![no_std]
 #![no_main]
-use aya_ebpf::{macros::xdp, programs::XdpContext, bindings::xdp_action};
+#![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
+#![expect(internal_features, reason = "atomic_cxchg: the target has no atomic-cas feature")]
+
+mod events;
+mod http;
+mod judge;
+mod maps;
+mod packet;
+mod parse;
+mod ramp;
+mod reply;
+
+use agent_common::{deny_action, MAX_LISTENERS, VERDICT_COUNT};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::{
+    judge::{judge, Decision},
+    maps::VERDICT_STATS,
+    packet::{tc_redirect, Packet, Tc, Xdp},
+    reply::Reset,
+};
+
+/// What to do with a packet, before it is mapped to XDP or TC return codes.
+enum Act {
+    Pass,
+    Drop,
+    /// Rewritten into an RST that continues to the server.
+    PassReset,
+    /// Rewritten into an RST back to the client.
+    Bounce,
+}
+
+#[xdp(frags)]
+pub fn rampart_xdp(ctx: XdpContext) -> u32 {
+    match enforce(&Xdp(&ctx)) {
+        Act::Pass | Act::PassReset => xdp_action::XDP_PASS,
+        Act::Drop => xdp_action::XDP_DROP,
+        Act::Bounce => xdp_action::XDP_TX,
+    }
+}
+
+#[classifier]
+pub fn rampart_tc(ctx: TcContext) -> i32 {
+    let pkt = Tc(&ctx);
+    match enforce(&pkt) {
+        Act::Pass | Act::PassReset => TC_ACT_OK,
+        Act::Drop => TC_ACT_SHOT,
+        Act::Bounce => tc_redirect(pkt.ifindex()),
+    }
+}
+
+/// A pass-through program: the benchmark baseline, and the peer of a veth whose other end
+/// answers with XDP_TX (a veth only delivers XDP_TX frames to a peer running XDP).
 #[xdp]
-pub fn rampart_pass(_ctx: XdpContext) -> u32 { xdp_action::XDP_PASS }
+pub fn rampart_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn enforce(p: &impl Packet) -> Act {
+    let d = judge(p);
+    record(&d);
+    if !d.deny {
+        return Act::Pass;
+    }
+    let (Some(l), Some(flow)) = (d.listener, d.flow) else {
+        return Act::Drop;
+    };
+    if l.action != deny_action::RESET {
+        return Act::Drop;
+    }
+    match reply::reset(p, &flow) {
+        Ok(Reset::ToServer) => Act::PassReset,
+        Ok(Reset::ToClient) => Act::Bounce,
+        // Could not build the RST: still never let the request through.
+        Err(()) => Act::Drop,
+    }
+}
+
+/// The one place verdicts are counted.
+#[inline(always)]
+fn record(d: &Decision) {
+    let Some(l) = d.listener else {
+        return;
+    };
+    let row = if l.id < MAX_LISTENERS { l.id } else { MAX_LISTENERS };
+    if let Some(c) = VERDICT_STATS.get_ptr_mut(row * VERDICT_COUNT as u32 + d.verdict as u32) {
+        // SAFETY: per-CPU counter, only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,3 +1,13 @@
 //! The one facade over the eBPF object: load, typed maps, attach, pins.
+//!
+//! Call sites speak in domain terms (`revoke`, `install_token`, `verdict_counts`); map
+//! names appear only in this module.
 
 pub mod clock;
+mod error;
+mod load;
+mod tables;
+
+pub use error::DatapathError;
+pub use load::{Datapath, LoadOptions, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
+pub use tables::parse_event;

@@ -1,0 +1,303 @@
+//! The per-request decision, in the documented order: not a request → pass; missing;
+//! malformed; incomplete; unknown; revoked; not yet valid / expired; out of scope;
+//! throttled; allow.
+
+use agent_common::{
+    default_policy, mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict,
+    CLOCK_FIXED, MAX_SCOPES, MAX_TOKEN_LEN, SCAN_BYTES, TOKEN_ANY_SCOPE,
+};
+use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
+
+use crate::{
+    events,
+    http::{self, Buf, LineError, METHOD_OTHER, SCAN_COMPLETE, SCAN_MALFORMED},
+    maps::{CONFIG, LISTENERS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
+    packet::Packet,
+    parse::{self, Flow},
+    ramp,
+    reply::flow_addrs,
+};
+
+/// What the program entry needs to act on and record.
+pub struct Decision {
+    pub verdict: Verdict,
+    /// None: not traffic of any listener (nothing is recorded).
+    pub listener: Option<ListenerConfig>,
+    /// Enforce mode and a denying verdict.
+    pub deny: bool,
+    pub flow: Option<Flow>,
+}
+
+impl Decision {
+    const fn untouched() -> Self {
+        Decision {
+            verdict: Verdict::Pass,
+            listener: None,
+            deny: false,
+            flow: None,
+        }
+    }
+}
+
+/// Request facts gathered along the way, for the event.
+struct Seen {
+    method: u32,
+    target_off: usize,
+    target_len: usize,
+    fingerprint: agent_common::Fingerprint,
+}
+
+#[inline(always)]
+pub fn judge(p: &impl Packet) -> Decision {
+    let flow = match parse::parse(p) {
+        Ok(Some(f)) => f,
+        // Not TCP, or headers the stack will reject itself: none of our business.
+        Ok(None) | Err(()) => return Decision::untouched(),
+    };
+    if flow.payload_len == 0 {
+        return Decision::untouched();
+    }
+    let ifindex = p.ifindex();
+    let key = ListenerKey {
+        ifindex,
+        port: flow.dport,
+        _pad: 0,
+    };
+    let wildcard = ListenerKey { ifindex: 0, ..key };
+    let listener = match LISTENERS.get_ptr(&key).or_else(|| LISTENERS.get_ptr(&wildcard)) {
+        // SAFETY: map value pointer valid for this run.
+        Some(l) => unsafe { *l },
+        None => return Decision::untouched(),
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return Decision::untouched();
+    };
+    let mut seen = Seen {
+        method: 0,
+        target_off: 0,
+        target_len: 0,
+        fingerprint: agent_common::Fingerprint::ZERO,
+    };
+    let verdict = settle(decide(p, cfg, &flow, &mut seen));
+    let deny = listener.mode == mode::ENFORCE && denies(verdict, &listener);
+    if verdict != Verdict::Pass && verdict != Verdict::Allow {
+        report(p, cfg, &flow, &listener, verdict, deny, &seen);
+    }
+    Decision {
+        verdict,
+        listener: Some(listener),
+        deny,
+        flow: Some(flow),
+    }
+}
+
+/// Joins the many paths out of `decide` into one: passed through map memory, the verdict
+/// is unknown to the verifier, which then checks what follows once rather than once per
+/// verdict.
+#[inline(always)]
+fn settle(v: Verdict) -> Verdict {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return v;
+    };
+    let x = Buf::new(s).launder(v as usize) as u32;
+    Verdict::from_u32(x).unwrap_or(Verdict::Malformed)
+}
+
+/// `n` (1..=max, `max` a power of two) in a form the verifier can bound: LLVM drops a
+/// plain `n != 0` check it can prove, leaving the helper a length of "0 or more".
+#[inline(always)]
+fn copy_len(n: usize, max: usize) -> u32 {
+    (((n.wrapping_sub(1)) & (max - 1)) + 1) as u32
+}
+
+#[inline(always)]
+fn denies(v: Verdict, l: &ListenerConfig) -> bool {
+    match v {
+        Verdict::Pass | Verdict::Allow => false,
+        Verdict::Missing => l.on_missing != default_policy::ALLOW,
+        Verdict::Unknown => l.on_unknown != default_policy::ALLOW,
+        Verdict::Incomplete => l.on_incomplete != default_policy::ALLOW,
+        _ => true,
+    }
+}
+
+#[inline(always)]
+fn now(cfg: &GlobalConfig) -> u64 {
+    if cfg.clock_mode == CLOCK_FIXED {
+        cfg.fixed_now_ns
+    } else {
+        // SAFETY: plain helper call.
+        unsafe { bpf_ktime_get_tai_ns() }
+    }
+}
+
+#[inline(always)]
+fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> Verdict {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Verdict::Malformed;
+    };
+    let buf = Buf::new(scratch);
+    let n = if flow.payload_len > SCAN_BYTES { SCAN_BYTES } else { flow.payload_len };
+    // A cheap first look: most non-request segments are told apart by 24 bytes.
+    let first = if n < 24 { n } else { 24 };
+    if p.load(flow.payload_off, buf.ptr(), copy_len(first, 32)).is_err() {
+        return Verdict::Malformed;
+    }
+    let (method, mlen, known) = match http::method_of(buf.word(0)) {
+        Some((m, l)) if l <= first => (m, l, true),
+        _ => match http::extension_method(buf, first) {
+            Some(l) => (METHOD_OTHER, l, false),
+            None => return Verdict::Pass,
+        },
+    };
+    if n > first && p.load(flow.payload_off, buf.ptr(), copy_len(n, SCAN_BYTES)).is_err() {
+        return Verdict::Malformed;
+    }
+    let line = match http::request_line(buf, n, method, mlen, known) {
+        Ok(l) => l,
+        Err(LineError::NotRequest) => return Verdict::Pass,
+        Err(LineError::Malformed) => return Verdict::Malformed,
+        Err(LineError::Incomplete) => return Verdict::Incomplete,
+    };
+    seen.method = line.method;
+    seen.target_off = line.target_off;
+    seen.target_len = line.target_len;
+
+    let scan = http::scan_headers(buf, n, line.headers_off);
+    if scan.end == SCAN_MALFORMED {
+        return Verdict::Malformed;
+    }
+    if scan.auths == 0 {
+        return if scan.end == SCAN_COMPLETE { Verdict::Missing } else { Verdict::Incomplete };
+    }
+    if scan.auth_lf == 0 {
+        // The Authorization field itself is cut off.
+        return Verdict::Incomplete;
+    }
+    let Ok(token) = http::bearer_token(buf, scan.auth_start as usize, scan.auth_lf as usize) else {
+        return Verdict::Malformed;
+    };
+    let fp = http::hash::<{ MAX_TOKEN_LEN / 8 }>(&cfg.key, buf, token.off, token.len);
+    seen.fingerprint = fp;
+
+    let Some(info) = TOKENS.get_ptr(&fp) else {
+        return Verdict::Unknown;
+    };
+    // SAFETY: map value pointer valid for this run.
+    let info: TokenInfo = unsafe { *info };
+    let v = known_token(cfg, &fp, &info, buf, &line, method);
+    count_token(&fp, v);
+    v
+}
+
+#[inline(always)]
+fn known_token(
+    cfg: &GlobalConfig,
+    fp: &agent_common::Fingerprint,
+    info: &TokenInfo,
+    buf: Buf,
+    line: &http::RequestLine,
+    method: u32,
+) -> Verdict {
+    if REVOKED.get_ptr(fp).is_some() {
+        return Verdict::Revoked;
+    }
+    let now = now(cfg);
+    if info.not_before_ns != 0 && now < info.not_before_ns {
+        return Verdict::NotYetValid;
+    }
+    if info.expires_ns != 0 && now >= info.expires_ns {
+        return Verdict::Expired;
+    }
+    if info.flags & TOKEN_ANY_SCOPE == 0 && !in_scope(info.scopes, buf, line, method) {
+        return Verdict::OutOfScope;
+    }
+    if ramp::admit_request(fp, info, now) {
+        Verdict::Allow
+    } else {
+        Verdict::Throttled
+    }
+}
+
+#[inline(always)]
+fn in_scope(scopes: u64, buf: Buf, line: &http::RequestLine, method: u32) -> bool {
+    let path = buf.launder(http::path_len(buf, line.target_off, line.target_len));
+    if http::path_is_ambiguous(buf, line.target_off, path) {
+        return false;
+    }
+    for i in 0..MAX_SCOPES {
+        if scopes >> i == 0 {
+            break;
+        }
+        if scopes & (1 << i) == 0 {
+            continue;
+        }
+        let Some(s) = SCOPES.get(i as u32) else {
+            continue;
+        };
+        if s.methods & method != 0
+            && http::has_prefix(buf, line.target_off, path, &s.prefix, s.prefix_len as usize)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
+    let idx = v as usize;
+    if let Some(s) = TOKEN_STATS.get_ptr_mut(fp) {
+        // SAFETY: per-CPU value pointer valid for this run; idx < VERDICT_COUNT.
+        unsafe {
+            if let Some(c) = (*s).by_verdict.get_mut(idx) {
+                *c += 1;
+            }
+        }
+    } else {
+        let mut fresh = agent_common::TokenStats::default();
+        if let Some(c) = fresh.by_verdict.get_mut(idx) {
+            *c = 1;
+        }
+        let _ = TOKEN_STATS.insert(fp, &fresh, 0);
+    }
+}
+
+#[inline(always)]
+fn report(
+    p: &impl Packet,
+    cfg: &GlobalConfig,
+    flow: &Flow,
+    l: &ListenerConfig,
+    verdict: Verdict,
+    deny: bool,
+    seen: &Seen,
+) {
+    let path_hash = match SCRATCH.get_ptr_mut(0) {
+        // The scratch still holds this request.
+        Some(s) if seen.target_len != 0 => {
+            http::target_hash(&cfg.key, Buf::new(s), seen.target_off, seen.target_len)
+        }
+        _ => 0,
+    };
+    let (saddr, daddr) = flow_addrs(p, flow).unwrap_or(([0; 16], [0; 16]));
+    let action = if !deny {
+        agent_common::action::PASSED
+    } else if l.action == agent_common::deny_action::RESET {
+        agent_common::action::RESET
+    } else {
+        agent_common::action::DROPPED
+    };
+    events::emit(cfg, now(cfg), |ev| {
+        ev.fingerprint = seen.fingerprint;
+        ev.path_hash = path_hash;
+        ev.saddr = saddr;
+        ev.daddr = daddr;
+        ev.sport = flow.sport;
+        ev.dport = flow.dport;
+        ev.listener = l.id;
+        ev.verdict = verdict as u32;
+        ev.method = seen.method;
+        ev.action = action;
+    });
+}

@@ -1,0 +1,91 @@
+//! Every map of the datapath, in one place. Sizes marked "set at load" are overridden by
+//! userspace (`EbpfLoader::set_max_entries`); the values here are the defaults.
+
+use agent_common::{
+    Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
+    TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS,
+    MAX_SCOPES, SCAN_BYTES, VERDICT_COUNT,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+};
+
+/// Global settings (fingerprint key, event cap, clock). Written by userspace.
+#[map]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// (ifindex, TCP port) → how that listener judges. Written by userspace.
+#[map]
+pub static LISTENERS: HashMap<ListenerKey, ListenerConfig> = HashMap::with_max_entries(256, 0);
+
+/// Fingerprint → what the token may do. Written by userspace (policy, issue, rotate). Set at load.
+#[map]
+pub static TOKENS: HashMap<Fingerprint, TokenInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
+
+/// Revoked fingerprints → revocation time. Written by userspace; never cleared by a reload.
+#[map]
+pub static REVOKED: HashMap<Fingerprint, u64> = HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
+
+/// Ramp contracts by index. Written by userspace.
+#[map]
+pub static CONTRACTS: Array<Contract> = Array::with_max_entries(MAX_CONTRACTS, 0);
+
+/// Scopes by index; a token's scope set is a bitmask over these. Written by userspace.
+#[map]
+pub static SCOPES: Array<Scope> = Array::with_max_entries(MAX_SCOPES as u32, 0);
+
+/// Fingerprint → ramp position and GCRA state. Written by the datapath (CAS); userspace
+/// deletes entries whose contract changed. Set at load.
+#[map]
+pub static TOKEN_STATE: HashMap<Fingerprint, TokenState> =
+    HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
+
+/// Per-CPU requests by verdict, row per listener (row MAX_LISTENERS: unattributed). Datapath.
+#[map]
+pub static VERDICT_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries((MAX_LISTENERS + 1) * VERDICT_COUNT as u32, 0);
+
+/// Per-CPU requests by verdict for known tokens (LRU: the busiest stay). Datapath. Set at load.
+#[map]
+pub static TOKEN_STATS: LruPerCpuHashMap<Fingerprint, TokenStats> =
+    LruPerCpuHashMap::with_max_entries(65536, 0);
+
+/// Decision events for userspace (every verdict but allow and pass).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Per-CPU event budget window (the flood cap) and the count of events it dropped. Datapath.
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flows whose server side was reset (their next client segment is answered with an RST).
+/// Datapath.
+#[map]
+pub static RESET_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU copy of the request bytes the parser works on. Datapath.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Request bytes, padded so an 8-byte load at any index below SCAN_BYTES stays inside,
+/// and the parser's variables. Values that pass through map memory are unknown to the
+/// verifier, which is the point: see `http::Buf::launder`.
+#[repr(C)]
+pub struct Scratch {
+    pub launder: u64,
+    pub scan: crate::http::HeaderScan,
+    pub buf: [u8; SCAN_BYTES + 16],
+}
+
+/// A TCP connection as the client sent it (addresses IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}

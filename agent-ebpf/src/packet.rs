@@ -1,0 +1,152 @@
+//! The one way into packet memory: bounds-checked pointers into the linear part, and
+//! helper-based copies for everything (including non-linear skb data and XDP fragments).
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_pull_data,
+        bpf_xdp_adjust_tail, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+    },
+    programs::{TcContext, XdpContext},
+};
+
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Whole packet length, including non-linear data.
+    fn len(&self) -> usize;
+    fn ifindex(&self) -> u32;
+    /// Copies `len` (1..=max) bytes at `off` into `dst`.
+    fn load(&self, off: usize, dst: *mut u8, len: u32) -> Result<(), ()>;
+    /// Makes the first `len` bytes linear and writable (TC); a no-op for XDP.
+    fn make_writable(&self, len: u32) -> Result<(), ()>;
+    /// Cuts the packet to `len` bytes. Invalidates earlier pointers.
+    fn truncate(&self, len: usize) -> Result<(), ()>;
+}
+
+/// A pointer to a `T` at `off`, if the linear data holds it.
+#[inline(always)]
+pub fn ptr_at<T>(p: &impl Packet, off: usize) -> Result<*const T, ()> {
+    let start = p.data();
+    if start + off + size_of::<T>() > p.data_end() {
+        return Err(());
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+pub fn ptr_at_mut<T>(p: &impl Packet, off: usize) -> Result<*mut T, ()> {
+    Ok(ptr_at::<T>(p, off)? as *mut T)
+}
+
+pub struct Xdp<'a>(pub &'a XdpContext);
+
+impl Packet for Xdp<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        // SAFETY: the context pointer comes from the kernel.
+        unsafe { bpf_xdp_get_buff_len(self.0.ctx) as usize }
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the kernel-provided context.
+        unsafe { (*self.0.ctx).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn load(&self, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
+        // SAFETY: dst points to at least `len` bytes (callers bound len by their buffer).
+        let rc = unsafe { bpf_xdp_load_bytes(self.0.ctx, off as u32, dst as *mut c_void, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+    #[inline(always)]
+    fn make_writable(&self, _len: u32) -> Result<(), ()> {
+        Ok(())
+    }
+    #[inline(always)]
+    fn truncate(&self, len: usize) -> Result<(), ()> {
+        let delta = len as i32 - self.len() as i32;
+        // SAFETY: shrinking the frame by a negative delta the kernel validates.
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, delta) } == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+pub struct Tc<'a>(pub &'a TcContext);
+
+impl Packet for Tc<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the kernel-provided skb.
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn load(&self, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
+        // SAFETY: dst points to at least `len` bytes; the helper reads non-linear data too.
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                self.0.skb.skb as *const c_void,
+                off as u32,
+                dst as *mut c_void,
+                len,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+    #[inline(always)]
+    fn make_writable(&self, len: u32) -> Result<(), ()> {
+        // SAFETY: the helper validates len against the skb.
+        if unsafe { bpf_skb_pull_data(self.0.skb.skb, len) } == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+    #[inline(always)]
+    fn truncate(&self, len: usize) -> Result<(), ()> {
+        // SAFETY: the helper validates len against the skb.
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) } == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// Sends the (rewritten) skb out of `ifindex`; the TC counterpart of XDP_TX.
+#[inline(always)]
+pub fn tc_redirect(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}

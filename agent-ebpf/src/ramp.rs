@@ -1,0 +1,76 @@
+//! Ramp contracts in the kernel: stage by time since the ramp start, then GCRA admission
+//! by compare-and-swap on the token's TAT, so racing CPUs never admit past the contract.
+
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
+
+use agent_common::{
+    gcra::{admit, effective_stage},
+    Fingerprint, TokenInfo, TokenState, MAX_STAGES,
+};
+use aya_ebpf::bindings::BPF_NOEXIST;
+
+use crate::maps::{CONTRACTS, TOKEN_STATE};
+
+const CAS_TRIES: usize = 8;
+
+/// True when the request is admitted. Anything we cannot account for is a throttle.
+#[inline(always)]
+pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
+    let Some(contract) = CONTRACTS.get(info.contract) else {
+        return false;
+    };
+    let state = match TOKEN_STATE.get_ptr_mut(fp) {
+        Some(s) => s,
+        None => {
+            let fresh = TokenState {
+                ramp_start_ns: if info.ramp_start_ns != 0 { info.ramp_start_ns } else { now },
+                first_seen_ns: now,
+                contract: info.contract,
+                ..TokenState::default()
+            };
+            // A racing CPU may have inserted first; either way the entry exists now.
+            let _ = TOKEN_STATE.insert(fp, &fresh, BPF_NOEXIST as u64);
+            match TOKEN_STATE.get_ptr_mut(fp) {
+                Some(s) => s,
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: `state` points into a map value that stays valid for this program run.
+    let st = unsafe { &mut *state };
+    st.last_seen_ns = now;
+    let start = if info.ramp_start_ns != 0 { info.ramp_start_ns } else { st.ramp_start_ns };
+    let elapsed = now.saturating_sub(start);
+    let penalised = now < st.penalty_until_ns;
+    let idx = effective_stage(contract, elapsed, penalised) as usize;
+    let stage = &contract.stages[idx & (MAX_STAGES - 1)];
+    st.stage = idx as u32;
+    for _ in 0..CAS_TRIES {
+        // SAFETY: aligned u64 inside the map value.
+        let tat = unsafe { core::ptr::read_volatile(&st.tat_ns) };
+        match admit(tat, now, stage.interval_ns, stage.tolerance_ns) {
+            Some(next) => {
+                // SAFETY: as above; the BPF cmpxchg instruction.
+                let (_, ok) = unsafe {
+                    atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                        &mut st.tat_ns,
+                        tat,
+                        next,
+                    )
+                };
+                if ok {
+                    return true;
+                }
+            }
+            None => {
+                // SAFETY: as above; the BPF atomic add instruction.
+                unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&mut st.breaches, 1) };
+                if contract.penalty_stages != 0 {
+                    st.penalty_until_ns = now + contract.penalty_ns;
+                }
+                return false;
+            }
+        }
+    }
+    false
+}

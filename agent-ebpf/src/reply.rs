@@ -1,0 +1,164 @@
+//! TCP resets for the `reset` action. The first denied segment of a connection is turned,
+//! in place, into an RST to the server (so the upstream holds no half-open connection);
+//! the flow is remembered, and the client's next segment (its retransmission) is turned
+//! into an RST back to the client (XDP_TX / TC redirect), so neither end hangs.
+
+use agent_common::SCAN_BYTES;
+use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
+
+use crate::{
+    maps::{FlowKey, RESET_FLOWS},
+    packet::{ptr_at, ptr_at_mut, Packet},
+    parse::{EthHdr, Flow, Ipv4Hdr, Ipv6Hdr, TcpHdr, TCP_ACK, TCP_RST},
+};
+
+/// How long a reset flow is remembered.
+const RESET_MEMORY_NS: u64 = 30_000_000_000;
+
+pub enum Reset {
+    /// The segment now carries an RST to the server: let it continue.
+    ToServer,
+    /// The segment now carries an RST to the client: send it back out.
+    ToClient,
+}
+
+/// Source and destination addresses (IPv4 as IPv4-mapped IPv6).
+#[inline(always)]
+pub fn flow_addrs(p: &impl Packet, f: &Flow) -> Result<([u8; 16], [u8; 16]), ()> {
+    if f.ipv6 {
+        let ip = ptr_at::<Ipv6Hdr>(p, f.l3_off)?;
+        // SAFETY: bounds checked.
+        Ok(unsafe { ((*ip).saddr, (*ip).daddr) })
+    } else {
+        let ip = ptr_at::<Ipv4Hdr>(p, f.l3_off)?;
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s[10] = 0xff;
+        s[11] = 0xff;
+        d[10] = 0xff;
+        d[11] = 0xff;
+        // SAFETY: bounds checked.
+        unsafe {
+            s[12..].copy_from_slice(&(*ip).saddr);
+            d[12..].copy_from_slice(&(*ip).daddr);
+        }
+        Ok((s, d))
+    }
+}
+
+#[inline(always)]
+pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
+    let (saddr, daddr) = flow_addrs(p, f)?;
+    let key = FlowKey {
+        saddr,
+        daddr,
+        sport: f.sport,
+        dport: f.dport,
+        _pad: 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let to_client = match RESET_FLOWS.get_ptr(&key) {
+        // SAFETY: map value pointer valid for this run.
+        Some(t) => now.wrapping_sub(unsafe { *t }) < RESET_MEMORY_NS,
+        None => false,
+    };
+    if !to_client {
+        RESET_FLOWS.insert(&key, &now, 0).map_err(|_| ())?;
+    }
+    let hdr_end = f.payload_off;
+    if hdr_end > SCAN_BYTES {
+        return Err(());
+    }
+    p.make_writable(hdr_end as u32)?;
+    p.truncate(hdr_end)?;
+    let tcp = ptr_at_mut::<TcpHdr>(p, f.l4_off)?;
+    let tcp_len = (f.payload_off - f.l4_off) as u16;
+    // SAFETY: bounds checked after the truncation (earlier pointers are stale).
+    unsafe {
+        if to_client {
+            let seq = (*tcp).seq;
+            (*tcp).seq = (*tcp).ack;
+            (*tcp).ack = (u32::from_be(seq).wrapping_add(f.payload_len as u32)).to_be();
+            core::mem::swap(&mut (*tcp).sport, &mut (*tcp).dport);
+        }
+        (*tcp).off_flags[1] = TCP_RST | TCP_ACK;
+        (*tcp).window = 0;
+        (*tcp).urg = 0;
+        (*tcp).check = 0;
+    }
+    if to_client {
+        let eth = ptr_at_mut::<EthHdr>(p, 0)?;
+        // SAFETY: bounds checked.
+        unsafe { core::mem::swap(&mut (*eth).src, &mut (*eth).dst) };
+    }
+    let mut sum: u64;
+    if f.ipv6 {
+        let ip = ptr_at_mut::<Ipv6Hdr>(p, f.l3_off)?;
+        // SAFETY: bounds checked.
+        unsafe {
+            if to_client {
+                core::mem::swap(&mut (*ip).saddr, &mut (*ip).daddr);
+                (*ip).hop_limit = 64;
+            }
+            (*ip).payload_len = ((f.payload_off - f.l3_off - 40) as u16).to_be();
+            sum = sum_words(&(*ip).saddr) + sum_words(&(*ip).daddr);
+        }
+    } else {
+        let ip = ptr_at_mut::<Ipv4Hdr>(p, f.l3_off)?;
+        let ihl = f.l4_off - f.l3_off;
+        // SAFETY: bounds checked.
+        unsafe {
+            if to_client {
+                core::mem::swap(&mut (*ip).saddr, &mut (*ip).daddr);
+                (*ip).ttl = 64;
+            }
+            (*ip).tot_len = ((f.payload_off - f.l3_off) as u16).to_be();
+            (*ip).check = 0;
+            sum = sum_words(&(*ip).saddr) + sum_words(&(*ip).daddr);
+        }
+        let ipsum = csum_region(p, f.l3_off, ihl)?;
+        // SAFETY: bounds checked above; pointer still valid (no helper call in between).
+        unsafe { (*ip).check = fold(ipsum) };
+    }
+    sum += (6u16).to_be() as u64 + tcp_len.to_be() as u64;
+    sum += csum_region(p, f.l4_off, tcp_len as usize)?;
+    let tcp = ptr_at_mut::<TcpHdr>(p, f.l4_off)?;
+    // SAFETY: bounds checked.
+    unsafe { (*tcp).check = fold(sum) };
+    Ok(if to_client { Reset::ToClient } else { Reset::ToServer })
+}
+
+#[inline(always)]
+fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
+    let mut s = 0u64;
+    let mut i = 0;
+    while i + 1 < N {
+        s += u16::from_ne_bytes([b[i], b[i + 1]]) as u64;
+        i += 2;
+    }
+    s
+}
+
+/// One's-complement sum of `len` (even, ≤ 60) header bytes at `off`.
+#[inline(always)]
+fn csum_region(p: &impl Packet, off: usize, len: usize) -> Result<u64, ()> {
+    let mut s = 0u64;
+    for i in 0..30 {
+        if i * 2 >= len {
+            break;
+        }
+        let w = ptr_at::<u16>(p, off + i * 2)?;
+        // SAFETY: bounds checked.
+        s += unsafe { *w } as u64;
+    }
+    Ok(s)
+}
+
+#[inline(always)]
+fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}

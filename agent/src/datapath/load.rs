@@ -1,0 +1,242 @@
+//! Loading the object, holding typed map handles, attaching programs.
+
+use std::path::{Path, PathBuf};
+
+use agent_common::{
+    Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
+    TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS,
+};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachType},
+        xdp::XdpLinkId,
+        SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+
+use super::error::{map_err, prog_err, DatapathError};
+use crate::EBPF_OBJECT;
+
+pub const XDP_PROGRAM: &str = "rampart_xdp";
+pub const TC_PROGRAM: &str = "rampart_tc";
+/// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
+pub const PASS_PROGRAM: &str = "rampart_pass";
+
+/// Every map of the object (pinned under the bpffs dir by these names).
+pub const MAP_NAMES: [&str; 13] = [
+    "CONFIG",
+    "LISTENERS",
+    "TOKENS",
+    "REVOKED",
+    "CONTRACTS",
+    "SCOPES",
+    "TOKEN_STATE",
+    "VERDICT_STATS",
+    "TOKEN_STATS",
+    "EVENTS",
+    "EVENT_BUDGET",
+    "RESET_FLOWS",
+    "SCRATCH",
+];
+
+/// Map sizes and pinning, from the daemon's configuration.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Capacity of TOKENS and TOKEN_STATE.
+    pub max_tokens: u32,
+    pub max_revoked: u32,
+    /// LRU capacity of the per-token statistics.
+    pub token_stats: u32,
+    /// Ring buffer size (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Pin (and on restart, adopt) maps under this bpffs directory.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_tokens: DEFAULT_MAX_TOKENS,
+            max_revoked: DEFAULT_MAX_TOKENS,
+            token_stats: 65536,
+            ring_bytes: 1 << 20,
+            pin_dir: None,
+        }
+    }
+}
+
+pub struct Datapath {
+    pub(super) ebpf: Ebpf,
+    pub(super) config: Array<MapData, GlobalConfig>,
+    pub(super) listeners: HashMap<MapData, ListenerKey, ListenerConfig>,
+    pub(super) tokens: HashMap<MapData, Fingerprint, TokenInfo>,
+    pub(super) revoked: HashMap<MapData, Fingerprint, u64>,
+    pub(super) contracts: Array<MapData, Contract>,
+    pub(super) scopes: Array<MapData, Scope>,
+    pub(super) token_state: HashMap<MapData, Fingerprint, TokenState>,
+    pub(super) verdict_stats: PerCpuArray<MapData, u64>,
+    pub(super) token_stats: PerCpuHashMap<MapData, Fingerprint, TokenStats>,
+    pub(super) event_budget: PerCpuArray<MapData, EventBudget>,
+    pub(super) events: Option<RingBuf<MapData>>,
+    pub(super) options: LoadOptions,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Datapath {
+    /// Loads the object, creating its maps (or adopting pinned ones) and loading every
+    /// program into the kernel. Nothing is attached yet.
+    pub fn load(options: LoadOptions) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries("TOKENS", options.max_tokens)
+            .map_max_entries("TOKEN_STATE", options.max_tokens)
+            .map_max_entries("REVOKED", options.max_revoked)
+            .map_max_entries("TOKEN_STATS", options.token_stats)
+            .map_max_entries("EVENTS", options.ring_bytes);
+        let pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in [XDP_PROGRAM, PASS_PROGRAM] {
+            let prog: &mut Xdp = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+        }
+        let tc_prog: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
+        tc_prog.load().map_err(prog_err(TC_PROGRAM))?;
+
+        Ok(Datapath {
+            config: take(&mut ebpf, "CONFIG")?,
+            listeners: take(&mut ebpf, "LISTENERS")?,
+            tokens: take(&mut ebpf, "TOKENS")?,
+            revoked: take(&mut ebpf, "REVOKED")?,
+            contracts: take(&mut ebpf, "CONTRACTS")?,
+            scopes: take(&mut ebpf, "SCOPES")?,
+            token_state: take(&mut ebpf, "TOKEN_STATE")?,
+            verdict_stats: take(&mut ebpf, "VERDICT_STATS")?,
+            token_stats: take(&mut ebpf, "TOKEN_STATS")?,
+            event_budget: take(&mut ebpf, "EVENT_BUDGET")?,
+            events: Some(take(&mut ebpf, "EVENTS")?),
+            ebpf,
+            options,
+        })
+    }
+
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
+    }
+
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program(&mut self.ebpf, XDP_PROGRAM)
+    }
+
+    pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program(&mut self.ebpf, TC_PROGRAM)
+    }
+
+    pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program(&mut self.ebpf, PASS_PROGRAM)
+    }
+
+    /// Attaches the enforcing XDP program to `iface`.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, DatapathError> {
+        self.xdp_program()?
+            .attach(iface, mode)
+            .map_err(prog_err(XDP_PROGRAM))
+    }
+
+    /// Attaches the pass-through XDP program (the peer of a veth answering with XDP_TX).
+    pub fn attach_pass(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, DatapathError> {
+        self.pass_program()?
+            .attach(iface, mode)
+            .map_err(prog_err(PASS_PROGRAM))
+    }
+
+    /// Attaches the enforcing TC program to `iface` ingress (adding the clsact qdisc).
+    pub fn attach_tc(&mut self, iface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
+        // EEXIST: the qdisc is already there, which is what we want.
+        let _ = tc::qdisc_add_clsact(iface);
+        self.tc_program()?
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(prog_err(TC_PROGRAM))
+    }
+
+    /// Runs the XDP program once over `frame` (BPF_PROG_TEST_RUN); `out` gets the frame
+    /// as the program left it.
+    pub fn test_run_xdp(
+        &mut self,
+        frame: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DatapathError> {
+        test_run(self.xdp_program()?, XDP_PROGRAM, frame, out, repeat)
+    }
+
+    pub fn test_run_tc(
+        &mut self,
+        frame: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DatapathError> {
+        test_run(self.tc_program()?, TC_PROGRAM, frame, out, repeat)
+    }
+
+    pub fn test_run_pass(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunResult, DatapathError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        test_run(self.pass_program()?, PASS_PROGRAM, frame, &mut out, repeat)
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.options.pin_dir.as_deref()
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+    p.try_into().map_err(prog_err(name))
+}
+
+fn test_run<P>(
+    prog: &mut P,
+    name: &'static str,
+    frame: &[u8],
+    out: &mut [u8],
+    repeat: u32,
+) -> Result<TestRunResult, DatapathError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(out),
+        repeat,
+        ..Default::default()
+    })
+    .map_err(prog_err(name))
+}

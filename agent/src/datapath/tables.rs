@@ -1,0 +1,181 @@
+//! Domain operations on the datapath's maps.
+
+use agent_common::{
+    Contract, Event, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
+    TokenInfo, TokenState, TokenStats, Verdict, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
+    VERDICT_COUNT,
+};
+use aya::maps::{MapData, MapError, RingBuf};
+
+use super::{error::map_err, Datapath, DatapathError};
+
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl Datapath {
+    pub fn set_config(&mut self, cfg: &GlobalConfig) -> Result<(), DatapathError> {
+        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+    }
+
+    pub fn config(&self) -> Result<GlobalConfig, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err("CONFIG"))
+    }
+
+    pub fn set_listener(
+        &mut self,
+        key: ListenerKey,
+        cfg: ListenerConfig,
+    ) -> Result<(), DatapathError> {
+        if cfg.id >= MAX_LISTENERS {
+            return Err(DatapathError::Capacity {
+                what: "listener",
+                index: cfg.id,
+                max: MAX_LISTENERS,
+            });
+        }
+        self.listeners.insert(key, cfg, 0).map_err(map_err("LISTENERS"))
+    }
+
+    pub fn remove_listener(&mut self, key: &ListenerKey) -> Result<(), DatapathError> {
+        absent_ok(self.listeners.remove(key)).map_err(map_err("LISTENERS"))
+    }
+
+    pub fn listeners(&self) -> Vec<(ListenerKey, ListenerConfig)> {
+        self.listeners.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn set_contract(&mut self, index: u32, c: &Contract) -> Result<(), DatapathError> {
+        if index >= MAX_CONTRACTS {
+            return Err(DatapathError::Capacity {
+                what: "contract",
+                index,
+                max: MAX_CONTRACTS,
+            });
+        }
+        self.contracts.set(index, c, 0).map_err(map_err("CONTRACTS"))
+    }
+
+    pub fn contract(&self, index: u32) -> Result<Contract, DatapathError> {
+        self.contracts.get(&index, 0).map_err(map_err("CONTRACTS"))
+    }
+
+    pub fn set_scope(&mut self, index: u32, s: &Scope) -> Result<(), DatapathError> {
+        if index as usize >= MAX_SCOPES {
+            return Err(DatapathError::Capacity {
+                what: "scope",
+                index,
+                max: MAX_SCOPES as u32,
+            });
+        }
+        self.scopes.set(index, s, 0).map_err(map_err("SCOPES"))
+    }
+
+    /// Adds or replaces what a token may do. Its runtime state is kept.
+    pub fn install_token(&mut self, fp: Fingerprint, info: TokenInfo) -> Result<(), DatapathError> {
+        self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))
+    }
+
+    pub fn remove_token(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+        absent_ok(self.tokens.remove(fp)).map_err(map_err("TOKENS"))?;
+        absent_ok(self.token_state.remove(fp)).map_err(map_err("TOKEN_STATE"))
+    }
+
+    pub fn token(&self, fp: &Fingerprint) -> Option<TokenInfo> {
+        self.tokens.get(fp, 0).ok()
+    }
+
+    pub fn tokens(&self) -> Vec<(Fingerprint, TokenInfo)> {
+        self.tokens.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Denies the token from the next packet on. The map update is a synchronous syscall:
+    /// when this returns, every CPU sees it.
+    pub fn revoke(&mut self, fp: Fingerprint, at_ns: u64) -> Result<(), DatapathError> {
+        self.revoked.insert(fp, at_ns, 0).map_err(map_err("REVOKED"))
+    }
+
+    pub fn is_revoked(&self, fp: &Fingerprint) -> bool {
+        self.revoked.get(fp, 0).is_ok()
+    }
+
+    pub fn revoked(&self) -> Vec<Fingerprint> {
+        self.revoked.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn token_state(&self, fp: &Fingerprint) -> Option<TokenState> {
+        self.token_state.get(fp, 0).ok()
+    }
+
+    /// Overwrites a token's runtime state (tests emulate time this way; reloads use it to
+    /// restart a ramp whose contract changed).
+    pub fn set_token_state(&mut self, fp: Fingerprint, st: TokenState) -> Result<(), DatapathError> {
+        self.token_state.insert(fp, st, 0).map_err(map_err("TOKEN_STATE"))
+    }
+
+    pub fn reset_token_state(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+        absent_ok(self.token_state.remove(fp)).map_err(map_err("TOKEN_STATE"))
+    }
+
+    /// Requests by verdict for one listener, summed over CPUs.
+    pub fn verdict_counts(&self, listener: u32) -> Result<[u64; VERDICT_COUNT], DatapathError> {
+        let mut out = [0u64; VERDICT_COUNT];
+        for v in Verdict::ALL {
+            let idx = listener * VERDICT_COUNT as u32 + v as u32;
+            let per_cpu = self
+                .verdict_stats
+                .get(&idx, 0)
+                .map_err(map_err("VERDICT_STATS"))?;
+            out[v as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Requests by verdict for one token, summed over CPUs (zero when never seen).
+    pub fn token_stats(&self, fp: &Fingerprint) -> TokenStats {
+        let mut out = TokenStats::default();
+        if let Ok(per_cpu) = self.token_stats.get(fp, 0) {
+            for s in per_cpu.iter() {
+                for (o, v) in out.by_verdict.iter_mut().zip(s.by_verdict) {
+                    *o += v;
+                }
+            }
+        }
+        out
+    }
+
+    /// Events the kernel's flood cap (or a full ring) dropped, ever.
+    pub fn events_dropped(&self) -> Result<u64, DatapathError> {
+        let per_cpu = self
+            .event_budget
+            .get(&0, 0)
+            .map_err(map_err("EVENT_BUDGET"))?;
+        Ok(per_cpu.iter().map(|b: &EventBudget| b.dropped).sum())
+    }
+
+    /// Hands the event ring to its single reader.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Entries and capacity of the big maps, for fill-level metrics.
+    pub fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            ("tokens", self.tokens.keys().count(), self.options.max_tokens),
+            ("revoked", self.revoked.keys().count(), self.options.max_revoked),
+            ("token_state", self.token_state.keys().count(), self.options.max_tokens),
+        ]
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn parse_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: Event is plain old data and the record is at least that long.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Event) })
+}
