@@ -725,6 +725,35 @@ ports = [8080]
     }
 
     #[test]
+    fn examples_pass_check() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/rampart.toml");
+        let (config, policy) = match load_all(&path) {
+            Ok(loaded) => loaded,
+            Err(diags) => panic!(
+                "examples/ should pass `rampart check`:\n{}",
+                diags
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        };
+        let hooks: Vec<Hook> = config.listeners.iter().map(|l| l.hook).collect();
+        assert_eq!(hooks, [Hook::Xdp(XdpMode::Native), Hook::Tc]);
+        assert_eq!(config.policy, [path.parent().unwrap().join("policy.toml")]);
+        assert_eq!(
+            (
+                policy.contracts.len(),
+                policy.scopes.len(),
+                policy.tokens.len()
+            ),
+            (2, 3, 1)
+        );
+        let batch = &policy.contracts[policy.contract_index("batch").unwrap() as usize].1;
+        assert_eq!((batch.n_stages, batch.penalty_stages), (7, 1));
+    }
+
+    #[test]
     fn unreadable_file() {
         let err = Config::load(Path::new("/nonexistent/rampart.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));

@@ -23,10 +23,12 @@ use crate::datapath::clock::unix_to_tai_ns;
 /// A token whose references wait until every file has defined its contracts and scopes.
 struct PendingToken {
     file: usize,
-    fingerprint: Fingerprint,
+    /// `None` (like the other `Option`s) when already reported as broken; references are
+    /// still checked so one run reports them too.
+    fingerprint: Option<Fingerprint>,
     contract: Option<(String, Span)>,
-    /// `None` for `["*"]`.
-    scopes: Option<Vec<(String, Span)>>,
+    /// `Some(None)` for `["*"]`.
+    scopes: Option<Option<Vec<(String, Span)>>>,
     not_before: i64,
     expires: i64,
     label: Option<String>,
@@ -161,7 +163,8 @@ impl Compiler {
             (None, Some(ramp)) => ramp_stages(w, &ramp),
         };
         let penalty = get(entry, "penalty").and_then(|p| penalty(w, &p, stages.as_deref()));
-        let stages = stages.and_then(|specs| {
+        // A stage that fails here is reported; the policy is refused, so the rest is moot.
+        let stages = stages.map(|specs| {
             let mut out = Vec::new();
             for (spec, span) in specs {
                 match to_stage(&spec) {
@@ -169,7 +172,7 @@ impl Compiler {
                     Err(message) => w.error(span, message),
                 }
             }
-            Some(out)
+            out
         });
         if self.contracts.len() == MAX_CONTRACTS as usize {
             w.error(
@@ -327,9 +330,6 @@ impl Compiler {
             }
         }
         let label = get(entry, "label").and_then(|v| w.string("label", &v).map(str::to_string));
-        let (Some(fingerprint), Some(scopes)) = (fingerprint, scopes) else {
-            return;
-        };
         self.tokens.push(PendingToken {
             file,
             fingerprint,
@@ -360,7 +360,7 @@ impl Compiler {
             let (path, text) = &sources[t.file];
             let src = SourceText::new(path, text);
             let mut info = TokenInfo::default();
-            let mut ok = true;
+            let mut ok = t.fingerprint.is_some() && t.scopes.is_some();
             if let Some((name, span)) = &t.contract {
                 match contract_index.get(name.as_str()) {
                     Some(&i) => info.contract = i,
@@ -376,8 +376,9 @@ impl Compiler {
                 ok = false;
             }
             match &t.scopes {
-                None => info.flags |= TOKEN_ANY_SCOPE,
-                Some(names) => {
+                None => {}
+                Some(None) => info.flags |= TOKEN_ANY_SCOPE,
+                Some(Some(names)) => {
                     for (name, span) in names {
                         match scope_index.get(name.as_str()) {
                             Some(&i) => info.scopes |= 1 << i,
@@ -398,9 +399,9 @@ impl Compiler {
             if t.expires != 0 {
                 info.expires_ns = unix_to_tai_ns(t.expires);
             }
-            if ok {
+            if let (true, Some(fingerprint)) = (ok, t.fingerprint) {
                 tokens.push(StaticToken {
-                    fingerprint: t.fingerprint,
+                    fingerprint,
                     info,
                     label: t.label,
                 });

@@ -472,6 +472,16 @@ fn token_rules() {
          fingerprint` prints; never the token itself)"
     );
     assert!(!err.contains(plaintext));
+    // Its references are still checked.
+    assert_eq!(
+        errors(&format!(
+            "{head}[[token]]\nfingerprint = \"{plaintext}\"\ncontract = \"d\"\nscopes = [\"s\"]\n"
+        ))[1..],
+        [
+            "policy.toml:6:12: unknown contract `d`",
+            "policy.toml:7:11: unknown scope `s`"
+        ]
+    );
     let twice = format!(
         "{head}[[token]]\nfingerprint = \"{FP2}\"\ncontract = \"c\"\nscopes = [\"*\"]\n\
          [[token]]\nfingerprint = \"{FP2}\"\ncontract = \"c\"\nscopes = [\"*\"]\n"

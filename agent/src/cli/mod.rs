@@ -1,0 +1,64 @@
+//! The command line: one global `--config`, one module per verb.
+
+pub mod check;
+pub mod detach;
+pub mod events;
+pub mod fingerprint;
+pub mod keygen;
+pub mod run;
+pub mod status;
+pub mod token;
+pub mod top;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use rampart::paths;
+
+/// Kernel-level API token enforcement.
+#[derive(Parser, Debug)]
+#[command(name = "rampart", version, about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, value_name = "PATH", default_value = paths::CONFIG_FILE)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: load the datapath, attach listeners, serve control and metrics.
+    Run(run::Args),
+    /// Validate the configuration and every policy file it names.
+    Check(check::Args),
+    /// Create the fingerprint key.
+    Keygen(keygen::Args),
+    /// Print the fingerprint of a token.
+    Fingerprint(fingerprint::Args),
+    /// Issue, rotate, revoke and list tokens.
+    Token(token::Args),
+    /// Show the daemon's state.
+    Status(status::Args),
+    /// Stream denial events.
+    Events(events::Args),
+    /// Live view of the busiest tokens.
+    Top(top::Args),
+    /// Detach the programs and remove the pins.
+    Detach(detach::Args),
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_path();
+    match cli.command {
+        Command::Run(args) => run::run(config, args).await,
+        Command::Check(args) => check::run(config, args).await,
+        Command::Keygen(args) => keygen::run(config, args).await,
+        Command::Fingerprint(args) => fingerprint::run(config, args).await,
+        Command::Token(args) => token::run(config, args).await,
+        Command::Status(args) => status::run(config, args).await,
+        Command::Events(args) => events::run(config, args).await,
+        Command::Top(args) => top::run(config, args).await,
+        Command::Detach(args) => detach::run(config, args).await,
+    }
+}
