@@ -289,6 +289,27 @@ pub trait Resolve {
     fn resolve(&self, contract: &str, scopes: &[String]) -> Result<Grant, ResolveError>;
 }
 
+impl Resolve for crate::policy::CompiledPolicy {
+    fn resolve(&self, contract: &str, scopes: &[String]) -> Result<Grant, ResolveError> {
+        let fail = |source: crate::policy::PolicyError| ResolveError {
+            contract: contract.to_owned(),
+            scopes: scopes.to_vec(),
+            source: Box::new(source),
+        };
+        let index = self.contract_index(contract).ok_or_else(|| {
+            fail(crate::policy::PolicyError::UnknownContract {
+                name: contract.to_owned(),
+            })
+        })?;
+        let (flags, mask) = self.scope_mask(scopes).map_err(fail)?;
+        Ok(Grant {
+            contract: index,
+            flags,
+            scopes: mask,
+        })
+    }
+}
+
 /// A kernel-side failure, wrapping whatever the datapath reports.
 #[derive(Debug, thiserror::Error)]
 #[error("datapath: {0}")]

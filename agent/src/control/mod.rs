@@ -3,8 +3,10 @@
 //! - `protocol`: request / response / event types (shared by both ends).
 //! - `server`: the transport; the daemon plugs in a `Handler`.
 //! - `client`: what the CLI uses.
+//! - `ops`: the `token.*` ops over a `token::Lifecycle`, for the daemon's handler.
 
 pub mod client;
+pub mod ops;
 pub mod protocol;
 pub mod server;
 

@@ -1,0 +1,122 @@
+//! The `token.*` ops over a `Lifecycle`, so the daemon's `Handler` only has to delegate and
+//! the bodies always match what the CLI decodes.
+//!
+//! These calls commit to SQLite (fsync) and touch kernel maps: call them from
+//! `tokio::task::spawn_blocking` or accept a few milliseconds of blocking per request.
+
+use std::time::Duration;
+
+use super::protocol::{
+    Fp, IssuedBody, ListBody, Request, Response, RevokeBody, RuntimeView, ShowBody, TokenView,
+};
+use crate::{
+    datapath::clock::tai_offset_ns,
+    store::{fingerprint_hex, unix_now, ListFilter, TokenRecord},
+    token::{error_chain, IssueRequest, Lifecycle, Resolve},
+};
+
+/// Revocation reason when the operator gives none.
+pub const DEFAULT_REASON: &str = "revoked by operator";
+
+/// Answers `token.issue|rotate|revoke|list|show`; `None` for any other op. `uid` is the
+/// caller (`Peer::uid`), recorded in the audit log.
+pub fn token_op(lc: &Lifecycle, policy: &dyn Resolve, uid: u32, req: &Request) -> Option<Response> {
+    let resp = match req {
+        Request::TokenIssue {
+            contract,
+            scopes,
+            ttl_secs,
+            label,
+        } => {
+            let req = IssueRequest {
+                contract: contract.clone(),
+                scopes: scopes.clone(),
+                ttl: ttl_secs.map(Duration::from_secs),
+                label: label.clone(),
+                not_before: None,
+            };
+            match lc.issue(policy, &req, uid) {
+                Ok(issued) => Response::ok(&IssuedBody {
+                    token: issued.token.expose_secret().to_owned(),
+                    record: view(lc, &issued.record, false),
+                    old: None,
+                }),
+                Err(e) => Response::error(error_chain(&e)),
+            }
+        }
+        Request::TokenRotate {
+            fingerprint,
+            grace_secs,
+            ttl_secs,
+        } => {
+            let grace = Duration::from_secs(grace_secs.unwrap_or(0));
+            let ttl = ttl_secs.map(Duration::from_secs);
+            match lc.rotate(policy, &fingerprint.0, grace, ttl, uid) {
+                Ok(rot) => Response::ok(&IssuedBody {
+                    token: rot.token.expose_secret().to_owned(),
+                    record: view(lc, &rot.record, false),
+                    old: Some(view(lc, &rot.old, false)),
+                }),
+                Err(e) => Response::error(error_chain(&e)),
+            }
+        }
+        Request::TokenRevoke {
+            fingerprint,
+            reason,
+        } => {
+            let reason = reason.as_deref().unwrap_or(DEFAULT_REASON);
+            let already = lc
+                .store()
+                .revocation(&fingerprint.0)
+                .ok()
+                .flatten()
+                .is_some();
+            match lc.revoke(&fingerprint.0, reason, uid) {
+                Ok(rev) => Response::ok(&RevokeBody {
+                    fingerprint: Fp(rev.fingerprint),
+                    revoked_at: rev.revoked_at,
+                    reason: rev.reason,
+                    already,
+                }),
+                Err(e) => Response::error(error_chain(&e)),
+            }
+        }
+        Request::TokenList {
+            expiring_within_secs,
+            idle_secs,
+            all,
+        } => {
+            let filter = ListFilter {
+                expiring_within: expiring_within_secs.map(Duration::from_secs),
+                idle_for: idle_secs.map(Duration::from_secs),
+                include_inactive: *all,
+            };
+            match lc.list(&filter) {
+                Ok(records) => Response::ok(&ListBody {
+                    tokens: records.iter().map(|r| view(lc, r, true)).collect(),
+                }),
+                Err(e) => Response::error(error_chain(&e)),
+            }
+        }
+        Request::TokenShow { fingerprint } => match lc.store().get(&fingerprint.0) {
+            Ok(Some(rec)) => Response::ok(&ShowBody {
+                record: view(lc, &rec, true),
+            }),
+            Ok(None) => Response::error(format!(
+                "no token with fingerprint {}",
+                fingerprint_hex(&fingerprint.0)
+            )),
+            Err(e) => Response::error(error_chain(&e)),
+        },
+        _ => return None,
+    };
+    Some(resp)
+}
+
+fn view(lc: &Lifecycle, rec: &TokenRecord, with_runtime: bool) -> TokenView {
+    let runtime = with_runtime
+        .then(|| lc.enforcer().runtime(rec.fingerprint))
+        .flatten()
+        .map(|rt| RuntimeView::from_runtime(&rt, tai_offset_ns()));
+    TokenView::new(rec, unix_now(), runtime)
+}
