@@ -7,7 +7,7 @@
 use core::ffi::c_void;
 
 use agent_common::{
-    http::{known_method, method, B64, CLASS, TCHAR},
+    http::{known_method, method, CLASS, TCHAR},
     siphash::{low_bytes_mask, Sip128},
     Fingerprint, FingerprintKey, MAX_TOKEN_LEN, SCAN_BYTES,
 };
@@ -87,6 +87,33 @@ impl Buf {
 #[inline(always)]
 fn zero_bytes(x: u64) -> u64 {
     !(((x & !HIGHS).wrapping_add(!HIGHS)) | x) & HIGHS
+}
+
+/// 0x80 in every byte of `w` that is ≥ `c` (bytes below 0x80 only; others are
+/// rejected by the caller).
+#[inline(always)]
+fn ge_bytes(w: u64, c: u8) -> u64 {
+    ((w | HIGHS).wrapping_sub(ONES * c as u64)) & HIGHS
+}
+
+/// 0x80 in every byte of `w` in `lo..=hi`.
+#[inline(always)]
+fn in_range(w: u64, lo: u8, hi: u8) -> u64 {
+    ge_bytes(w, lo) & !ge_bytes(w, hi + 1) & HIGHS
+}
+
+/// 0x80 in every byte of `w` that is a b64token body character.
+#[inline(always)]
+fn b64_bytes(w: u64) -> u64 {
+    let ascii = !w & HIGHS;
+    ascii
+        & (in_range(w, b'0', b'9')
+            | in_range(w, b'A', b'Z')
+            | in_range(w, b'a', b'z')
+            | in_range(w, b'-', b'/')
+            | eq_bytes(w, b'+')
+            | eq_bytes(w, b'_')
+            | eq_bytes(w, b'~'))
 }
 
 #[inline(always)]
@@ -226,8 +253,8 @@ pub struct HeaderScan {
 
 /// What bpf_loop hands the callback (it must live on the stack).
 #[repr(C)]
-struct LoopCtx {
-    scratch: *mut Scratch,
+pub struct LoopCtx {
+    pub scratch: *mut Scratch,
 }
 
 const AUTHORIZ: u64 = u64::from_le_bytes(*b"authoriz");
@@ -381,26 +408,87 @@ pub fn bearer_token(buf: Buf, start: usize, lf: usize) -> Result<Token, ()> {
     if len > MAX_TOKEN_LEN {
         return Err(());
     }
-    // b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-    let mut bad = 0u8;
-    let mut seen_eq = 0u8;
-    for i in 0..MAX_TOKEN_LEN {
-        if i >= len {
-            break;
-        }
-        let c = buf.byte(p + i);
-        let ok = CLASS[c as usize] & B64;
-        let eq = (c == b'=') as u8;
-        bad |= ((ok == 0) as u8 & (eq ^ 1)) | ((ok != 0) as u8 & seen_eq);
-        seen_eq |= eq;
-    }
-    if bad != 0 || buf.byte(p) == b'=' {
-        return Err(());
-    }
     Ok(Token {
         off: buf.launder(p),
         len: buf.launder(len),
     })
+}
+
+/// Token validation and hashing state, in the scratch map value (see `HeaderScan`).
+#[repr(C)]
+pub struct TokenScan {
+    pub sip: Sip128,
+    pub off: u64,
+    pub len: u64,
+    pub word: u64,
+    pub bad: u64,
+    pub seen_eq: u64,
+}
+
+/// One 8-byte word of the token per call (bpf_loop callback): check its characters and
+/// absorb it into the hash. A per-byte loop over 4 KiB would exceed the verifier's jump
+/// history, and an inline word loop would be re-verified for every caller state.
+extern "C" fn token_word(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
+    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let buf = Buf::new(scratch);
+    // SAFETY: the per-CPU scratch map value.
+    let t = unsafe { &mut (*scratch).token };
+    let len = t.len as usize;
+    let o = (t.word as usize) * 8;
+    if o >= len || len > MAX_TOKEN_LEN {
+        return 1;
+    }
+    let rest = len - o;
+    let valid = if rest >= 8 { HIGHS } else { low_bytes_mask(rest) & HIGHS };
+    let w = buf.word(t.off as usize + o);
+    // b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+    let eqs = eq_bytes(w, b'=') & valid;
+    let ok = b64_bytes(w) & valid;
+    // Padding only at the end: no token character at or after the first '='.
+    // (Bit tricks, not ctz/clz: BPF lowers those to table lookups.)
+    let first_eq = eqs & eqs.wrapping_neg();
+    let after_eq = !first_eq.wrapping_sub(1) | t.seen_eq;
+    t.bad |= (valid & !(ok | eqs)) | (ok & after_eq);
+    // All ones once any '=' was seen ((x | -x) has its top bit set iff x != 0).
+    t.seen_eq |= 0u64.wrapping_sub((eqs | eqs.wrapping_neg()) >> 63);
+    if rest >= 8 {
+        t.sip.write_word(w);
+    }
+    t.word += 1;
+    0
+}
+
+/// Validates the token at `tok` and returns its fingerprint (the same keyed
+/// SipHash-2-4-128 as userspace's `agent_common::siphash::fingerprint`).
+#[inline(always)]
+pub fn token_fingerprint(key: &FingerprintKey, buf: Buf, tok: &Token) -> Result<Fingerprint, ()> {
+    let scratch = buf.scratch();
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let t = unsafe { &mut (*scratch).token };
+    t.sip = Sip128::new(key);
+    t.off = tok.off as u64;
+    t.len = tok.len as u64;
+    t.word = 0;
+    t.bad = 0;
+    t.seen_eq = 0;
+    let mut ctx = LoopCtx { scratch };
+    // SAFETY: the callback only touches the scratch value `ctx` points to.
+    unsafe {
+        bpf_loop(
+            (MAX_TOKEN_LEN / 8) as u32,
+            token_word as *mut c_void,
+            &mut ctx as *mut LoopCtx as *mut c_void,
+            0,
+        );
+    }
+    let len = buf.launder(t.len as usize);
+    if t.bad != 0 || len == 0 || len > MAX_TOKEN_LEN || buf.byte(tok.off) == b'=' {
+        return Err(());
+    }
+    let full = len / 8;
+    let tail = buf.word(tok.off + full * 8) & low_bytes_mask(len % 8);
+    Ok(t.sip.finish(tail, len))
 }
 
 /// Keyed SipHash-2-4-128 of `len` (≤ MAX_WORDS × 8) bytes at `off` (the same function
@@ -426,56 +514,97 @@ pub fn hash<const MAX_WORDS: usize>(
     h.finish(tail, len)
 }
 
-/// Length of the path part of a request-target (up to `?` or `#`).
-#[inline(always)]
-pub fn path_len(buf: Buf, off: usize, len: usize) -> usize {
-    let end = off + len;
-    let q = find_byte(buf, off, end, b'?').unwrap_or(end);
-    let h = find_byte(buf, off, q, b'#').unwrap_or(q);
-    h - off
+/// Path scan state, in the scratch map value (see `HeaderScan`).
+#[repr(C)]
+pub struct PathScan {
+    pub off: u64,
+    /// Request-target length on input; path length (up to `?` or `#`) on output.
+    pub len: u64,
+    pub word: u64,
+    pub done: u64,
+    pub ambiguous: u64,
 }
 
-/// A path an upstream might normalise into another one: dot segments, `//`, backslashes
-/// and percent-encoded dots, slashes, backslashes or percents. Scoped tokens using such a
-/// path are out of scope: we do not guess what the upstream will make of it.
-#[inline(always)]
-pub fn path_is_ambiguous(buf: Buf, off: usize, len: usize) -> bool {
-    let off = buf.launder(off);
-    let len = buf.launder(len);
-    if len > MAX_SCOPED_PATH {
-        return true;
+/// One word of the request-target per call (bpf_loop callback): find where the path ends
+/// and flag what an upstream might normalise: dot segments, `//`, backslashes and
+/// percent-encoded dots, slashes, backslashes or percents.
+extern "C" fn path_word(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
+    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let buf = Buf::new(scratch);
+    // SAFETY: the per-CPU scratch map value.
+    let s = unsafe { &mut (*scratch).path };
+    let len = s.len as usize;
+    let o = (s.word as usize) * 8;
+    if o >= len || len > MAX_SCOPED_PATH {
+        s.done = 1;
+        return 1;
     }
-    for i in 0..MAX_SCOPED_PATH / 8 {
-        let o = i * 8;
-        if o >= len {
-            break;
-        }
-        let w0 = buf.word(off + o);
-        let w1 = buf.word(off + o + 1);
-        let w2 = buf.word(off + o + 2);
-        let slash = eq_bytes(w0, b'/');
-        let dot1 = eq_bytes(w1, b'.');
-        let hits = (slash & dot1 & (eq_bytes(w2, b'/') | eq_bytes(w2, b'.')))
-            | (slash & eq_bytes(w1, b'/'))
-            | eq_bytes(w0, b'\\')
-            | (eq_bytes(w0, b'%')
-                & ((eq_bytes(w1, b'2')
-                    & (eq_bytes(w2 | LOWER, b'e') | eq_bytes(w2 | LOWER, b'f') | eq_bytes(w2, b'5')))
-                    | (eq_bytes(w1, b'5') & eq_bytes(w2 | LOWER, b'c'))));
-        let valid = if len - o >= 8 {
-            u64::MAX
-        } else {
-            low_bytes_mask(len - o)
-        };
-        if hits & valid != 0 {
-            return true;
-        }
+    let at = s.off as usize + o;
+    let w0 = buf.word(at);
+    let w1 = buf.word(at + 1);
+    let w2 = buf.word(at + 2);
+    let mut valid = if len - o >= 8 { HIGHS } else { low_bytes_mask(len - o) & HIGHS };
+    let stop = (eq_bytes(w0, b'?') | eq_bytes(w0, b'#')) & valid;
+    if stop != 0 {
+        let first = stop & stop.wrapping_neg();
+        valid &= first.wrapping_sub(1);
+        s.len = (o + (first.trailing_zeros() / 8) as usize) as u64;
+        s.done = 1;
+    }
+    let slash = eq_bytes(w0, b'/');
+    let hits = (slash & eq_bytes(w1, b'.') & (eq_bytes(w2, b'/') | eq_bytes(w2, b'.')))
+        | (slash & eq_bytes(w1, b'/'))
+        | eq_bytes(w0, b'\\')
+        | (eq_bytes(w0, b'%')
+            & ((eq_bytes(w1, b'2')
+                & (eq_bytes(w2 | LOWER, b'e') | eq_bytes(w2 | LOWER, b'f') | eq_bytes(w2, b'5')))
+                | (eq_bytes(w1, b'5') & eq_bytes(w2 | LOWER, b'c'))));
+    if hits & valid != 0 {
+        s.ambiguous = 1;
+    }
+    s.word += 1;
+    if s.done != 0 {
+        1
+    } else {
+        0
+    }
+}
+
+/// The path part (up to `?` or `#`) of the request-target at `off`: its length, or None
+/// when an upstream might read it as another path (or it is longer than scopes allow).
+#[inline(always)]
+pub fn scoped_path(buf: Buf, off: usize, len: usize) -> Option<usize> {
+    let scratch = buf.scratch();
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let s = unsafe { &mut (*scratch).path };
+    s.off = off as u64;
+    s.len = len as u64;
+    s.word = 0;
+    s.done = 0;
+    s.ambiguous = if len > MAX_SCOPED_PATH { 1 } else { 0 };
+    let mut ctx = LoopCtx { scratch };
+    // SAFETY: the callback only touches the scratch value `ctx` points to.
+    unsafe {
+        bpf_loop(
+            (MAX_SCOPED_PATH / 8) as u32,
+            path_word as *mut c_void,
+            &mut ctx as *mut LoopCtx as *mut c_void,
+            0,
+        );
+    }
+    let plen = buf.launder(s.len as usize);
+    if s.ambiguous != 0 || plen > MAX_SCOPED_PATH {
+        return None;
     }
     // A path ending in "/." or "/.." is a dot segment too.
-    len >= 2 && buf.byte(off + len - 1) == b'.' && {
-        let c = buf.byte(off + len - 2);
-        c == b'/' || (c == b'.' && len >= 3 && buf.byte(off + len - 3) == b'/')
+    if plen >= 2 && buf.byte(off + plen - 1) == b'.' {
+        let c = buf.byte(off + plen - 2);
+        if c == b'/' || (c == b'.' && plen >= 3 && buf.byte(off + plen - 3) == b'/') {
+            return None;
+        }
     }
+    Some(plen)
 }
 
 /// Does the path at `off` start with `prefix[..plen]`?

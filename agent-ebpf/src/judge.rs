@@ -4,13 +4,15 @@
 
 use agent_common::{
     default_policy, mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict,
-    CLOCK_FIXED, MAX_SCOPES, MAX_TOKEN_LEN, SCAN_BYTES, TOKEN_ANY_SCOPE,
+    CLOCK_FIXED, MAX_SCOPES, SCAN_BYTES, TOKEN_ANY_SCOPE,
 };
-use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::{bpf_ktime_get_tai_ns, bpf_loop};
 
 use crate::{
     events,
-    http::{self, Buf, LineError, METHOD_OTHER, SCAN_COMPLETE, SCAN_MALFORMED},
+    http::{self, Buf, LineError, LoopCtx, METHOD_OTHER, SCAN_COMPLETE, SCAN_MALFORMED},
     maps::{CONFIG, LISTENERS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
     packet::Packet,
     parse::{self, Flow},
@@ -49,7 +51,7 @@ struct Seen {
 
 #[inline(always)]
 pub fn judge(p: &impl Packet) -> Decision {
-    let flow = match parse::parse(p) {
+    let mut flow = match parse::parse(p) {
         Ok(Some(f)) => f,
         // Not TCP, or headers the stack will reject itself: none of our business.
         Ok(None) | Err(()) => return Decision::untouched(),
@@ -57,6 +59,16 @@ pub fn judge(p: &impl Packet) -> Decision {
     if flow.payload_len == 0 {
         return Decision::untouched();
     }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Decision::untouched();
+    };
+    // Every header layout (VLAN tags, IP options, IPv6 extension headers) reaches this
+    // point with different offsets; laundered, they are one state for the verifier.
+    let buf = Buf::new(scratch);
+    flow.l3_off = buf.launder(flow.l3_off);
+    flow.l4_off = buf.launder(flow.l4_off);
+    flow.payload_off = buf.launder(flow.payload_off);
+    flow.payload_len = buf.launder(flow.payload_len);
     let ifindex = p.ifindex();
     let key = ListenerKey {
         ifindex,
@@ -137,7 +149,10 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
         return Verdict::Malformed;
     };
     let buf = Buf::new(scratch);
-    let n = if flow.payload_len > SCAN_BYTES { SCAN_BYTES } else { flow.payload_len };
+    // A private copy: comparing `flow.payload_len` itself would narrow it, and the flow
+    // (live until the verdict is acted on) would carry one verifier state per range.
+    let plen = buf.launder(flow.payload_len);
+    let n = if plen > SCAN_BYTES { SCAN_BYTES } else { plen };
     // A cheap first look: most non-request segments are told apart by 24 bytes.
     let first = if n < 24 { n } else { 24 };
     if p.load(flow.payload_off, buf.ptr(), copy_len(first, 32)).is_err() {
@@ -150,6 +165,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
             None => return Verdict::Pass,
         },
     };
+    let mlen = buf.launder(mlen);
     if n > first && p.load(flow.payload_off, buf.ptr(), copy_len(n, SCAN_BYTES)).is_err() {
         return Verdict::Malformed;
     }
@@ -177,7 +193,9 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
     let Ok(token) = http::bearer_token(buf, scan.auth_start as usize, scan.auth_lf as usize) else {
         return Verdict::Malformed;
     };
-    let fp = http::hash::<{ MAX_TOKEN_LEN / 8 }>(&cfg.key, buf, token.off, token.len);
+    let Ok(fp) = http::token_fingerprint(&cfg.key, buf, &token) else {
+        return Verdict::Malformed;
+    };
     seen.fingerprint = fp;
 
     let Some(info) = TOKENS.get_ptr(&fp) else {
@@ -219,29 +237,71 @@ fn known_token(
     }
 }
 
+/// Scope matching state, in the scratch map value (see `http::HeaderScan`).
+#[repr(C)]
+pub struct ScopeScan {
+    pub scopes: u64,
+    pub method: u64,
+    pub path_off: u64,
+    pub path_len: u64,
+    pub hit: u64,
+}
+
+/// One scope per call (bpf_loop callback, index = scope number).
+extern "C" fn scope_step(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
+    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    // SAFETY: the per-CPU scratch map value.
+    let s = unsafe { &mut (*scratch).scope };
+    let i = index & 63;
+    if s.scopes >> i == 0 {
+        return 1;
+    }
+    if s.scopes & (1 << i) == 0 {
+        return 0;
+    }
+    let Some(scope) = SCOPES.get(i) else {
+        return 0;
+    };
+    if scope.methods as u64 & s.method != 0
+        && http::has_prefix(
+            Buf::new(scratch),
+            s.path_off as usize,
+            s.path_len as usize,
+            &scope.prefix,
+            scope.prefix_len as usize,
+        )
+    {
+        s.hit = 1;
+        return 1;
+    }
+    0
+}
+
 #[inline(always)]
 fn in_scope(scopes: u64, buf: Buf, line: &http::RequestLine, method: u32) -> bool {
-    let path = buf.launder(http::path_len(buf, line.target_off, line.target_len));
-    if http::path_is_ambiguous(buf, line.target_off, path) {
+    let Some(path) = http::scoped_path(buf, line.target_off, line.target_len) else {
         return false;
+    };
+    let scratch = buf.scratch();
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let s = unsafe { &mut (*scratch).scope };
+    s.scopes = scopes;
+    s.method = method as u64;
+    s.path_off = line.target_off as u64;
+    s.path_len = path as u64;
+    s.hit = 0;
+    let mut ctx = LoopCtx { scratch };
+    // SAFETY: the callback only touches the scratch value `ctx` points to.
+    unsafe {
+        bpf_loop(
+            MAX_SCOPES as u32,
+            scope_step as *mut c_void,
+            &mut ctx as *mut LoopCtx as *mut c_void,
+            0,
+        );
     }
-    for i in 0..MAX_SCOPES {
-        if scopes >> i == 0 {
-            break;
-        }
-        if scopes & (1 << i) == 0 {
-            continue;
-        }
-        let Some(s) = SCOPES.get(i as u32) else {
-            continue;
-        };
-        if s.methods & method != 0
-            && http::has_prefix(buf, line.target_off, path, &s.prefix, s.prefix_len as usize)
-        {
-            return true;
-        }
-    }
-    false
+    s.hit != 0
 }
 
 #[inline(always)]

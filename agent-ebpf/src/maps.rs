@@ -76,6 +76,9 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 pub struct Scratch {
     pub launder: u64,
     pub scan: crate::http::HeaderScan,
+    pub token: crate::http::TokenScan,
+    pub path: crate::http::PathScan,
+    pub scope: crate::judge::ScopeScan,
     pub buf: [u8; SCAN_BYTES + 16],
 }
 

@@ -11,6 +11,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
+/// Headers are looked for in the first 2 KiB of a packet.
+pub const MAX_HEADER_OFFSET: usize = 2048;
+
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -28,6 +31,10 @@ pub trait Packet {
 /// A pointer to a `T` at `off`, if the linear data holds it.
 #[inline(always)]
 pub fn ptr_at<T>(p: &impl Packet, off: usize) -> Result<*const T, ()> {
+    // Header offsets may come through map memory (unknown to the verifier): bound them.
+    if off > MAX_HEADER_OFFSET {
+        return Err(());
+    }
     let start = p.data();
     if start + off + size_of::<T>() > p.data_end() {
         return Err(());
