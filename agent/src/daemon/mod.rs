@@ -1,0 +1,1 @@
+//! The `rampart run` daemon (being written).
