@@ -3,5 +3,6 @@
 pub mod client;
 pub mod netns;
 pub mod nginx;
+pub mod packet;
 pub mod topology;
 pub mod upstream;

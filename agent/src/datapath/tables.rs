@@ -9,9 +9,11 @@ use aya::maps::{MapData, MapError, RingBuf};
 
 use super::{error::map_err, Datapath, DatapathError};
 
+/// Deleting what is not there is not an error.
 fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
 }
@@ -37,7 +39,9 @@ impl Datapath {
                 max: MAX_LISTENERS,
             });
         }
-        self.listeners.insert(key, cfg, 0).map_err(map_err("LISTENERS"))
+        self.listeners
+            .insert(key, cfg, 0)
+            .map_err(map_err("LISTENERS"))
     }
 
     pub fn remove_listener(&mut self, key: &ListenerKey) -> Result<(), DatapathError> {
@@ -56,7 +60,9 @@ impl Datapath {
                 max: MAX_CONTRACTS,
             });
         }
-        self.contracts.set(index, c, 0).map_err(map_err("CONTRACTS"))
+        self.contracts
+            .set(index, c, 0)
+            .map_err(map_err("CONTRACTS"))
     }
 
     pub fn contract(&self, index: u32) -> Result<Contract, DatapathError> {
@@ -95,7 +101,9 @@ impl Datapath {
     /// Denies the token from the next packet on. The map update is a synchronous syscall:
     /// when this returns, every CPU sees it.
     pub fn revoke(&mut self, fp: Fingerprint, at_ns: u64) -> Result<(), DatapathError> {
-        self.revoked.insert(fp, at_ns, 0).map_err(map_err("REVOKED"))
+        self.revoked
+            .insert(fp, at_ns, 0)
+            .map_err(map_err("REVOKED"))
     }
 
     pub fn is_revoked(&self, fp: &Fingerprint) -> bool {
@@ -112,8 +120,14 @@ impl Datapath {
 
     /// Overwrites a token's runtime state (tests emulate time this way; reloads use it to
     /// restart a ramp whose contract changed).
-    pub fn set_token_state(&mut self, fp: Fingerprint, st: TokenState) -> Result<(), DatapathError> {
-        self.token_state.insert(fp, st, 0).map_err(map_err("TOKEN_STATE"))
+    pub fn set_token_state(
+        &mut self,
+        fp: Fingerprint,
+        st: TokenState,
+    ) -> Result<(), DatapathError> {
+        self.token_state
+            .insert(fp, st, 0)
+            .map_err(map_err("TOKEN_STATE"))
     }
 
     pub fn reset_token_state(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
@@ -164,9 +178,21 @@ impl Datapath {
     /// Entries and capacity of the big maps, for fill-level metrics.
     pub fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
         vec![
-            ("tokens", self.tokens.keys().count(), self.options.max_tokens),
-            ("revoked", self.revoked.keys().count(), self.options.max_revoked),
-            ("token_state", self.token_state.keys().count(), self.options.max_tokens),
+            (
+                "tokens",
+                self.tokens.keys().count(),
+                self.options.max_tokens,
+            ),
+            (
+                "revoked",
+                self.revoked.keys().count(),
+                self.options.max_revoked,
+            ),
+            (
+                "token_state",
+                self.token_state.keys().count(),
+                self.options.max_tokens,
+            ),
         ]
     }
 }
