@@ -27,7 +27,12 @@ fn main() -> anyhow::Result<()> {
         .arg(&target_dir);
     // Inherited cargo/rustup settings belong to the host build, not to the BPF one.
     for (k, _) in env::vars() {
-        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k.starts_with("RUSTC") || k == "RUSTFLAGS" || k == "RUSTUP_TOOLCHAIN" || k == "RUSTDOCFLAGS" {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME"
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTDOCFLAGS"
+        {
             cmd.env_remove(&k);
         }
     }

@@ -107,7 +107,10 @@ mod tests {
 
     #[test]
     fn stages_and_penalty() {
-        let c = contract(&[(0, 5, 1), (10, 10, 2), (20, 20, 4)], (1, 30 * NANOS_PER_SEC));
+        let c = contract(
+            &[(0, 5, 1), (10, 10, 2), (20, 20, 4)],
+            (1, 30 * NANOS_PER_SEC),
+        );
         assert_eq!(stage_at(&c, 0), 0);
         assert_eq!(stage_at(&c, 10 * NANOS_PER_SEC - 1), 0);
         assert_eq!(stage_at(&c, 10 * NANOS_PER_SEC), 1);

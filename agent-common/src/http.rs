@@ -111,7 +111,11 @@ const fn build_class() -> [u8; 256] {
         let b = c as u8;
         let alnum = b.is_ascii_alphanumeric();
         let mut v = 0;
-        if alnum || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-')
+        if alnum
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-'
+            )
             || matches!(b, b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
         {
             v |= TCHAR;
@@ -139,7 +143,10 @@ mod tests {
     #[test]
     fn classifies_methods() {
         assert_eq!(known_method(first8(b"GET /x H")), Some((method::GET, 4)));
-        assert_eq!(known_method(first8(b"OPTIONS ")), Some((method::OPTIONS, 8)));
+        assert_eq!(
+            known_method(first8(b"OPTIONS ")),
+            Some((method::OPTIONS, 8))
+        );
         assert_eq!(known_method(first8(b"DELETE /")), Some((method::DELETE, 7)));
         assert_eq!(known_method(first8(b"GETX /a ")), None);
         assert_eq!(known_method(first8(b"get / HT")), None);

@@ -126,8 +126,14 @@ fn eq_bytes(w: u64, c: u8) -> u64 {
 fn find_byte(buf: Buf, from: usize, len: usize, c: u8) -> Option<usize> {
     // Laundered so the loop's comparisons narrow private copies, not the caller's values
     // (which would otherwise leave the loop with a different range per iteration).
-    let from = buf.launder(from);
-    let len = buf.launder(len);
+    let pos = find_byte_raw(buf, buf.launder(from), buf.launder(len), c)?;
+    Some(buf.launder(pos))
+}
+
+/// `find_byte` for bpf_loop callbacks, which the verifier checks on their own and which
+/// need no laundering.
+#[inline(always)]
+fn find_byte_raw(buf: Buf, from: usize, len: usize, c: u8) -> Option<usize> {
     for i in 0..SCAN_BYTES / 8 {
         let off = from + i * 8;
         if off >= len {
@@ -135,7 +141,7 @@ fn find_byte(buf: Buf, from: usize, len: usize, c: u8) -> Option<usize> {
         }
         let m = eq_bytes(buf.word(off), c);
         if m != 0 {
-            let pos = buf.launder(off + (m.trailing_zeros() / 8) as usize);
+            let pos = off + (m.trailing_zeros() / 8) as usize;
             return if pos < len { Some(pos) } else { None };
         }
     }
@@ -174,7 +180,11 @@ pub fn extension_method(buf: Buf, len: usize) -> Option<usize> {
         }
         let c = buf.byte(i);
         if c == b' ' {
-            return if i > 0 { Some(buf.launder(i + 1)) } else { None };
+            return if i > 0 {
+                Some(buf.launder(i + 1))
+            } else {
+                None
+            };
         }
         if CLASS[c as usize] & TCHAR == 0 {
             return None;
@@ -213,7 +223,11 @@ pub fn request_line(
         LineError::NotRequest
     };
     // Bare LF is accepted, as nginx does.
-    let vend = if lf > 0 && buf.byte(lf - 1) == b'\r' { lf - 1 } else { lf };
+    let vend = if lf > 0 && buf.byte(lf - 1) == b'\r' {
+        lf - 1
+    } else {
+        lf
+    };
     if vend < method_len + 1 + 9 {
         return Err(bad);
     }
@@ -285,7 +299,7 @@ extern "C" fn scan_line(_index: u32, ctx: *mut c_void) -> i64 {
         s.end = SCAN_MALFORMED;
         return 1;
     }
-    let lf = match find_byte(buf, start, len, b'\n') {
+    let lf = match find_byte_raw(buf, start, len, b'\n') {
         Some(lf) => lf,
         None => {
             s.end = SCAN_TRUNCATED;
@@ -435,29 +449,55 @@ extern "C" fn token_word(_index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: the per-CPU scratch map value.
     let t = unsafe { &mut (*scratch).token };
     let len = t.len as usize;
-    let o = (t.word as usize) * 8;
-    if o >= len || len > MAX_TOKEN_LEN {
+    if len > MAX_TOKEN_LEN {
         return 1;
     }
-    let rest = len - o;
-    let valid = if rest >= 8 { HIGHS } else { low_bytes_mask(rest) & HIGHS };
-    let w = buf.word(t.off as usize + o);
-    // b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-    let eqs = eq_bytes(w, b'=') & valid;
-    let ok = b64_bytes(w) & valid;
-    // Padding only at the end: no token character at or after the first '='.
-    // (Bit tricks, not ctz/clz: BPF lowers those to table lookups.)
-    let first_eq = eqs & eqs.wrapping_neg();
-    let after_eq = !first_eq.wrapping_sub(1) | t.seen_eq;
-    t.bad |= (valid & !(ok | eqs)) | (ok & after_eq);
-    // All ones once any '=' was seen ((x | -x) has its top bit set iff x != 0).
-    t.seen_eq |= 0u64.wrapping_sub((eqs | eqs.wrapping_neg()) >> 63);
-    if rest >= 8 {
-        t.sip.write_word(w);
+    let off = t.off as usize;
+    let mut sip = t.sip;
+    let mut bad = t.bad;
+    let mut seen_eq = t.seen_eq;
+    let mut word = t.word as usize;
+    // Several words per call: the call and the state kept in map memory cost more than a
+    // word's worth of work.
+    for _ in 0..TOKEN_WORDS_PER_CALL {
+        let o = word * 8;
+        if o >= len {
+            break;
+        }
+        let rest = len - o;
+        let valid = if rest >= 8 {
+            HIGHS
+        } else {
+            low_bytes_mask(rest) & HIGHS
+        };
+        let w = buf.word(off + o);
+        // b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+        let eqs = eq_bytes(w, b'=') & valid;
+        let ok = b64_bytes(w) & valid;
+        // Padding only at the end: no token character at or after the first '='.
+        // (Bit tricks, not ctz/clz: BPF lowers those to table lookups.)
+        let first_eq = eqs & eqs.wrapping_neg();
+        let after_eq = !first_eq.wrapping_sub(1) | seen_eq;
+        bad |= (valid & !(ok | eqs)) | (ok & after_eq);
+        // All ones once any '=' was seen ((x | -x) has its top bit set iff x != 0).
+        seen_eq |= 0u64.wrapping_sub((eqs | eqs.wrapping_neg()) >> 63);
+        if rest >= 8 {
+            sip.write_word(w);
+        }
+        word += 1;
     }
-    t.word += 1;
-    0
+    t.sip = sip;
+    t.bad = bad;
+    t.seen_eq = seen_eq;
+    t.word = word as u64;
+    if word * 8 >= len {
+        1
+    } else {
+        0
+    }
 }
+
+const TOKEN_WORDS_PER_CALL: usize = 8;
 
 /// Validates the token at `tok` and returns its fingerprint (the same keyed
 /// SipHash-2-4-128 as userspace's `agent_common::siphash::fingerprint`).
@@ -476,7 +516,7 @@ pub fn token_fingerprint(key: &FingerprintKey, buf: Buf, tok: &Token) -> Result<
     // SAFETY: the callback only touches the scratch value `ctx` points to.
     unsafe {
         bpf_loop(
-            (MAX_TOKEN_LEN / 8) as u32,
+            (MAX_TOKEN_LEN / 8 / TOKEN_WORDS_PER_CALL) as u32,
             token_word as *mut c_void,
             &mut ctx as *mut LoopCtx as *mut c_void,
             0,
@@ -544,7 +584,11 @@ extern "C" fn path_word(_index: u32, ctx: *mut c_void) -> i64 {
     let w0 = buf.word(at);
     let w1 = buf.word(at + 1);
     let w2 = buf.word(at + 2);
-    let mut valid = if len - o >= 8 { HIGHS } else { low_bytes_mask(len - o) & HIGHS };
+    let mut valid = if len - o >= 8 {
+        HIGHS
+    } else {
+        low_bytes_mask(len - o) & HIGHS
+    };
     let stop = (eq_bytes(w0, b'?') | eq_bytes(w0, b'#')) & valid;
     if stop != 0 {
         let first = stop & stop.wrapping_neg();

@@ -2,12 +2,12 @@
 //! malformed; incomplete; unknown; revoked; not yet valid / expired; out of scope;
 //! throttled; allow.
 
+use core::ffi::c_void;
+
 use agent_common::{
     default_policy, mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict,
     CLOCK_FIXED, MAX_SCOPES, SCAN_BYTES, TOKEN_ANY_SCOPE,
 };
-use core::ffi::c_void;
-
 use aya_ebpf::helpers::generated::{bpf_ktime_get_tai_ns, bpf_loop};
 
 use crate::{
@@ -76,7 +76,10 @@ pub fn judge(p: &impl Packet) -> Decision {
         _pad: 0,
     };
     let wildcard = ListenerKey { ifindex: 0, ..key };
-    let listener = match LISTENERS.get_ptr(&key).or_else(|| LISTENERS.get_ptr(&wildcard)) {
+    let listener = match LISTENERS
+        .get_ptr(&key)
+        .or_else(|| LISTENERS.get_ptr(&wildcard))
+    {
         // SAFETY: map value pointer valid for this run.
         Some(l) => unsafe { *l },
         None => return Decision::untouched(),
@@ -155,7 +158,9 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
     let n = if plen > SCAN_BYTES { SCAN_BYTES } else { plen };
     // A cheap first look: most non-request segments are told apart by 24 bytes.
     let first = if n < 24 { n } else { 24 };
-    if p.load(flow.payload_off, buf.ptr(), copy_len(first, 32)).is_err() {
+    if p.load(flow.payload_off, buf.ptr(), copy_len(first, 32))
+        .is_err()
+    {
         return Verdict::Malformed;
     }
     let (method, mlen, known) = match http::method_of(buf.word(0)) {
@@ -166,7 +171,10 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
         },
     };
     let mlen = buf.launder(mlen);
-    if n > first && p.load(flow.payload_off, buf.ptr(), copy_len(n, SCAN_BYTES)).is_err() {
+    if n > first
+        && p.load(flow.payload_off, buf.ptr(), copy_len(n, SCAN_BYTES))
+            .is_err()
+    {
         return Verdict::Malformed;
     }
     let line = match http::request_line(buf, n, method, mlen, known) {
@@ -184,7 +192,11 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
         return Verdict::Malformed;
     }
     if scan.auths == 0 {
-        return if scan.end == SCAN_COMPLETE { Verdict::Missing } else { Verdict::Incomplete };
+        return if scan.end == SCAN_COMPLETE {
+            Verdict::Missing
+        } else {
+            Verdict::Incomplete
+        };
     }
     if scan.auth_lf == 0 {
         // The Authorization field itself is cut off.
@@ -314,13 +326,20 @@ fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
                 *c += 1;
             }
         }
-    } else {
-        let mut fresh = agent_common::TokenStats::default();
-        if let Some(c) = fresh.by_verdict.get_mut(idx) {
-            *c = 1;
-        }
-        let _ = TOKEN_STATS.insert(fp, &fresh, 0);
+        return;
     }
+    // The new entry is built in the scratch value: the program's stack is too small for it
+    // next to the bpf_loop callbacks' frames.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU scratch map value.
+    let fresh = unsafe { &mut (*scratch).new_stats };
+    *fresh = agent_common::TokenStats::default();
+    if let Some(c) = fresh.by_verdict.get_mut(idx) {
+        *c = 1;
+    }
+    let _ = TOKEN_STATS.insert(fp, fresh, 0);
 }
 
 #[inline(always)]

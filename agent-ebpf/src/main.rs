@@ -3,7 +3,10 @@
 #![no_main]
 #![feature(core_intrinsics)]
 #![feature(asm_experimental_arch)]
-#![expect(internal_features, reason = "atomic_cxchg: the target has no atomic-cas feature")]
+#![expect(
+    internal_features,
+    reason = "atomic_cxchg: the target has no atomic-cas feature"
+)]
 
 mod events;
 mod http;
@@ -91,7 +94,11 @@ fn record(d: &Decision) {
     let Some(l) = d.listener else {
         return;
     };
-    let row = if l.id < MAX_LISTENERS { l.id } else { MAX_LISTENERS };
+    let row = if l.id < MAX_LISTENERS {
+        l.id
+    } else {
+        MAX_LISTENERS
+    };
     if let Some(c) = VERDICT_STATS.get_ptr_mut(row * VERDICT_COUNT as u32 + d.verdict as u32) {
         // SAFETY: per-CPU counter, only this CPU writes it.
         unsafe { *c += 1 };

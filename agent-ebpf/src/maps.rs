@@ -79,6 +79,7 @@ pub struct Scratch {
     pub token: crate::http::TokenScan,
     pub path: crate::http::PathScan,
     pub scope: crate::judge::ScopeScan,
+    pub new_stats: TokenStats,
     pub buf: [u8; SCAN_BYTES + 16],
 }
 

@@ -115,7 +115,8 @@ pub fn parse(p: &impl Packet) -> Result<Option<Flow>, ()> {
         ETH_P_IPV6 => {
             let ip = ptr_at::<Ipv6Hdr>(p, off)?;
             // SAFETY: bounds checked.
-            let (mut next, plen) = unsafe { ((*ip).next, u16::from_be((*ip).payload_len) as usize) };
+            let (mut next, plen) =
+                unsafe { ((*ip).next, u16::from_be((*ip).payload_len) as usize) };
             let mut l4 = off + 40;
             let mut ext_len = 0usize;
             for _ in 0..MAX_IPV6_EXT {
@@ -157,8 +158,13 @@ pub fn parse(p: &impl Packet) -> Result<Option<Flow>, ()> {
     };
     let tcp = ptr_at::<TcpHdr>(p, l4_off)?;
     // SAFETY: bounds checked.
-    let (sport, dport, off_flags) =
-        unsafe { (u16::from_be((*tcp).sport), u16::from_be((*tcp).dport), (*tcp).off_flags) };
+    let (sport, dport, off_flags) = unsafe {
+        (
+            u16::from_be((*tcp).sport),
+            u16::from_be((*tcp).dport),
+            (*tcp).off_flags,
+        )
+    };
     let doff = ((off_flags[0] >> 4) as usize) * 4;
     if doff < 20 || l4_len < doff {
         return Err(());

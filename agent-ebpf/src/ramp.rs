@@ -23,7 +23,11 @@ pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
         Some(s) => s,
         None => {
             let fresh = TokenState {
-                ramp_start_ns: if info.ramp_start_ns != 0 { info.ramp_start_ns } else { now },
+                ramp_start_ns: if info.ramp_start_ns != 0 {
+                    info.ramp_start_ns
+                } else {
+                    now
+                },
                 first_seen_ns: now,
                 contract: info.contract,
                 ..TokenState::default()
@@ -39,7 +43,11 @@ pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
     // SAFETY: `state` points into a map value that stays valid for this program run.
     let st = unsafe { &mut *state };
     st.last_seen_ns = now;
-    let start = if info.ramp_start_ns != 0 { info.ramp_start_ns } else { st.ramp_start_ns };
+    let start = if info.ramp_start_ns != 0 {
+        info.ramp_start_ns
+    } else {
+        st.ramp_start_ns
+    };
     let elapsed = now.saturating_sub(start);
     let penalised = now < st.penalty_until_ns;
     let idx = effective_stage(contract, elapsed, penalised) as usize;

@@ -126,7 +126,11 @@ pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
     let tcp = ptr_at_mut::<TcpHdr>(p, f.l4_off)?;
     // SAFETY: bounds checked.
     unsafe { (*tcp).check = fold(sum) };
-    Ok(if to_client { Reset::ToClient } else { Reset::ToServer })
+    Ok(if to_client {
+        Reset::ToClient
+    } else {
+        Reset::ToServer
+    })
 }
 
 #[inline(always)]

@@ -199,7 +199,11 @@ impl Datapath {
         test_run(self.tc_program()?, TC_PROGRAM, frame, out, repeat)
     }
 
-    pub fn test_run_pass(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunResult, DatapathError> {
+    pub fn test_run_pass(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DatapathError> {
         let mut out = vec![0u8; frame.len() + 256];
         test_run(self.pass_program()?, PASS_PROGRAM, frame, &mut out, repeat)
     }
@@ -213,12 +217,10 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, D
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
+    let p = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
     p.try_into().map_err(prog_err(name))
 }
 

@@ -1,0 +1,232 @@
+//! `cargo xtask bench datapath`: BPF_PROG_TEST_RUN timings of the XDP program, each case
+//! next to a trivial XDP_PASS baseline measured in the same run. Prints a table and writes
+//! target/bench/datapath.json (`{"case": ns_per_run, ...}`, baseline included).
+//!
+//! Every case is checked to take the path it claims (its verdict is counted `repeat` times).
+
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
+
+use agent_common::{
+    default_policy, deny_action, gcra::NANOS_PER_SEC, mode, siphash::fingerprint, Contract,
+    FingerprintKey, GlobalConfig, ListenerConfig, ListenerKey, Stage, TokenInfo, Verdict,
+    CLOCK_FIXED, TOKEN_ANY_SCOPE,
+};
+use anyhow::{bail, Context as _};
+use rampart::datapath::{Datapath, LoadOptions};
+use rampart_tests::packet::{typical_request, Frame, Http};
+
+const PORT: u16 = 8080;
+const KEY: FingerprintKey = FingerprintKey([0x1111_2222_3333_4444, 0x5555_6666_7777_8888]);
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// The verdict the run must count (None: not counted, e.g. a bare ACK).
+    verdict: Option<Verdict>,
+    /// Target, as ns above the baseline.
+    target_ns: Option<f64>,
+}
+
+fn token(len: usize, seed: usize) -> String {
+    let a = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    (0..len)
+        .map(|i| a[(i * 31 + seed * 7) % a.len()] as char)
+        .collect()
+}
+
+/// A JWT-shaped token (header.payload.signature) of `len` bytes.
+fn jwt(len: usize) -> String {
+    let mut t = token(len, 3).into_bytes();
+    t[36] = b'.';
+    t[len - 44] = b'.';
+    String::from_utf8(t).unwrap()
+}
+
+fn main() -> anyhow::Result<()> {
+    let repeat: u32 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()
+        .context("repeat count")?
+        .unwrap_or(1_000_000);
+    let mut dp = Datapath::load(LoadOptions {
+        max_tokens: 1 << 16,
+        max_revoked: 1 << 16,
+        token_stats: 1 << 16,
+        ..LoadOptions::default()
+    })
+    .context("loading the datapath (run as root)")?;
+    dp.set_config(&GlobalConfig {
+        key: KEY,
+        events_per_sec: 1000,
+        clock_mode: CLOCK_FIXED,
+        fixed_now_ns: 1_900_000_000 * NANOS_PER_SEC,
+    })?;
+    dp.set_listener(
+        ListenerKey {
+            ifindex: 0,
+            port: PORT,
+            _pad: 0,
+        },
+        ListenerConfig {
+            id: 0,
+            mode: mode::ENFORCE,
+            action: deny_action::DROP,
+            on_missing: default_policy::DENY,
+            on_unknown: default_policy::DENY,
+            on_incomplete: default_policy::DENY,
+            _pad: [0; 3],
+        },
+    )?;
+    // 1,000,000/s with a burst that covers every repetition at one emulated instant.
+    let mut c = Contract {
+        n_stages: 1,
+        ..Default::default()
+    };
+    c.stages[0] = Stage {
+        after_ns: 0,
+        interval_ns: 1_000,
+        tolerance_ns: 1_000 * 100_000_000,
+    };
+    dp.set_contract(0, &c)?;
+    let t43 = token(43, 1);
+    let t1k = jwt(1024);
+    let t4k = token(4096, 2);
+    for t in [&t43, &t1k, &t4k] {
+        dp.install_token(
+            fingerprint(&KEY, t.as_bytes()),
+            TokenInfo {
+                contract: 0,
+                flags: TOKEN_ANY_SCOPE,
+                ..Default::default()
+            },
+        )?;
+    }
+    let mut ack = Frame::tcp(PORT, b"");
+    ack.flags = 0x10;
+    let cases = vec![
+        Case {
+            name: "non_http_ack",
+            frame: ack.build(),
+            verdict: None,
+            target_ns: Some(15.0),
+        },
+        Case {
+            name: "uninspected_port_request",
+            frame: Frame::tcp(9999, &typical_request(&t43)).build(),
+            verdict: None,
+            target_ns: None,
+        },
+        Case {
+            name: "allowed_typical_43b_token",
+            frame: Frame::tcp(PORT, &typical_request(&t43)).build(),
+            verdict: Some(Verdict::Allow),
+            target_ns: Some(250.0),
+        },
+        Case {
+            name: "allowed_1k_jwt",
+            frame: Frame::tcp(PORT, &typical_request(&t1k)).build(),
+            verdict: Some(Verdict::Allow),
+            target_ns: Some(1500.0),
+        },
+        Case {
+            name: "allowed_4k_token",
+            frame: Frame::tcp(PORT, &typical_request(&t4k)).build(),
+            verdict: Some(Verdict::Allow),
+            target_ns: None,
+        },
+        Case {
+            name: "missing_token",
+            frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").bytes()).build(),
+            verdict: Some(Verdict::Missing),
+            target_ns: None,
+        },
+        Case {
+            name: "unknown_token",
+            frame: Frame::tcp(PORT, &typical_request(&token(43, 9))).build(),
+            verdict: Some(Verdict::Unknown),
+            target_ns: None,
+        },
+    ];
+
+    let mut results: BTreeMap<String, f64> = BTreeMap::new();
+    println!(
+        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>8}",
+        "case", "ns/run", "baseline", "Δ baseline", "target Δ", "met"
+    );
+    let mut baselines = Vec::new();
+    let mut missed = Vec::new();
+    for case in &cases {
+        let base = time(|| dp.test_run_pass(&case.frame, repeat).map(|r| r.duration))?;
+        let before = dp.verdict_counts(0)?;
+        let mut out = vec![0u8; case.frame.len() + 256];
+        let took = time(|| {
+            dp.test_run_xdp(&case.frame, &mut out, repeat)
+                .map(|r| r.duration)
+        })?;
+        let after = dp.verdict_counts(0)?;
+        let counted: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+        match case.verdict {
+            Some(v) => {
+                let n = after[v as usize] - before[v as usize];
+                if n != repeat as u64 || counted != n {
+                    bail!(
+                        "{}: expected {repeat} × {}, counted {n} (of {counted})",
+                        case.name,
+                        v.name()
+                    );
+                }
+            }
+            None if counted != 0 => bail!("{}: expected no verdict, counted {counted}", case.name),
+            None => {}
+        }
+        let delta = took - base;
+        let met = case.target_ns.map(|t| delta <= t);
+        if met == Some(false) {
+            missed.push(case.name);
+        }
+        println!(
+            "{:<28} {:>10.1} {:>10.1} {:>12.1} {:>10} {:>8}",
+            case.name,
+            took,
+            base,
+            delta,
+            case.target_ns
+                .map(|t| format!("≤ {t:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            match met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
+        );
+        results.insert(case.name.to_string(), took);
+        baselines.push(base);
+    }
+    let baseline = baselines.iter().sum::<f64>() / baselines.len() as f64;
+    results.insert("baseline_xdp_pass".into(), baseline);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("datapath.json");
+    let json = format!(
+        "{{{}}}\n",
+        results
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    fs::write(&path, json)?;
+    println!("\nrepeat {repeat} per case; baseline = rampart_pass (XDP_PASS) on the same frame, same run");
+    println!("wrote {}", path.display());
+    if !missed.is_empty() {
+        println!("targets missed: {}", missed.join(", "));
+    }
+    Ok(())
+}
+
+fn time(
+    f: impl FnOnce() -> Result<Duration, rampart::datapath::DatapathError>,
+) -> anyhow::Result<f64> {
+    Ok(f()?.as_nanos() as f64)
+}
