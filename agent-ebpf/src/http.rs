@@ -18,8 +18,6 @@ use crate::maps::Scratch;
 const MASK: usize = SCAN_BYTES - 1;
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
-/// Header lines examined; a block with more is `incomplete`.
-const MAX_LINES: u32 = 256;
 const MAX_OWS: usize = 16;
 /// Longest path a scoped token may use (longer is out of scope).
 pub const MAX_SCOPED_PATH: usize = 2048;
@@ -258,11 +256,16 @@ pub const SCAN_MALFORMED: u64 = 3;
 #[repr(C)]
 pub struct HeaderScan {
     pub len: u64,
+    /// Next word to scan.
     pub pos: u64,
     pub auth_start: u64,
     pub auth_lf: u64,
     pub auths: u64,
     pub end: u64,
+    /// The line being scanned is an Authorization field (its LF is still to come).
+    pub in_auth: u64,
+    /// LFs of the word at `pos` not handled yet.
+    pub mask: u64,
 }
 
 /// What bpf_loop hands the callback (it must live on the stack).
@@ -274,68 +277,100 @@ pub struct LoopCtx {
 const AUTHORIZ: u64 = u64::from_le_bytes(*b"authoriz");
 const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");
 const LOWER: u64 = 0x2020_2020_2020_2020;
+const LFS: u64 = ONES * b'\n' as u64;
+/// Scan steps (a word, or an LF) per bpf_loop call.
+const SCAN_STEPS_PER_CALL: usize = 16;
 
-/// One header line per call (bpf_loop callback): end of block, obs-fold, or an
-/// Authorization field (counted; whitespace before its colon is malformed).
-extern "C" fn scan_line(_index: u32, ctx: *mut c_void) -> i64 {
+/// Looks at the start of a header line at `start` (just after an LF). Returns false when
+/// the scan is over (end of block, malformed, or out of data).
+#[inline(always)]
+fn line_start(buf: Buf, s: &mut HeaderScan, start: usize, len: usize) -> bool {
+    if start >= len {
+        s.end = SCAN_TRUNCATED;
+        return false;
+    }
+    let c0 = buf.byte(start);
+    if c0 == b'\n' || (c0 == b'\r' && start + 1 < len && buf.byte(start + 1) == b'\n') {
+        s.end = SCAN_COMPLETE;
+        return false;
+    }
+    if c0 == b' ' || c0 == b'\t' {
+        // obs-fold: the upstream may glue it to the previous field.
+        s.end = SCAN_MALFORMED;
+        return false;
+    }
+    if (c0 | 0x20) != b'a' || start + 14 > len || !is_authorization(buf, start) {
+        return true;
+    }
+    let mut i = start + 13;
+    let mut ws = false;
+    for _ in 0..MAX_OWS {
+        let c = buf.byte(i);
+        if c != b' ' && c != b'\t' {
+            break;
+        }
+        ws = true;
+        i += 1;
+    }
+    if buf.byte(i) != b':' {
+        // "Authorization-Foo:" and the like: another field.
+        return true;
+    }
+    if ws {
+        s.end = SCAN_MALFORMED;
+        return false;
+    }
+    s.auths += 1;
+    if s.auths > 1 {
+        s.end = SCAN_MALFORMED;
+        return false;
+    }
+    s.auth_start = start as u64;
+    s.in_auth = 1;
+    true
+}
+
+/// Up to SCAN_STEPS_PER_CALL steps per call (bpf_loop callback); a step either moves to
+/// the next word (a load and a few ALU operations when it holds no LF) or handles one LF,
+/// which starts a line check. One flat loop keeps the verifier's work small.
+extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
     let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
     let buf = Buf::new(scratch);
     // SAFETY: the per-CPU scratch map value.
     let s = unsafe { &mut (*scratch).scan };
     let len = s.len as usize;
-    let start = s.pos as usize;
-    if start >= len || start >= SCAN_BYTES || len > SCAN_BYTES {
+    if len > SCAN_BYTES {
         s.end = SCAN_TRUNCATED;
         return 1;
     }
-    let c0 = buf.byte(start);
-    if c0 == b'\n' || (c0 == b'\r' && start + 1 < len && buf.byte(start + 1) == b'\n') {
-        s.end = SCAN_COMPLETE;
-        return 1;
-    }
-    if c0 == b' ' || c0 == b'\t' {
-        // obs-fold: the upstream may glue it to the previous field.
-        s.end = SCAN_MALFORMED;
-        return 1;
-    }
-    let lf = match find_byte_raw(buf, start, len, b'\n') {
-        Some(lf) => lf,
-        None => {
-            s.end = SCAN_TRUNCATED;
-            // A cut-off Authorization field still counts as seen.
-            if start + 14 <= len && is_authorization(buf, start) {
-                s.auths += 1;
+    let mut o = s.pos as usize;
+    let mut m = s.mask;
+    for _ in 0..SCAN_STEPS_PER_CALL {
+        if m == 0 {
+            o += 8;
+            if o >= len {
+                s.end = SCAN_TRUNCATED;
+                return 1;
             }
+            m = zero_bytes(buf.word(o) ^ LFS);
+            if len - o < 8 {
+                m &= low_bytes_mask(len - o);
+            }
+            continue;
+        }
+        let lf = o + (m.trailing_zeros() / 8) as usize;
+        m &= m - 1;
+        if s.in_auth != 0 {
+            s.auth_lf = lf as u64;
+            s.in_auth = 0;
+        }
+        if !line_start(buf, s, lf + 1, len) {
             return 1;
         }
-    };
-    if lf >= start + 14 && is_authorization(buf, start) {
-        let mut i = start + 13;
-        let mut ws = false;
-        for _ in 0..MAX_OWS {
-            let c = buf.byte(i);
-            if c != b' ' && c != b'\t' {
-                break;
-            }
-            ws = true;
-            i += 1;
-        }
-        if buf.byte(i) == b':' {
-            if ws {
-                s.end = SCAN_MALFORMED;
-                return 1;
-            }
-            s.auths += 1;
-            if s.auths > 1 {
-                s.end = SCAN_MALFORMED;
-                return 1;
-            }
-            s.auth_start = start as u64;
-            s.auth_lf = lf as u64;
-        }
     }
-    s.pos = (lf + 1) as u64;
+    s.pos = o as u64;
+    s.mask = m;
     0
 }
 
@@ -345,24 +380,29 @@ fn is_authorization(buf: Buf, i: usize) -> bool {
     buf.word(i) | LOWER == AUTHORIZ && (buf.word(i + 8) | LOWER) & 0xff_ffff_ffff == ATION
 }
 
-/// Scans the header block; the result is in the scratch's `scan`.
+/// Scans the header block, which starts at `from` (just after the request line's LF);
+/// the result is in the scratch's `scan`.
 #[inline(always)]
 pub fn scan_headers(buf: Buf, len: usize, from: usize) -> &'static HeaderScan {
     let scratch = buf.scratch();
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let s = unsafe { &mut (*scratch).scan };
     s.len = len as u64;
-    s.pos = from as u64;
     s.auth_start = 0;
     s.auth_lf = 0;
     s.auths = 0;
+    s.in_auth = 0;
     s.end = SCAN_RUNNING;
+    // The first step loads the word at pos + 8 = from - 1, which starts with the request
+    // line's LF: every header line, the first included, is checked by the callback.
+    s.pos = (from as u64).wrapping_sub(9);
+    s.mask = 0;
     let mut ctx = LoopCtx { scratch };
     // SAFETY: the callback only touches the scratch value `ctx` points to.
     unsafe {
         bpf_loop(
-            MAX_LINES,
-            scan_line as *mut c_void,
+            (2 * SCAN_BYTES / SCAN_STEPS_PER_CALL) as u32,
+            scan_words as *mut c_void,
             &mut ctx as *mut LoopCtx as *mut c_void,
             0,
         );
