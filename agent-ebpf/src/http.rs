@@ -100,16 +100,14 @@ fn in_range(w: u64, lo: u8, hi: u8) -> u64 {
     ge_bytes(w, lo) & !ge_bytes(w, hi + 1) & HIGHS
 }
 
-/// 0x80 in every byte of `w` that is a b64token body character.
+/// 0x80 in every byte of `w` that is a b64token body character: letters (one range once
+/// lower-cased), `+ - . /` and digits (0x2B..=0x39 but ','), `_` and `~`.
 #[inline(always)]
 fn b64_bytes(w: u64) -> u64 {
     let ascii = !w & HIGHS;
     ascii
-        & (in_range(w, b'0', b'9')
-            | in_range(w, b'A', b'Z')
-            | in_range(w, b'a', b'z')
-            | in_range(w, b'-', b'/')
-            | eq_bytes(w, b'+')
+        & (in_range(w | LOWER, b'a', b'z')
+            | (in_range(w, b'+', b'9') & !eq_bytes(w, b','))
             | eq_bytes(w, b'_')
             | eq_bytes(w, b'~'))
 }
