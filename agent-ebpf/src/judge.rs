@@ -77,8 +77,8 @@ pub fn judge(p: &impl Packet) -> Decision {
     };
     let wildcard = ListenerKey { ifindex: 0, ..key };
     let listener = match LISTENERS
-        .get_ptr(&key)
-        .or_else(|| LISTENERS.get_ptr(&wildcard))
+        .get_ptr(key)
+        .or_else(|| LISTENERS.get_ptr(wildcard))
     {
         // SAFETY: map value pointer valid for this run.
         Some(l) => unsafe { *l },
@@ -210,7 +210,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
     };
     seen.fingerprint = fp;
 
-    let Some(info) = TOKENS.get_ptr(&fp) else {
+    let Some(info) = TOKENS.get_ptr(fp) else {
         return Verdict::Unknown;
     };
     // SAFETY: map value pointer valid for this run.

@@ -33,7 +33,7 @@ pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
                 ..TokenState::default()
             };
             // A racing CPU may have inserted first; either way the entry exists now.
-            let _ = TOKEN_STATE.insert(fp, &fresh, BPF_NOEXIST as u64);
+            let _ = TOKEN_STATE.insert(fp, fresh, BPF_NOEXIST as u64);
             match TOKEN_STATE.get_ptr_mut(fp) {
                 Some(s) => s,
                 None => return false,

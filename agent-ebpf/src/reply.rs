@@ -58,13 +58,13 @@ pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let to_client = match RESET_FLOWS.get_ptr(&key) {
+    let to_client = match RESET_FLOWS.get_ptr(key) {
         // SAFETY: map value pointer valid for this run.
         Some(t) => now.wrapping_sub(unsafe { *t }) < RESET_MEMORY_NS,
         None => false,
     };
     if !to_client {
-        RESET_FLOWS.insert(&key, &now, 0).map_err(|_| ())?;
+        RESET_FLOWS.insert(key, now, 0).map_err(|_| ())?;
     }
     let hdr_end = f.payload_off;
     if hdr_end > SCAN_BYTES {
