@@ -3,11 +3,13 @@
 //! Call sites speak in domain terms (`revoke`, `install_token`, `verdict_counts`); map
 //! names appear only in this module.
 
+mod attach;
 pub mod clock;
 mod error;
 mod load;
 mod tables;
 
+pub use attach::{detach_pinned, link_pin_path, AttachError, AttachHook, Attached};
 pub use error::DatapathError;
 pub use load::{Datapath, LoadOptions, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 pub use tables::parse_event;

@@ -1,0 +1,75 @@
+//! The datapath as the token lifecycle's `Enforcer`.
+
+use std::sync::{Mutex, MutexGuard};
+
+use agent_common::{Contract, Fingerprint, TokenInfo};
+
+use crate::{
+    datapath::{clock::tai_now_ns, Datapath},
+    token::{EnforceError, Enforcer, TokenRuntime},
+};
+
+/// One lock around the datapath. Map operations are single syscalls, so critical sections
+/// stay short; nothing awaits while holding it.
+pub struct DatapathEnforcer {
+    dp: Mutex<Datapath>,
+}
+
+impl DatapathEnforcer {
+    pub fn new(dp: Datapath) -> Self {
+        DatapathEnforcer { dp: Mutex::new(dp) }
+    }
+
+    /// The datapath, for the daemon's own map work (policy, snapshots).
+    pub fn lock(&self) -> MutexGuard<'_, Datapath> {
+        // A panic under the lock left the maps as the kernel has them: still consistent.
+        self.dp.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Requests per second a ramp stage admits (`None` for a contract without stages).
+pub fn stage_rate(contract: &Contract, stage: u32) -> Option<f64> {
+    let s = contract
+        .stages
+        .get(stage as usize)
+        .filter(|_| stage < contract.n_stages)?;
+    (s.interval_ns > 0).then(|| 1e9 / s.interval_ns as f64)
+}
+
+impl Enforcer for DatapathEnforcer {
+    fn install(&self, fp: Fingerprint, info: TokenInfo) -> Result<(), EnforceError> {
+        self.lock()
+            .install_token(fp, info)
+            .map_err(|e| EnforceError(Box::new(e)))
+    }
+
+    /// The REVOKED insert is a synchronous bpf syscall: when this returns, the next packet
+    /// on every CPU sees the revocation.
+    fn revoke(&self, fp: Fingerprint) -> Result<(), EnforceError> {
+        self.lock()
+            .revoke(fp, tai_now_ns())
+            .map_err(|e| EnforceError(Box::new(e)))
+    }
+
+    fn runtime(&self, fp: Fingerprint) -> Option<TokenRuntime> {
+        let dp = self.lock();
+        let state = dp.token_state(&fp);
+        let stats = dp.token_stats(&fp);
+        let info = dp.token(&fp);
+        let rate = match (state, info) {
+            (Some(st), Some(info)) => dp
+                .contract(info.contract)
+                .ok()
+                .and_then(|c| stage_rate(&c, st.stage)),
+            _ => None,
+        };
+        if state.is_none() && stats.by_verdict.iter().all(|&n| n == 0) {
+            return None;
+        }
+        Some(TokenRuntime {
+            state: state.unwrap_or_default(),
+            by_verdict: stats.by_verdict,
+            rate_per_sec: rate,
+        })
+    }
+}
