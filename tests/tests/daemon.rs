@@ -1,0 +1,545 @@
+//! `rampart run` as an operator sees it: issue, revoke (denied the moment the command
+//! returns), kill -9 (enforcement goes on), restart (pins adopted, counters kept), a broken
+//! policy reload (rejected with file:line:col, old policy kept), SIGTERM (still enforcing),
+//! `rampart detach` (nothing left). Finally no log, state, export or metrics file holds a
+//! plaintext token.
+//!
+//! Needs root, iproute2 and curl, and the binary: `cargo build -p rampart` first (the xtask
+//! test command does). Each test has its own network namespace and a private bpffs mount.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use rampart_tests::{
+    client::{BearerToken, Curl, Request},
+    netns::Netns,
+    upstream::UpstreamServer,
+};
+
+const PORT: u16 = 8080;
+const POLICY: &str = r#"[[contract]]
+name = "std"
+stages = [{ after = "0s", rate = 1000, burst = 1000 }]
+
+[[scope]]
+name = "all"
+methods = ["*"]
+prefix = "/"
+"#;
+/// Line 3, column 34 is the bad rate.
+const BROKEN_POLICY: &str = r#"[[contract]]
+name = "std"
+stages = [{ after = "0s", rate = "fast", burst = 1000 }]
+
+[[scope]]
+name = "all"
+methods = ["*"]
+prefix = "/"
+"#;
+
+/// `target/debug/rampart`, next to this test's `deps/` directory.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("rampart");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p rampart` first",
+        bin.display()
+    );
+    bin
+}
+
+fn config_text(dir: &Path, bpffs: &Path) -> String {
+    format!(
+        r#"state_dir = "{dir}/state"
+bpffs_dir = "{bpffs}/rampart"
+control_socket = "{dir}/run/control.sock"
+metrics_addr = "127.0.0.1:9464"
+policy = ["policy.toml"]
+expiry_warning = "1h"
+
+[maps]
+max_tokens = 4096
+max_revoked = 4096
+token_stats = 4096
+ring_bytes = 65536
+
+[events]
+export_file = "{dir}/events.jsonl"
+
+[[listener]]
+name = "api"
+interface = "lo"
+hook = "tc"
+ports = [{PORT}]
+mode = "enforce"
+action = "reset"
+"#,
+        dir = dir.display(),
+        bpffs = bpffs.display()
+    )
+}
+
+/// Replaces every known token in `text` before it can reach a failure message.
+fn redact(text: &str, tokens: &[BearerToken]) -> String {
+    tokens
+        .iter()
+        .fold(text.to_owned(), |t, tok| t.replace(tok.expose(), "<token>"))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    bpffs: PathBuf,
+    config: PathBuf,
+    ns: Netns,
+    upstream: UpstreamServer,
+    daemon: Option<Child>,
+    tokens: Vec<BearerToken>,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let ns = Netns::new(name).expect("network namespace");
+        let dir = tempfile::Builder::new()
+            .prefix("rmp-daemon-")
+            .tempdir()
+            .expect("temp dir");
+        let bpffs = dir.path().join("bpffs");
+        fs::create_dir(&bpffs).expect("bpffs mount point");
+        // A private bpffs: this test's pins cannot collide with anyone's, and unmounting it
+        // takes whatever a failed test left behind.
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount bpffs: {out:?}");
+        let config = dir.path().join("rampart.toml");
+        fs::write(&config, config_text(dir.path(), &bpffs)).expect("config");
+        fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+        let upstream =
+            UpstreamServer::start(&ns, "upstream", SocketAddr::from(([127, 0, 0, 1], PORT)))
+                .expect("upstream server");
+        let fx = Fixture {
+            dir,
+            bpffs,
+            config,
+            ns,
+            upstream,
+            daemon: None,
+            tokens: Vec::new(),
+        };
+        let out = fx.cli(&["keygen"]);
+        assert!(out.status.success(), "keygen: {}", fx.show(&out.stderr));
+        fx
+    }
+
+    fn show(&self, bytes: &[u8]) -> String {
+        redact(&String::from_utf8_lossy(bytes), &self.tokens)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    fn log(&self) -> String {
+        self.show(&fs::read(self.log_path()).unwrap_or_default())
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run rampart")
+    }
+
+    fn start(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("daemon log");
+        let child = self
+            .ns
+            .command(binary())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start rampart run");
+        self.daemon = Some(child);
+        // Loading runs the verifier over the programs; give it time on a slow machine.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = self
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("rampart run exited ({st}) during start-up:\n{}", self.log());
+            }
+            if self.cli(&["status"]).status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready in time:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.daemon.as_ref().expect("daemon running").id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.daemon.take().expect("daemon running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Issues a token; returns it (kept for redaction and the final scan) and its fingerprint.
+    fn issue(&mut self) -> (BearerToken, String) {
+        let out = self.cli(&["token", "issue", "--contract", "std", "--scope", "all"]);
+        let stdout = String::from_utf8(out.stdout).expect("utf-8");
+        let token = BearerToken::new(stdout.lines().next().unwrap_or_default().trim());
+        self.tokens.push(token.clone());
+        assert!(
+            out.status.success(),
+            "token issue: {}",
+            self.show(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let fp = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint:"))
+            .map(|f| f.trim().to_owned())
+            .unwrap_or_else(|| panic!("no fingerprint in: {}", self.show(stderr.as_bytes())));
+        assert_eq!(fp.len(), 32, "fingerprint {fp}");
+        (token, fp)
+    }
+
+    /// The status of one request (0: connection reset, nothing answered).
+    fn request(&self, token: Option<&BearerToken>) -> u16 {
+        let mut req = Request::get("/v1/items");
+        if let Some(t) = token {
+            req = req.token(t);
+        }
+        Curl::new(&self.ns, &format!("http://127.0.0.1:{PORT}"))
+            .timeout(Duration::from_secs(3))
+            .send(&req)
+            .expect("curl")
+            .status
+    }
+
+    /// A request must be answered by the upstream.
+    fn assert_allowed(&self, token: Option<&BearerToken>, what: &str) {
+        let before = self.upstream.count();
+        assert_eq!(self.request(token), 200, "{what}: expected 200");
+        assert_eq!(self.upstream.count(), before + 1, "{what}: upstream count");
+    }
+
+    /// A request must be refused without ever reaching the upstream.
+    fn assert_denied(&self, token: Option<&BearerToken>, what: &str) {
+        let before = self.upstream.count();
+        let status = self.request(token);
+        assert_ne!(status, 200, "{what}: expected a denial");
+        assert_eq!(
+            self.upstream.count(),
+            before,
+            "{what}: reached the upstream"
+        );
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", self.show(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    fn metrics(&self) -> String {
+        let out = self
+            .ns
+            .command("curl")
+            .args(["-s", "-m", "5", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .expect("curl metrics");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Unmounting the private bpffs drops every pin, and with them links and maps.
+        let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
+    }
+}
+
+fn counter(status: &serde_json::Value, verdict: &str) -> u64 {
+    status["listeners"][0]["requests"][verdict]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {verdict} counter in status"))
+}
+
+/// Every file under `dir` (recursively), as (path, bytes).
+fn files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files(&p, out);
+        } else if let Ok(bytes) = fs::read(&p) {
+            out.push((p, bytes));
+        }
+    }
+}
+
+#[test]
+fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
+    let mut fx = Fixture::new("daemon");
+    fx.start();
+    let (a, fp_a) = fx.issue();
+    let (b, _fp_b) = fx.issue();
+
+    fx.assert_allowed(Some(&a), "token A after issue");
+    fx.assert_allowed(Some(&b), "token B after issue");
+    fx.assert_denied(None, "no token");
+
+    // Revocation holds as soon as the command returns: no sleep in between.
+    let out = fx.cli(&["token", "revoke", &fp_a]);
+    assert!(out.status.success(), "revoke: {}", fx.show(&out.stderr));
+    fx.assert_denied(Some(&a), "token A right after revoke");
+    fx.assert_allowed(Some(&b), "token B after A's revoke");
+
+    let before_crash = fx.status_json();
+    let program_before = before_crash["listeners"][0]["program_id"].as_u64();
+    assert_eq!(before_crash["listeners"][0]["adopted"], false);
+    let allow_before = counter(&before_crash, "allow");
+    assert!(allow_before >= 3, "allow counter {allow_before}");
+    assert!(counter(&before_crash, "revoked") >= 1);
+
+    // The exported event stream saw the revoked request, by fingerprint only.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = fs::read_to_string(fx.dir.path().join("events.jsonl")).unwrap_or_default();
+        if events
+            .lines()
+            .any(|l| l.contains(&fp_a) && l.contains("revoked"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no revoked event for {fp_a} in the export:\n{}",
+            fx.show(events.as_bytes())
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let metrics_before = fx.metrics();
+    assert!(
+        metrics_before.contains("verdict=\"allow\""),
+        "metrics:\n{}",
+        fx.show(metrics_before.as_bytes())
+    );
+
+    // kill -9: the pinned program keeps judging with the pinned maps.
+    fx.signal(libc::SIGKILL);
+    fx.wait_exit();
+    fx.assert_denied(Some(&a), "revoked token with the daemon dead");
+    fx.assert_allowed(Some(&b), "valid token with the daemon dead");
+    fx.assert_denied(None, "no token with the daemon dead");
+
+    // Restart: the link is adopted (program swapped in place), counters carry on.
+    fx.start();
+    let after = fx.status_json();
+    assert_eq!(after["listeners"][0]["adopted"], true, "link adopted");
+    assert_ne!(
+        after["listeners"][0]["program_id"].as_u64(),
+        program_before,
+        "the new daemon's program runs in the link"
+    );
+    let allow_after = counter(&after, "allow");
+    assert!(
+        allow_after > allow_before,
+        "allow counter restarted: {allow_before} before, {allow_after} after"
+    );
+    fx.assert_denied(Some(&a), "revoked token after restart");
+    fx.assert_allowed(Some(&b), "valid token after restart");
+
+    // A broken policy is rejected with its location; the running policy stays.
+    fs::write(fx.dir.path().join("policy.toml"), BROKEN_POLICY).expect("write policy");
+    fx.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fx.status_json()["reloads_failed"].as_u64().unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "reload not attempted:\n{}",
+            fx.log()
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let log = fx.log();
+    assert!(
+        log.contains("policy.toml:3:34:"),
+        "no file:line:col diagnostic in the log:\n{log}"
+    );
+    assert_eq!(fx.status_json()["policy_generation"], 1);
+    fx.assert_allowed(Some(&b), "valid token after a rejected reload");
+    fx.assert_denied(Some(&a), "revoked token after a rejected reload");
+
+    // A fixed policy reloads (SIGHUP or the file watcher, whichever comes first).
+    fs::write(fx.dir.path().join("policy.toml"), POLICY).expect("write policy");
+    fx.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fx.status_json()["policy_generation"].as_u64().unwrap_or(0) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "reload did not succeed:\n{}",
+            fx.log()
+        );
+        sleep(Duration::from_millis(100));
+    }
+    fx.assert_allowed(Some(&b), "valid token after a good reload");
+    fx.assert_denied(Some(&a), "revoked token after a good reload");
+    let metrics_after = fx.metrics();
+
+    // SIGTERM: a clean stop that leaves enforcement in place.
+    fx.signal(libc::SIGTERM);
+    let st = fx.wait_exit();
+    assert!(
+        st.success(),
+        "rampart run after SIGTERM: {st}\n{}",
+        fx.log()
+    );
+    fx.assert_denied(Some(&a), "revoked token after SIGTERM");
+    fx.assert_allowed(Some(&b), "valid token after SIGTERM");
+
+    // Detach: no link, no map, traffic flows unjudged.
+    let out = fx.cli(&["detach"]);
+    assert!(out.status.success(), "detach: {}", fx.show(&out.stderr));
+    let left: Vec<_> = fs::read_dir(&fx.bpffs)
+        .expect("bpffs")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| !n.to_string_lossy().ends_with(".debug"))
+        .collect();
+    assert!(left.is_empty(), "left in bpffs: {left:?}");
+    let filters = fx
+        .ns
+        .exec(&["tc", "filter", "show", "dev", "lo", "ingress"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(filters.trim().is_empty(), "tc filters left: {filters}");
+    fx.assert_allowed(None, "no token after detach (nothing judges)");
+
+    // Not one plaintext token anywhere: logs, SQLite (and WAL), export, metrics.
+    let mut found = Vec::new();
+    fs::write(fx.dir.path().join("metrics-1.txt"), metrics_before).expect("save metrics");
+    fs::write(fx.dir.path().join("metrics-2.txt"), metrics_after).expect("save metrics");
+    let mut all = Vec::new();
+    files(fx.dir.path(), &mut all);
+    let names: Vec<String> = all
+        .iter()
+        .map(|(p, _)| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    for want in ["daemon.log", "rampart.db", "events.jsonl", "metrics-1.txt"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not scanned: {names:?}"
+        );
+    }
+    for (path, bytes) in &all {
+        for (i, tok) in fx.tokens.iter().enumerate() {
+            let needle = tok.expose().as_bytes();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(format!("token #{i} in {}", path.display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "plaintext tokens found: {found:?}");
+}
+
+/// A bad policy stops `rampart run` before it touches the kernel, with every location.
+#[test]
+fn run_refuses_an_invalid_policy_with_its_location() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("rampart.toml");
+    fs::write(&config, config_text(dir.path(), &dir.path().join("bpffs"))).expect("config");
+    fs::write(dir.path().join("policy.toml"), BROKEN_POLICY).expect("policy");
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:3:34:",
+            dir.path().join("policy.toml").display()
+        )),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("bpffs").exists(), "nothing pinned");
+}
+
+/// Without a key the daemon says how to make one.
+#[test]
+fn run_without_a_key_says_to_run_keygen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("rampart.toml");
+    fs::write(&config, config_text(dir.path(), &dir.path().join("bpffs"))).expect("config");
+    fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rampart keygen"), "{stderr}");
+}
