@@ -501,6 +501,54 @@ fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
     assert!(found.is_empty(), "plaintext tokens found: {found:?}");
 }
 
+/// A restart with another listener: the new one judges, the old port and hook are let go
+/// (its LISTENERS entry and its pinned link removed).
+#[test]
+fn restart_with_a_changed_listener_lets_the_old_one_go() {
+    let mut fx = Fixture::new("relisten");
+    fx.start();
+    fx.assert_denied(None, "no token on the first listener");
+    let pins = |fx: &Fixture| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(fx.bpffs.join("rampart"))
+            .expect("pin dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("link_"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(pins(&fx), ["link_0_if1_tc"]);
+    fx.signal(libc::SIGKILL);
+    fx.wait_exit();
+
+    // Same listener id, now XDP (generic) on another port.
+    let other = UpstreamServer::start(
+        &fx.ns,
+        "other",
+        SocketAddr::from(([127, 0, 0, 1], PORT + 1)),
+    )
+    .expect("second upstream");
+    let text = config_text(fx.dir.path(), &fx.bpffs)
+        .replace("hook = \"tc\"", "hook = \"xdp\"\nxdp_mode = \"generic\"")
+        .replace(
+            &format!("ports = [{PORT}]"),
+            &format!("ports = [{}]", PORT + 1),
+        );
+    fs::write(&fx.config, text).expect("config");
+    fx.start();
+    assert_eq!(pins(&fx), ["link_0_if1_xdpskb"], "old link pruned");
+    fx.assert_allowed(None, "the old port is no longer judged");
+    let before = other.count();
+    let status = Curl::new(&fx.ns, &format!("http://127.0.0.1:{}", PORT + 1))
+        .timeout(Duration::from_secs(3))
+        .send(&Request::get("/"))
+        .expect("curl")
+        .status;
+    assert_ne!(status, 200, "no token on the new listener");
+    assert_eq!(other.count(), before, "denied request reached the upstream");
+}
+
 /// A bad policy stops `rampart run` before it touches the kernel, with every location.
 #[test]
 fn run_refuses_an_invalid_policy_with_its_location() {

@@ -12,7 +12,7 @@ mod status;
 mod tasks;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -30,7 +30,9 @@ use tokio::sync::broadcast;
 use crate::{
     config::{self, Config, Hook, XdpMode},
     control::{self, ControlError, ServerOptions},
-    datapath::{AttachError, AttachHook, Attached, Datapath, DatapathError, LoadOptions},
+    datapath::{
+        prune_links, AttachError, AttachHook, Attached, Datapath, DatapathError, LoadOptions,
+    },
     policy::{CompiledPolicy, Diagnostic},
     store::{AuditAction, Store, StoreError},
     telemetry::{Metrics, RateEstimator, TelemetryError},
@@ -234,6 +236,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
     let mut listeners = Vec::new();
     {
         let mut dp = enforcer.lock();
+        let mut keys = HashSet::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let id = i as u32;
             let ifindex =
@@ -242,27 +245,26 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
                     interface: l.interface.clone(),
                 })?;
             for &port in &l.ports {
-                dp.set_listener(
-                    ListenerKey {
-                        ifindex,
-                        port,
-                        _pad: 0,
-                    },
-                    l.datapath_config(id),
-                )?;
+                let key = ListenerKey {
+                    ifindex,
+                    port,
+                    _pad: 0,
+                };
+                dp.set_listener(key, l.datapath_config(id))?;
+                keys.insert(key);
             }
             let hook = match l.hook {
                 Hook::Xdp(XdpMode::Native) => AttachHook::Xdp(aya::programs::XdpMode::Driver),
                 Hook::Xdp(XdpMode::Generic) => AttachHook::Xdp(aya::programs::XdpMode::Skb),
                 Hook::Tc => AttachHook::TcIngress,
             };
-            let attached =
-                dp.attach_pinned(id, &l.interface, hook)
-                    .map_err(|source| DaemonError::Attach {
-                        listener: l.name.clone(),
-                        interface: l.interface.clone(),
-                        source: Box::new(source),
-                    })?;
+            let attached = dp
+                .attach_pinned(id, &l.interface, ifindex, hook)
+                .map_err(|source| DaemonError::Attach {
+                    listener: l.name.clone(),
+                    interface: l.interface.clone(),
+                    source: Box::new(source),
+                })?;
             tracing::info!(
                 listener = %l.name,
                 interface = %l.interface,
@@ -277,6 +279,23 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
                 config: l.clone(),
                 attached,
             });
+        }
+        // What an earlier configuration attached or judged and this one does not: only now,
+        // with the current listeners in place, is it let go.
+        for (key, _) in dp.listeners() {
+            if !keys.contains(&key) {
+                dp.remove_listener(&key)?;
+            }
+        }
+        let keep: Vec<PathBuf> = listeners.iter().map(|l| l.attached.pin.clone()).collect();
+        let pruned =
+            prune_links(&config.bpffs_dir, &keep).map_err(|source| DaemonError::Attach {
+                listener: "(removed listeners)".to_owned(),
+                interface: String::new(),
+                source: Box::new(source),
+            })?;
+        for p in pruned {
+            tracing::info!(pin = %p.display(), "detached a listener the configuration no longer has");
         }
     }
     let metrics = Arc::new(Metrics::default());

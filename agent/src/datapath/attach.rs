@@ -69,9 +69,29 @@ pub struct Attached {
     pub program_id: u32,
 }
 
-/// The pin file of listener `id`'s link.
-pub fn link_pin_path(dir: &Path, id: u32) -> PathBuf {
-    dir.join(format!("link_{id}"))
+impl AttachHook {
+    /// Short tag for pin names; a link can only be taken over by the same kind of hook.
+    fn tag(self) -> &'static str {
+        match self {
+            AttachHook::Xdp(XdpMode::Skb) => "xdpskb",
+            AttachHook::Xdp(XdpMode::Hardware) => "xdphw",
+            AttachHook::Xdp(_) => "xdpdrv",
+            AttachHook::TcIngress => "tc",
+        }
+    }
+}
+
+/// The pin file of listener `id`'s link. The interface index and hook are part of the
+/// name so a restart adopts a link only where the configuration still wants it (bpffs
+/// refuses dots in names, so no interface names here).
+pub fn link_pin_path(dir: &Path, id: u32, ifindex: u32, hook: AttachHook) -> PathBuf {
+    dir.join(format!("link_{id}_if{ifindex}_{}", hook.tag()))
+}
+
+fn is_link_pin(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("link_"))
 }
 
 fn not_found(e: &LinkError) -> bool {
@@ -100,10 +120,11 @@ impl Datapath {
         &mut self,
         id: u32,
         iface: &str,
+        ifindex: u32,
         hook: AttachHook,
     ) -> Result<Attached, AttachError> {
         let dir = self.pin_dir().ok_or(AttachError::NoPinDir)?.to_path_buf();
-        let pin = link_pin_path(&dir, id);
+        let pin = link_pin_path(&dir, id, ifindex, hook);
         let existing = match PinnedLink::from_pin(&pin) {
             Ok(p) => Some(FdLink::from(p)),
             Err(e) if not_found(&e) => None,
@@ -173,6 +194,24 @@ impl Datapath {
     }
 }
 
+/// Removes the pinned links under `dir` that are not in `keep`: listeners an earlier
+/// configuration had. Call after the current ones are attached. Returns the pins removed.
+pub fn prune_links(dir: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, AttachError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AttachError::Io { path, source }
+    };
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let p = e.map_err(io_err(dir))?.path();
+        if is_link_pin(&p) && !keep.contains(&p) {
+            std::fs::remove_file(&p).map_err(io_err(&p))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
 /// Removes every pinned link (which detaches its program: the pin was its last reference
 /// once the daemon is gone) and every pinned map under `dir`, then `dir` itself.
 /// Returns the pins removed.
@@ -190,11 +229,7 @@ pub fn detach_pinned(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
         .map(|e| e.map(|e| e.path()).map_err(io_err(dir)))
         .collect::<Result<_, _>>()?;
     // Links first: the programs stop judging before their maps disappear.
-    paths.sort_by_key(|p| {
-        !p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("link_"))
-    });
+    paths.sort_by_key(|p| !is_link_pin(p));
     for p in &paths {
         std::fs::remove_file(p).map_err(io_err(p))?;
     }

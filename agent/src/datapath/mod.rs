@@ -9,7 +9,7 @@ mod error;
 mod load;
 mod tables;
 
-pub use attach::{detach_pinned, link_pin_path, AttachError, AttachHook, Attached};
+pub use attach::{detach_pinned, link_pin_path, prune_links, AttachError, AttachHook, Attached};
 pub use error::DatapathError;
 pub use load::{Datapath, LoadOptions, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 pub use tables::parse_event;
