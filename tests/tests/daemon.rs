@@ -372,6 +372,48 @@ fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
         );
         sleep(Duration::from_millis(100));
     }
+    // The live stream (`events.subscribe`) delivers the next denial of A.
+    let mut sub = Command::new(binary())
+        .arg("--config")
+        .arg(&fx.config)
+        .args(["events", "--follow", "--json", "--token", &fp_a])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rampart events");
+    let stdout = sub.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The subscription is live once the daemon answered it; retry the request until then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        fx.assert_denied(Some(&a), "token A while subscribed");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no live event for {fp_a}");
+    };
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let ev: serde_json::Value = serde_json::from_str(&line).expect("event JSON");
+    assert_eq!(
+        ev["fingerprint"],
+        fp_a.as_str(),
+        "{}",
+        fx.show(line.as_bytes())
+    );
+    assert_eq!(ev["verdict"], "revoked", "{}", fx.show(line.as_bytes()));
+
     let metrics_before = fx.metrics();
     assert!(
         metrics_before.contains("verdict=\"allow\""),
