@@ -1,1 +1,68 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's build, test and setup entry points.
+//!
+//! Every command except `setup` first makes sure the toolchain and host packages are
+//! present ([`setup::ensure`]), so a fresh clone needs nothing typed by hand.
+
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod vm;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Rampart build, test and setup tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent; skips what is present).
+    Setup,
+    /// Build, run every test (host and 6.1 VM), clippy and rustfmt; print a summary.
+    Test(test::TestArgs),
+    /// Benchmarks (e.g. `cargo xtask bench datapath`).
+    Bench(bench::BenchArgs),
+    /// A guided run of Rampart against a local upstream.
+    Demo,
+    /// Run commands inside the 6.1 test VM: `cargo xtask vm-test -- <program> [args]`.
+    VmTest {
+        /// Program and arguments, run from the workspace root inside the guest.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Setup) {
+        setup::ensure()?;
+    }
+    match cli.command {
+        Command::Setup => setup::run()?,
+        Command::Test(args) => return test::run(&args),
+        Command::Bench(args) => bench::run(args)?,
+        Command::Demo => demo::run()?,
+        Command::VmTest { command } => {
+            vm::run(vm::VmOptions::new(&workspace_root(), vec![command]))?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workspace root: xtask lives one level below it.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
+}
