@@ -143,19 +143,35 @@ fn main() -> anyhow::Result<()> {
         },
         Case {
             name: "malformed_scheme",
-            frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").header("Authorization: Basic dXNlcjpwYXNz").bytes()).build(),
+            frame: Frame::tcp(
+                PORT,
+                &Http::get("/v1/reports/x")
+                    .header("Authorization: Basic dXNlcjpwYXNz")
+                    .bytes(),
+            )
+            .build(),
             verdict: Some(Verdict::Malformed),
             target_ns: None,
         },
         Case {
             name: "malformed_token_char",
-            frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").bearer(&format!("{},", token(42, 5))).bytes()).build(),
+            frame: Frame::tcp(
+                PORT,
+                &Http::get("/v1/reports/x")
+                    .bearer(&format!("{},", token(42, 5)))
+                    .bytes(),
+            )
+            .build(),
             verdict: Some(Verdict::Malformed),
             target_ns: None,
         },
         Case {
             name: "unknown_token_short",
-            frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").bearer(&token(43, 9)).bytes()).build(),
+            frame: Frame::tcp(
+                PORT,
+                &Http::get("/v1/reports/x").bearer(&token(43, 9)).bytes(),
+            )
+            .build(),
             verdict: Some(Verdict::Unknown),
             target_ns: None,
         },
