@@ -1,18 +1,41 @@
-//! `cargo xtask bench`: placeholder until the benchmark driver lands.
+//! `cargo xtask bench datapath`: builds and runs the BPF_PROG_TEST_RUN benchmark
+//! (tests/src/bin/bench-datapath.rs), which prints a table and writes
+//! target/bench/datapath.json. It lives in the tests crate because it loads the eBPF
+//! object; xtask itself must build before the BPF toolchain exists.
 
-use anyhow::bail;
+use anyhow::{bail, Result};
+
+use crate::{
+    setup::{cargo, exec},
+    workspace_root,
+};
 
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark to run (e.g. `datapath`).
-    pub which: Option<String>,
+    /// Which benchmark to run: `datapath`.
+    pub which: String,
+    /// BPF_PROG_TEST_RUN repetitions per case.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub repeat: u32,
 }
 
 /// Runs the selected benchmark.
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    bail!(
-        "cargo xtask bench {} is not yet implemented",
-        args.which.as_deref().unwrap_or("")
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.which != "datapath" {
+        bail!("unknown benchmark {:?} (available: datapath)", args.which);
+    }
+    let root = workspace_root();
+    exec(cargo(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "rampart-tests",
+        "--bin",
+        "bench-datapath",
+    ]))?;
+    exec(
+        std::process::Command::new(root.join("target/release/bench-datapath"))
+            .arg(args.repeat.to_string()),
     )
 }

@@ -260,11 +260,26 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .stdin(Stdio::null())
         .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+        .with_context(|| format!("starting `{}`", shown(cmd)))?;
     if !status.success() {
-        bail!("{cmd:?} failed ({status})");
+        bail!("`{}` failed ({status})", shown(cmd));
     }
     Ok(())
+}
+
+/// `cmd` as a shell line (with its directory, if set), for messages; `Command`'s own
+/// Debug output lists every removed environment variable.
+fn shown(cmd: &Command) -> String {
+    let mut line = String::new();
+    if let Some(dir) = cmd.get_current_dir() {
+        line.push_str(&format!("cd {} && ", dir.display()));
+    }
+    line.push_str(&cmd.get_program().to_string_lossy());
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
 }
 
 /// Runs `cmd` and returns its stdout.
@@ -272,10 +287,11 @@ fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("starting {cmd:?}"))?;
+        .with_context(|| format!("starting `{}`", shown(cmd)))?;
     if !out.status.success() {
         bail!(
-            "{cmd:?} failed ({}): {}",
+            "`{}` failed ({}): {}",
+            shown(cmd),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );

@@ -93,6 +93,8 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                // Lint every crate even when one fails, so one run lists everything.
+                "--keep-going",
                 "--",
                 "-D",
                 "warnings",
@@ -199,10 +201,9 @@ fn test_binaries(root: &Path, targets: &[&str]) -> Result<Vec<PathBuf>> {
             .map(|k| k.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
         let name = msg["target"]["name"].as_str().unwrap_or_default();
-        let wanted = (manifest == tests_manifest
-            && kinds.contains(&"test")
-            && targets.contains(&name))
-            || (manifest == common_manifest && kinds.contains(&"lib"));
+        let wanted =
+            (manifest == tests_manifest && kinds.contains(&"test") && targets.contains(&name))
+                || (manifest == common_manifest && kinds.contains(&"lib"));
         if wanted {
             println!("VM will run {name}: {exe}");
             found.push(PathBuf::from(exe));
