@@ -1,5 +1,6 @@
 //! Shared test support: packet builder, network-namespace topology.
 
+pub mod attach_support;
 pub mod client;
 pub mod netns;
 pub mod nginx;
