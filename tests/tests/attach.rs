@@ -482,3 +482,33 @@ fn tc_on_lo_enforces_and_revocation_hits_an_open_keepalive_connection() {
     );
     dropped.abort();
 }
+
+/// The TC fixture table cannot test-run frames over one page; real loopback traffic (64 KiB
+/// MTU) carries 4 KiB tokens through the TC program here.
+#[test]
+fn tc_on_lo_judges_4096_byte_tokens() {
+    let mut rig = LoRig::new(mode::ENFORCE, deny_action::RESET);
+    let big = BearerToken::new(format!("rmp_{}", "A1b2-C3d4.e5_F6~g7+h8/".repeat(186)));
+    let big_unknown = BearerToken::new(format!("rmp_{}", "Z9y8-X7w6.v5_U4~t3+s2/".repeat(186)));
+    install_token(&mut rig.dp, &big).expect("install the 4 KiB token");
+    let mut conn = rig.connect();
+    let ex = conn.exchange(
+        &request_bytes("/v1/items", "big-ok", Auth::Bearer(&big)),
+        RESPONSE_WAIT,
+    );
+    assert_eq!(ex.status(), Some(200), "4 KiB token: {ex:?}");
+    assert_eq!(rig.upstream.requests_with_test_id("big-ok").len(), 1);
+    let before = rig.counts();
+    let mut other = rig.connect();
+    let ex = other.exchange(
+        &request_bytes("/v1/items", "big-unknown", Auth::Bearer(&big_unknown)),
+        RESPONSE_WAIT,
+    );
+    assert_reset(&ex, "unknown 4 KiB token");
+    assert!(rig.upstream.requests_with_test_id("big-unknown").is_empty());
+    assert_only(
+        &rig.counts().since(&before),
+        Verdict::Unknown,
+        "unknown 4 KiB token",
+    );
+}
