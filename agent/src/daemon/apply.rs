@@ -153,3 +153,131 @@ pub fn apply_reload(
         reset: changed.len(),
     })
 }
+
+/// Names of slots whose contract or scope the new policy dropped: kept (with the old
+/// definition) so that no index moves. NUL cannot appear in a policy name or a CLI argument,
+/// so nothing can resolve these.
+const TOMBSTONE: &str = "\u{0}removed:";
+
+/// Reorders `new` so that every contract and scope keeps the index it had in `old`: the
+/// kernel maps are updated one entry at a time, and a token must never see another
+/// contract's rate or another scope's prefix in between. Dropped entries stay as
+/// tombstones; new ones take the next free slots. Falls back to `new` as compiled when the
+/// scope table would overflow (the next restart compacts the indexes).
+pub fn stabilize(old: &CompiledPolicy, mut new: CompiledPolicy) -> CompiledPolicy {
+    fn order<T: Clone>(old: &[(String, T)], new: &[(String, T)]) -> (Vec<(String, T)>, Vec<u32>) {
+        let mut out: Vec<(String, T)> = old
+            .iter()
+            .map(|(name, def)| match new.iter().find(|(n, _)| n == name) {
+                Some((_, d)) => (name.clone(), d.clone()),
+                None if name.starts_with(TOMBSTONE) => (name.clone(), def.clone()),
+                None => (format!("{TOMBSTONE}{name}"), def.clone()),
+            })
+            .collect();
+        let mut remap = Vec::with_capacity(new.len());
+        for (name, def) in new {
+            match out.iter().position(|(n, _)| n == name) {
+                Some(i) => remap.push(i as u32),
+                None => {
+                    remap.push(out.len() as u32);
+                    out.push((name.clone(), def.clone()));
+                }
+            }
+        }
+        (out, remap)
+    }
+    let (contracts, contract_map) = order(&old.contracts, &new.contracts);
+    let (scopes, scope_map) = order(&old.scopes, &new.scopes);
+    if scopes.len() > agent_common::MAX_SCOPES
+        || contracts.len() > agent_common::MAX_CONTRACTS as usize
+    {
+        tracing::warn!("policy reload: index tables full, indexes renumbered (restart to compact)");
+        return new;
+    }
+    for t in &mut new.tokens {
+        t.info.contract = contract_map[t.info.contract as usize];
+        let mut mask = 0u64;
+        for (bit, to) in scope_map.iter().enumerate() {
+            if t.info.scopes & (1 << bit) != 0 {
+                mask |= 1 << to;
+            }
+        }
+        t.info.scopes = mask;
+    }
+    new.contracts = contracts;
+    new.scopes = scopes;
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::{Scope, TokenInfo};
+
+    use super::*;
+    use crate::policy::StaticToken;
+
+    fn contract(n: u32) -> Contract {
+        Contract {
+            n_stages: n,
+            ..Default::default()
+        }
+    }
+
+    fn policy(contracts: &[&str], scopes: &[&str], token: (&str, &[&str])) -> CompiledPolicy {
+        let mut p = CompiledPolicy {
+            contracts: contracts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.to_string(), contract(i as u32 + 1)))
+                .collect(),
+            scopes: scopes
+                .iter()
+                .map(|n| (n.to_string(), Scope::default()))
+                .collect(),
+            tokens: Vec::new(),
+        };
+        let (_, mask) = p
+            .scope_mask(&token.1.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        p.tokens.push(StaticToken {
+            fingerprint: Fingerprint([1, 2]),
+            info: TokenInfo {
+                contract: p.contract_index(token.0).unwrap(),
+                scopes: mask,
+                ..Default::default()
+            },
+            label: None,
+        });
+        p
+    }
+
+    #[test]
+    fn reload_keeps_every_index_in_place() {
+        let old = policy(&["a", "b", "c"], &["r", "w"], ("c", &["w"]));
+        // "a" and "r" dropped, "d" and "x" added, order shuffled.
+        let new = policy(&["d", "c", "b"], &["x", "w"], ("c", &["w", "x"]));
+        let s = stabilize(&old, new);
+        assert_eq!(s.contract_index("b"), Some(1));
+        assert_eq!(s.contract_index("c"), Some(2));
+        assert_eq!(s.contract_index("d"), Some(3));
+        assert_eq!(
+            s.contract_index("a"),
+            None,
+            "a dropped name resolves to nothing"
+        );
+        assert_eq!(
+            s.contracts[0].1,
+            contract(1),
+            "tombstone keeps the old definition"
+        );
+        assert_eq!(s.tokens[0].info.contract, 2);
+        assert_eq!(s.scope_mask(&["w".into()]).unwrap().1, 0b10);
+        assert_eq!(s.scope_mask(&["x".into()]).unwrap().1, 0b100);
+        assert_eq!(s.tokens[0].info.scopes, 0b110);
+        // A second reload keeps the tombstone (once) and the indexes.
+        let again = stabilize(&s, policy(&["b", "c", "d"], &["w", "x"], ("d", &["x"])));
+        assert_eq!(again.contracts.len(), 4);
+        assert_eq!(again.contract_index("d"), Some(3));
+        assert_eq!(again.tokens[0].info.scopes, 0b100);
+    }
+}

@@ -183,6 +183,7 @@ impl Daemon {
             );
         }
         let old = self.policy();
+        let new = apply::stabilize(&old, new);
         let applied = apply::apply_reload(&self.enforcer, &self.lifecycle, &old, &new)
             .map_err(ReloadError::Apply)?;
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
