@@ -16,7 +16,7 @@ pub struct Sip128 {
 
 #[inline(always)]
 fn rotl(x: u64, b: u32) -> u64 {
-    (x << b) | (x >> (64 - b))
+    x.rotate_left(b)
 }
 
 impl Sip128 {

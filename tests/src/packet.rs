@@ -93,7 +93,7 @@ impl Frame {
             f.extend(ext);
         } else {
             let mut opts = self.ip_options.clone();
-            while opts.len() % 4 != 0 {
+            while !opts.len().is_multiple_of(4) {
                 opts.push(0);
             }
             let ihl = (20 + opts.len()) / 4;
@@ -122,7 +122,7 @@ impl Frame {
             return u;
         }
         let mut opts = self.tcp_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(1);
         }
         let doff = (20 + opts.len()) / 4;

@@ -879,7 +879,7 @@ fn fingerprint_parity_kernel_vs_userspace() {
         let mut tok: Vec<u8> = (0..len - pad)
             .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
             .collect();
-        tok.extend(std::iter::repeat(b'=').take(pad));
+        tok.extend(std::iter::repeat_n(b'=', pad));
         let tok = String::from_utf8(tok).unwrap();
         f.dp.install_token(
             fp(&tok),
