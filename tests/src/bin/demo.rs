@@ -1,0 +1,936 @@
+//! `cargo xtask demo`: a narrated live run of Rampart in three network namespaces.
+//!
+//! ```text
+//!  client ──TLS──▶ gateway (nginx) ──plaintext over veth──▶ upstream   [XDP on up-gw]
+//!                                  ──plaintext over lo────▶ loopback   [TC on gw's lo]
+//! ```
+//! One `rampart run` per namespace that owns a listener interface (a daemon attaches by
+//! interface name in its own namespace), both with the same fingerprint key. Tokens live
+//! in memory only; the screen shows fingerprints. Everything is torn down at the end, on
+//! failure and on Ctrl-C.
+//!
+//! Needs root and `target/debug/rampart` next to this binary (`cargo xtask demo` builds it).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use aya::programs::XdpMode;
+use rampart::datapath::{Datapath, LoadOptions};
+use rampart_tests::{
+    client::{wrk, BearerToken, Curl, LoadConfig, Request, Response},
+    netns,
+    topology::{Role, Topology},
+};
+
+/// Where the demo's per-run bpffs pin directories go (`<prefix><pid>-<daemon>`), so a run
+/// killed hard can be recognised and cleaned by the next one.
+const BPFFS_PREFIX: &str = "/sys/fs/bpf/rampart-demo-";
+
+/// The ramp contract's schedule, shown to the viewer and written into the policy.
+const RAMP_STEP_SECS: u64 = 5;
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let result = run();
+    // Everything owned by `run` has been dropped (daemons, pins, namespaces) by now.
+    match result {
+        Ok(notes) => {
+            header("Summary");
+            for n in notes {
+                say(&format!("✓ {n}"));
+            }
+            say(&format!(
+                "demo finished in {:.0} s; daemons stopped, programs detached, namespaces removed",
+                started.elapsed().as_secs_f64()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\ndemo FAILED: {e:#}");
+            eprintln!("(everything it started has been cleaned up)");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn header(title: &str) {
+    println!("\n━━ {title} ━━");
+}
+
+fn say(line: &str) {
+    println!("   {line}");
+}
+
+fn note(line: &str) {
+    println!("   → {line}");
+}
+
+fn step(title: &str) {
+    let _ = std::io::stdout().flush();
+    header(title);
+}
+
+fn run() -> Result<Vec<String>> {
+    netns::require_root().map_err(|e| anyhow!("{e}"))?;
+    let rampart = rampart_binary()?;
+    let mut notes = Vec::new();
+
+    step("1. Topology");
+    netns::cleanup_stale();
+    cleanup_stale_pins();
+    netns::install_sigint_cleanup().map_err(|e| anyhow!("{e}"))?;
+    let t0 = Instant::now();
+    let topo = Topology::builder()
+        .build()
+        .map_err(|e| anyhow!("building the topology: {e}"))?;
+    say("client ns ──TLS──▶ gateway ns: nginx :8443 ──veth──▶ upstream ns :8080");
+    say("                               nginx :8444 ──lo────▶ 127.0.0.1:8081 (gateway ns)");
+    say(&format!(
+        "namespaces {} up in {:.1} s; Ctrl-C at any point tears everything down",
+        topo.namespace_names().join(", "),
+        t0.elapsed().as_secs_f64()
+    ));
+    let mut demo = Demo::new(rampart, topo)?;
+    step("2. Two Rampart daemons");
+    demo.start()?;
+    demo.attach_peer_pass()?;
+    let up = &demo.daemons[0];
+    let gw = &demo.daemons[1];
+    say(&format!(
+        "{}: XDP (native) on {} in the upstream ns, port {}",
+        up.name,
+        demo.topo.upstream_veth().name,
+        demo.topo.upstream_port()
+    ));
+    say(&format!(
+        "{}: TC on lo in the gateway ns, port {}",
+        gw.name,
+        demo.topo.loopback_upstream_port()
+    ));
+    say("policy: contracts `standard` (50/s, burst 10) and `ramp` (5/s, doubling every 5 s up to 40/s, burst 2; a breach demotes one stage for 5 s)");
+    say("        scopes `reports-read` (GET /v1/reports/) and `all`; unknown or missing tokens are reset");
+    say("gw-up (the gateway's end of that veth) runs a pass-through XDP program: a frame that");
+    say("XDP on up-gw sends back (XDP_TX, the reset toward nginx) is only delivered to a peer");
+    say("that has XDP itself; the daemon does not attach it (see the README)");
+    notes.push("two daemons loaded and attached (XDP native + TC)".to_owned());
+
+    step("3. Issuing tokens");
+    let veth_tok = demo.issue(0, "standard", &["all"])?;
+    let lo_tok = demo.issue(1, "standard", &["all"])?;
+    let reader = demo.issue(0, "standard", &["reports-read"])?;
+    let ramp = demo.issue(0, "ramp", &["reports-read"])?;
+    say("the plaintext goes to the client only; Rampart stores fingerprints");
+    for (what, t) in [
+        ("veth path, standard, all scopes", &veth_tok),
+        ("loopback path, standard, all scopes", &lo_tok),
+        ("veth path, standard, reports-read only", &reader),
+        ("veth path, ramp, reports-read only", &ramp),
+    ] {
+        say(&format!("{}  {what}", t.fp));
+    }
+
+    step("4. Allowed traffic");
+    let veth = demo.topo.curl_veth();
+    let lo = demo.topo.curl_loopback();
+    let r = demo.request_veth(&veth, &Request::get("/v1/orders").token(&veth_tok.token))?;
+    show("GET /v1/orders, valid token, veth path", &r);
+    ensure!(
+        r.reached && r.resp.status == 200,
+        "valid token on the veth path was not served"
+    );
+    let r = demo.request_lo(&lo, &Request::get("/v1/orders").token(&lo_tok.token))?;
+    show("GET /v1/orders, valid token, loopback path", &r);
+    ensure!(
+        r.reached && r.resp.status == 200,
+        "valid token on the loopback path was not served"
+    );
+    notes.push("valid tokens served on both paths".to_owned());
+
+    step("5. Missing and unknown tokens");
+    let r = demo.request_veth(&veth, &Request::get("/v1/orders"))?;
+    show("no Authorization header, veth path", &r);
+    ensure!(!r.reached, "a request without a token reached the upstream");
+    let stranger = BearerToken::new(random_token());
+    demo.tokens.push(stranger.clone());
+    let r = demo.request_lo(&lo, &Request::get("/v1/orders").token(&stranger))?;
+    show("a token nobody issued, loopback path", &r);
+    ensure!(!r.reached, "an unknown token reached the upstream");
+    note("Rampart reset nginx's upstream connection inside the kernel; nginx turns that into 502");
+    notes.push("missing and unknown tokens stopped before the upstream".to_owned());
+
+    step("6. Scopes");
+    let r = demo.request_veth(
+        &veth,
+        &Request::get("/v1/reports/daily").token(&reader.token),
+    )?;
+    show("GET /v1/reports/daily, reports-read token", &r);
+    ensure!(r.reached, "an in-scope GET was denied");
+    let r = demo.request_veth(
+        &veth,
+        &Request::get("/v1/reports/daily")
+            .method("POST")
+            .token(&reader.token)
+            .body("{}"),
+    )?;
+    show("POST /v1/reports/daily, same token", &r);
+    ensure!(!r.reached, "an out-of-scope POST reached the upstream");
+    let r = demo.request_veth(&veth, &Request::get("/v1/orders").token(&reader.token))?;
+    show("GET /v1/orders, same token", &r);
+    ensure!(!r.reached, "an out-of-scope path reached the upstream");
+    notes.push("scoped token: GET in its prefix only".to_owned());
+
+    step("7. A ramp contract under load");
+    say("wrk floods the veth route with the `ramp` token (8 connections) for 20 s;");
+    say("the contract's rate doubles every 5 s from the token's first request: 5, 10, 20, 40/s");
+    say("watch admissions climb one stage behind the schedule: the flood breaches the rate");
+    say("all the time, and every breach re-arms the 5 s one-stage demotion");
+    let windows = demo.ramp_run(&ramp, 4)?;
+    ensure!(
+        windows.len() >= 4,
+        "only {} load windows were measured",
+        windows.len()
+    );
+    let first = windows[0].admitted;
+    let last = windows[windows.len() - 1].admitted;
+    ensure!(
+        last > first * 2,
+        "admissions did not climb with the ramp ({first} → {last} per window)"
+    );
+    say("rampart token show (ramp token):");
+    indent(&demo.cli_ok(0, &["token", "show", &ramp.fp])?);
+    notes.push(format!(
+        "ramp: {first} → {last} admitted per {RAMP_STEP_SECS} s window as the stage climbed"
+    ));
+
+    step("8. Revocation mid-stream");
+    say("one keep-alive client connection, 5 requests/s; the token is revoked halfway");
+    let (before, after) = demo.revoke_mid_stream(&veth_tok)?;
+    ensure!(before > 0, "no request succeeded before the revocation");
+    ensure!(
+        after == 0,
+        "{after} requests succeeded after the revocation"
+    );
+    notes.push("revocation took effect on an open connection, the next request failed".to_owned());
+
+    step("9. Telemetry");
+    say("rampart top --once (veth daemon):");
+    indent(&demo.cli_ok(0, &["top", "--once"])?);
+    say("rampart events --follow --json (veth daemon), while two denied requests go by:");
+    let events = demo.follow_events(0, 2, &stranger)?;
+    for e in &events {
+        say(&format!("  {e}"));
+    }
+    ensure!(!events.is_empty(), "no live events arrived");
+    say("/metrics (veth daemon), request counters:");
+    let metrics = demo.metrics(0)?;
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains("request"))
+        .filter(|l| !l.trim_end().ends_with(" 0"))
+        .take(8)
+        .collect();
+    for l in &lines {
+        say(&format!("  {l}"));
+    }
+    ensure!(
+        !lines.is_empty(),
+        "no non-zero request counters in /metrics"
+    );
+    notes.push("top, live events and Prometheus metrics all report by fingerprint".to_owned());
+
+    step("10. Clean-up");
+    demo.shutdown();
+    drop(demo);
+    say("namespaces deleted");
+    Ok(notes)
+}
+
+/// `target/debug/rampart`, next to this binary.
+fn rampart_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the demo binary")?;
+    let bin = exe
+        .parent()
+        .context("the demo binary has no directory")?
+        .join("rampart");
+    ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p rampart` (cargo xtask demo does)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Pin directories of demo runs whose process is gone (killed hard, so no clean-up ran).
+fn cleanup_stale_pins() {
+    let Some((parent, prefix)) = BPFFS_PREFIX.rsplit_once('/') else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A token in memory, with the fingerprint that is all we ever print.
+struct Issued {
+    token: BearerToken,
+    fp: String,
+}
+
+/// What one request did, as the client and the upstream saw it.
+struct Outcome {
+    resp: Response,
+    reached: bool,
+}
+
+fn show(what: &str, o: &Outcome) {
+    let client = describe(&o.resp);
+    let upstream = if o.reached {
+        "reached the upstream"
+    } else {
+        "never reached the upstream"
+    };
+    say(&format!("{what}: {client}; {upstream}"));
+}
+
+fn describe(r: &Response) -> String {
+    match r.status {
+        200 => "200 OK".to_owned(),
+        502 => "502 from nginx (upstream connection reset)".to_owned(),
+        504 => "504 from nginx (upstream silent until its timeout)".to_owned(),
+        0 => format!("no HTTP response (curl exit {})", r.curl_exit),
+        s => format!("HTTP {s}"),
+    }
+}
+
+fn indent(text: &str) {
+    for l in text.lines() {
+        say(&format!("  {l}"));
+    }
+}
+
+fn random_token() -> String {
+    use rand::{distributions::Alphanumeric, Rng};
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(43)
+        .map(char::from)
+        .collect()
+}
+
+/// One `rampart run` and its files.
+struct Daemon {
+    name: &'static str,
+    role: Role,
+    config: PathBuf,
+    bpffs: PathBuf,
+    log: PathBuf,
+    metrics_port: u16,
+    child: Option<Child>,
+}
+
+/// One load window of the ramp run.
+struct Window {
+    admitted: u64,
+}
+
+struct Demo {
+    rampart: PathBuf,
+    daemons: Vec<Daemon>,
+    /// Every token the demo handled, to redact any output before it is shown.
+    tokens: Vec<BearerToken>,
+    /// Holds the pass-through program on gw-up (detached on drop, before the namespaces).
+    peer_pass: Option<Datapath>,
+    /// `shutdown` ran (the normal path); Drop then has nothing left to say.
+    cleaned: bool,
+    topo: Topology,
+    dir: tempfile::TempDir,
+}
+
+impl Demo {
+    fn new(rampart: PathBuf, topo: Topology) -> Result<Demo> {
+        // `rmp-<pid>-…`: `netns::cleanup_stale` removes it if this run dies hard.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}{}-demo-", netns::PREFIX, std::process::id()))
+            .tempdir()
+            .context("creating the demo's temp dir")?;
+        let mut demo = Demo {
+            rampart,
+            daemons: Vec::new(),
+            tokens: Vec::new(),
+            peer_pass: None,
+            cleaned: false,
+            topo,
+            dir,
+        };
+        let up_port = demo.topo.upstream_port();
+        let lo_port = demo.topo.loopback_upstream_port();
+        let up_if = demo.topo.upstream_veth().name.clone();
+        demo.add_daemon("upstream-xdp", Role::Upstream, 9464, &format!(
+            "name = \"veth-upstream\"\ninterface = \"{up_if}\"\nhook = \"xdp\"\nxdp_mode = \"native\"\nports = [{up_port}]\n"
+        ))?;
+        demo.add_daemon(
+            "gateway-tc",
+            Role::Gateway,
+            9465,
+            &format!(
+            "name = \"loopback-upstream\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [{lo_port}]\n"
+        ),
+        )?;
+        Ok(demo)
+    }
+
+    fn add_daemon(
+        &mut self,
+        name: &'static str,
+        role: Role,
+        metrics_port: u16,
+        listener: &str,
+    ) -> Result<()> {
+        let dir = self.dir.path().join(name);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bpffs = PathBuf::from(format!("{BPFFS_PREFIX}{}-{name}", std::process::id()));
+        let config = dir.join("rampart.toml");
+        let text = format!(
+            r#"state_dir = "{d}/state"
+bpffs_dir = "{bpffs}"
+control_socket = "{d}/control.sock"
+metrics_addr = "127.0.0.1:{metrics_port}"
+policy = ["policy.toml"]
+
+[maps]
+max_tokens = 4096
+max_revoked = 4096
+token_stats = 4096
+ring_bytes = 65536
+
+[events]
+export_file = "{d}/events.jsonl"
+
+[[listener]]
+{listener}mode = "enforce"
+action = "reset"
+on_missing = "deny"
+on_unknown = "deny"
+on_incomplete = "deny"
+"#,
+            d = dir.display(),
+            bpffs = bpffs.display(),
+        );
+        fs::write(&config, text).context("writing the demo config")?;
+        fs::write(dir.join("policy.toml"), POLICY).context("writing the demo policy")?;
+        self.daemons.push(Daemon {
+            name,
+            role,
+            config,
+            bpffs,
+            log: dir.join("daemon.log"),
+            metrics_port,
+            child: None,
+        });
+        Ok(())
+    }
+
+    /// One key for both daemons, so a token has the same fingerprint on either path; then
+    /// each daemon starts inside its namespace and is awaited until it answers.
+    fn start(&mut self) -> Result<()> {
+        let out = self.cli(0, &["keygen"])?;
+        ensure!(
+            out.status.success(),
+            "rampart keygen: {}",
+            self.redact(&out.stderr)
+        );
+        let key = self.state_dir(0).join(rampart::paths::KEY_FILE);
+        let other = self.state_dir(1);
+        fs::create_dir_all(&other).context("creating the second state dir")?;
+        fs::copy(&key, other.join(rampart::paths::KEY_FILE))
+            .context("sharing the fingerprint key")?;
+        say("rampart keygen: one fingerprint key, shared by both daemons");
+        for i in 0..self.daemons.len() {
+            let t = Instant::now();
+            self.spawn(i)?;
+            self.wait_ready(i)?;
+            say(&format!(
+                "{} is up ({:.1} s: programs verified, loaded and attached)",
+                self.daemons[i].name,
+                t.elapsed().as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pass-through XDP program on gw-up, so XDP_TX'd resets from up-gw arrive.
+    fn attach_peer_pass(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let mut dp = Datapath::load(LoadOptions {
+            max_tokens: 16,
+            max_revoked: 16,
+            token_stats: 16,
+            ring_bytes: 1 << 12,
+            pin_dir: None,
+        })
+        .context("loading the eBPF object for the pass-through program")?;
+        let peer = self.topo.gateway_upstream_veth().name.clone();
+        self.topo
+            .gateway()
+            .run(|| dp.attach_pass(&peer, XdpMode::Driver))
+            .map_err(|e| anyhow!("{e}"))?
+            .with_context(|| format!("attaching the pass-through program to {peer}"))?;
+        self.peer_pass = Some(dp);
+        say(&format!(
+            "pass-through XDP attached to {peer} ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    fn state_dir(&self, i: usize) -> PathBuf {
+        self.daemons[i]
+            .config
+            .parent()
+            .expect("config has a dir")
+            .join("state")
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let d = &self.daemons[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&d.log)
+            .context("opening the daemon log")?;
+        let child = self
+            .topo
+            .ns(d.role)
+            .command(&self.rampart)
+            .arg("--config")
+            .arg(&d.config)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("daemon log")?)
+            .stderr(log)
+            .spawn()
+            .context("starting rampart run")?;
+        self.daemons[i].child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, i: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = self.daemons[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{} exited during start-up ({st}); its log:\n{}",
+                    self.daemons[i].name,
+                    self.log(i)
+                );
+            }
+            if self.cli(i, &["status"])?.status.success() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} did not answer within 120 s; its log:\n{}",
+                self.daemons[i].name,
+                self.log(i)
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self, i: usize) -> String {
+        let text = fs::read(&self.daemons[i].log).unwrap_or_default();
+        self.redact(&text)
+    }
+
+    fn redact(&self, bytes: &[u8]) -> String {
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        self.tokens
+            .iter()
+            .fold(text, |t, tok| t.replace(tok.expose(), "<token>"))
+            .trim_end()
+            .to_owned()
+    }
+
+    fn cli(&self, i: usize, args: &[&str]) -> Result<Output> {
+        Command::new(&self.rampart)
+            .arg("--config")
+            .arg(&self.daemons[i].config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running rampart {}", args.join(" ")))
+    }
+
+    /// A CLI call that must succeed; its (redacted) stdout.
+    fn cli_ok(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = self.cli(i, args)?;
+        ensure!(
+            out.status.success(),
+            "rampart {} ({}): {}",
+            args.join(" "),
+            self.daemons[i].name,
+            self.redact(&out.stderr)
+        );
+        Ok(self.redact(&out.stdout))
+    }
+
+    fn issue(&mut self, i: usize, contract: &str, scopes: &[&str]) -> Result<Issued> {
+        let mut args = vec!["token", "issue", "--contract", contract];
+        for s in scopes {
+            args.extend(["--scope", s]);
+        }
+        let out = self.cli(i, &args)?;
+        // Keep the token (for redaction) before anything can print the output.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let token = BearerToken::new(stdout.lines().next().unwrap_or_default().trim());
+        self.tokens.push(token.clone());
+        ensure!(
+            out.status.success(),
+            "rampart token issue: {}",
+            self.redact(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let fp = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint:"))
+            .map(|f| f.trim().to_owned())
+            .ok_or_else(|| anyhow!("no fingerprint in: {}", self.redact(&out.stderr)))?;
+        Ok(Issued { token, fp })
+    }
+
+    fn request_veth(&self, curl: &Curl<'_>, req: &Request) -> Result<Outcome> {
+        let up = self.topo.veth_upstream();
+        let before = up.count();
+        let resp = curl.send(req).map_err(|e| anyhow!("curl: {e}"))?;
+        Ok(Outcome {
+            reached: up.count() > before,
+            resp,
+        })
+    }
+
+    fn request_lo(&self, curl: &Curl<'_>, req: &Request) -> Result<Outcome> {
+        let up = self.topo.loopback_upstream();
+        let before = up.count();
+        let resp = curl.send(req).map_err(|e| anyhow!("curl: {e}"))?;
+        Ok(Outcome {
+            reached: up.count() > before,
+            resp,
+        })
+    }
+
+    /// A 0700 dir under the demo's temp dir with a 0600 curl header file for `token`.
+    fn header_file(&self, name: &str, token: &BearerToken) -> Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .context("writing a curl header file")?;
+        writeln!(f, "Authorization: Bearer {}", token.expose())
+            .context("writing a curl header file")?;
+        Ok(path)
+    }
+
+    /// curl in the client ns sending `count` GETs at `rate`/s over one keep-alive
+    /// connection; yields (time since start, HTTP status) per request as it completes.
+    fn paced(
+        &self,
+        base: &str,
+        token: &BearerToken,
+        rate: u32,
+        count: u32,
+    ) -> Result<(Child, mpsc::Receiver<(Duration, u16)>)> {
+        let headers = self.header_file(&format!("h-{rate}-{count}"), token)?;
+        let mut child = self
+            .topo
+            .client()
+            .command("stdbuf")
+            .args([
+                "-oL",
+                "curl",
+                "-sk",
+                "--http1.1",
+                "--max-time",
+                "5",
+                "--rate",
+            ])
+            .arg(format!("{rate}/s"))
+            .args(["-o", "/dev/null", "-w", "%{http_code}\\n", "-H"])
+            .arg(format!("@{}", headers.display()))
+            .arg(format!("{base}/v1/reports/[1-{count}]"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting curl")?;
+        let out = child.stdout.take().context("curl stdout")?;
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let status = line.trim().parse().unwrap_or(0);
+                if tx.send((start.elapsed(), status)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok((child, rx))
+    }
+
+    /// Floods the veth route with the ramp token in back-to-back wrk windows of one ramp
+    /// step each; per window, Rampart's own counters (`rampart token show`) and what the
+    /// client got.
+    fn ramp_run(&self, ramp: &Issued, windows: u32) -> Result<Vec<Window>> {
+        let url = format!("{}/v1/reports/q", self.topo.veth_route_url());
+        let mut out = Vec::new();
+        say(&format!(
+            "{:>9}  {:<17}  {:>9}  {:>10}  {:>12}",
+            "seconds", "ramp stage", "admitted", "throttled", "client 200s"
+        ));
+        let (mut allow0, mut throttled0) = (0, 0);
+        let mut client_ok = 0;
+        for w in 0..windows {
+            let mut cfg = LoadConfig::new(&url);
+            cfg.tokens = vec![ramp.token.clone()];
+            cfg.connections = 8;
+            cfg.duration = Duration::from_secs(RAMP_STEP_SECS);
+            cfg.timeout = Duration::from_secs(2);
+            let report = wrk(self.topo.client(), &cfg).map_err(|e| anyhow!("wrk: {e}"))?;
+            let show = self.cli_ok(0, &["token", "show", &ramp.fp])?;
+            let stage = field(&show, "ramp stage:").unwrap_or_else(|| "?".into());
+            let rate = field(&show, "rate:").unwrap_or_default();
+            let allow = count(&show, "allow");
+            let throttled = count(&show, "throttled");
+            let penalty = if show.contains("penalty until") {
+                ", demoted"
+            } else {
+                ""
+            };
+            say(&format!(
+                "{:>4}–{:<4}  {:<17}  {:>9}  {:>10}  {:>12}",
+                u64::from(w) * RAMP_STEP_SECS,
+                u64::from(w + 1) * RAMP_STEP_SECS,
+                format!("{stage} ({}{penalty})", rate.trim_end_matches(" req/s")),
+                allow - allow0,
+                throttled - throttled0,
+                report.status(200),
+            ));
+            out.push(Window {
+                admitted: allow - allow0,
+            });
+            client_ok += report.status(200);
+            allow0 = allow;
+            throttled0 = throttled;
+        }
+        say("(admitted/throttled: Rampart's per-token counters; stage and rate in /s as `rampart token show` reports them)");
+        if client_ok * 10 < allow0 * 8 {
+            note(&format!(
+                "the client saw {client_ok} answers for {allow0} admissions: Rampart judges a reset \
+                 request's TCP retransmission again, and an admitted retransmission finds the \
+                 upstream's side already reset (datapath issue, reported)"
+            ));
+        }
+        Ok(out)
+    }
+
+    /// (requests served before the revocation, served after it).
+    fn revoke_mid_stream(&self, tok: &Issued) -> Result<(u32, u32)> {
+        let base = self.topo.veth_route_url();
+        let (mut child, rx) = self.paced(&base, &tok.token, 5, 20)?;
+        let (mut before, mut after) = (0, 0);
+        let mut revoked_at: Option<Duration> = None;
+        let mut line = String::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok((at, status)) => {
+                    let mark = if status == 200 { "✓" } else { "✗" };
+                    let _ = write!(line, "{mark}{status} ");
+                    match revoked_at {
+                        None => {
+                            if status == 200 {
+                                before += 1;
+                            }
+                        }
+                        Some(_) if status == 200 => after += 1,
+                        Some(_) => {}
+                    }
+                    if revoked_at.is_none() && at >= Duration::from_millis(1800) {
+                        say(&line);
+                        line.clear();
+                        let out =
+                            self.cli_ok(0, &["token", "revoke", &tok.fp, "--reason", "demo"])?;
+                        say(&format!("rampart token revoke: {out}"));
+                        revoked_at = Some(at);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("the keep-alive client stalled");
+                }
+            }
+        }
+        let _ = child.wait();
+        say(&line);
+        note("the connection from the client stayed open; every request after the revoke was reset before the upstream");
+        Ok((before, after))
+    }
+
+    /// Starts `rampart events --follow --json`, sends denied requests until `n` lines
+    /// arrived (or 10 s passed), stops the follower.
+    fn follow_events(&self, i: usize, n: usize, token: &BearerToken) -> Result<Vec<String>> {
+        let mut sub = Command::new(&self.rampart)
+            .arg("--config")
+            .arg(&self.daemons[i].config)
+            .args(["events", "--follow", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting rampart events")?;
+        let out = sub.stdout.take().context("events stdout")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let curl = self.topo.curl_veth().timeout(Duration::from_secs(3));
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lines.len() < n && Instant::now() < deadline {
+            // The subscription is live once the daemon answered it: keep sending.
+            let _ = curl.send(&Request::get("/v1/orders").token(token));
+            while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+                lines.push(self.redact(l.as_bytes()));
+            }
+        }
+        let _ = sub.kill();
+        let _ = sub.wait();
+        lines.truncate(n.max(1));
+        Ok(lines)
+    }
+
+    fn metrics(&self, i: usize) -> Result<String> {
+        let d = &self.daemons[i];
+        let out = self
+            .topo
+            .ns(d.role)
+            .command("curl")
+            .args(["-s", "-m", "5"])
+            .arg(format!("http://127.0.0.1:{}/metrics", d.metrics_port))
+            .stdin(Stdio::null())
+            .output()
+            .context("scraping /metrics")?;
+        Ok(self.redact(&out.stdout))
+    }
+
+    /// Stops the daemons and detaches their programs, saying what happened. Idempotent.
+    fn shutdown(&mut self) {
+        self.cleaned = true;
+        for i in 0..self.daemons.len() {
+            if let Some(mut c) = self.daemons[i].child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+                say(&format!("{} stopped", self.daemons[i].name));
+            }
+            if self.daemons[i].bpffs.exists() {
+                match self.cli(i, &["detach"]) {
+                    Ok(out) if out.status.success() => {
+                        say(&format!("rampart detach: {}", self.redact(&out.stdout)))
+                    }
+                    Ok(out) => say(&format!(
+                        "rampart detach failed: {}",
+                        self.redact(&out.stderr)
+                    )),
+                    Err(e) => say(&format!("rampart detach: {e:#}")),
+                }
+                let _ = fs::remove_dir_all(&self.daemons[i].bpffs);
+            }
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // On an error path the daemons may still run: stop and detach before the
+        // namespaces (dropped with `topo` after this) go away.
+        if !self.cleaned {
+            header("Clean-up");
+            self.shutdown();
+        }
+        self.peer_pass = None;
+    }
+}
+
+/// A verdict's count from the `requests:` block of `rampart token show` (0 if absent).
+fn count(text: &str, verdict: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(verdict))
+        .filter_map(|rest| rest.trim().parse().ok())
+        .next()
+        .unwrap_or(0)
+}
+
+/// The value after `key` on its line of `rampart token show` output.
+fn field(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+}
+
+const POLICY: &str = r#"# Written by the Rampart demo.
+[[contract]]
+name = "standard"
+stages = [{ after = "0s", rate = 50, burst = 10 }]
+
+# 5/s, doubling every 5 s, capped at 40/s: 5, 10, 20, 40. A breach demotes one stage for 5 s.
+[[contract]]
+name = "ramp"
+ramp = { start = 5, growth = "100%", step = "5s", cap = 40, burst = 2 }
+penalty = { demote = 1, cooldown = "5s" }
+
+[[scope]]
+name = "reports-read"
+methods = ["GET"]
+prefix = "/v1/reports/"
+
+[[scope]]
+name = "all"
+methods = ["*"]
+prefix = "/"
+"#;
