@@ -299,18 +299,25 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// `cargo` in `dir`, without the environment our own `cargo run` set: a `CARGO_*` or
-/// `RUSTUP_TOOLCHAIN` left over would point the child at the wrong package or
-/// toolchain (the eBPF crate relies on its rust-toolchain.toml).
+/// `cargo` in `dir`, without what our own `cargo run` put in the environment: the
+/// package variables describe xtask, not the child's package, and rustup's
+/// `RUSTUP_TOOLCHAIN` would override `+nightly`-less children and the eBPF crate's
+/// rust-toolchain.toml. The user's own settings (CARGO_TARGET_DIR, CARGO_INSTALL_ROOT,
+/// ...) are kept.
 pub fn cargo(dir: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(dir);
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
-        if key.starts_with("CARGO_") && key != "CARGO_HOME"
-            || key.starts_with("RUSTC")
-            || key == "RUSTFLAGS"
-            || key == "RUSTUP_TOOLCHAIN"
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*key,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "RUSTUP_TOOLCHAIN"
+            )
         {
             cmd.env_remove(&*key);
         }

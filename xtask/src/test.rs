@@ -101,7 +101,14 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
             ]))
         });
         step("clippy (agent-ebpf)", &mut || {
-            exec(cargo(&ebpf).args(["+nightly", "clippy", "--release", "--", "-D", "warnings"]))
+            exec(ebpf_cargo(&ebpf).args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         });
         // Nightly rustfmt: rustfmt.toml uses unstable import options.
         step("rustfmt (host crates)", &mut || {
@@ -110,7 +117,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         step("rustfmt (agent-ebpf)", &mut || {
             // No --all here: through its path dependencies it would reach the host
             // workspace and check those files twice.
-            exec(cargo(&ebpf).args(["+nightly", "fmt", "--check"]))
+            exec(ebpf_cargo(&ebpf).args(["+nightly", "fmt", "--check"]))
         });
     }
 
@@ -215,4 +222,11 @@ fn test_binaries(root: &Path, targets: &[&str]) -> Result<Vec<PathBuf>> {
         bail!("found no test binaries for the VM (agent-common unit tests, rampart-tests {targets:?})");
     }
     Ok(found)
+}
+
+/// `cargo` for the eBPF crate: host RUSTFLAGS do not apply to the BPF target.
+fn ebpf_cargo(dir: &Path) -> std::process::Command {
+    let mut cmd = cargo(dir);
+    cmd.env_remove("RUSTFLAGS");
+    cmd
 }
