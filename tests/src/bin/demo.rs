@@ -7,7 +7,8 @@
 //! One `rampart run` per namespace that owns a listener interface (a daemon attaches by
 //! interface name in its own namespace), both with the same fingerprint key. Tokens live
 //! in memory only; the screen shows fingerprints. Everything is torn down at the end, on
-//! failure and on Ctrl-C.
+//! failure and on Ctrl-C (see [`interrupt`]; stale leftovers of a run killed with -9 are
+//! removed by the next run).
 //!
 //! Needs root and `target/debug/rampart` next to this binary (`cargo xtask demo` builds it).
 
@@ -55,6 +56,10 @@ fn main() -> ExitCode {
             ));
             ExitCode::SUCCESS
         }
+        Err(_) if interrupt::happened() => loop {
+            // The signal thread is tearing down and will exit the process.
+            thread::park();
+        },
         Err(e) => {
             eprintln!("\ndemo FAILED: {e:#}");
             eprintln!("(everything it started has been cleaned up)");
@@ -88,7 +93,7 @@ fn run() -> Result<Vec<String>> {
     step("1. Topology");
     netns::cleanup_stale();
     cleanup_stale_pins();
-    netns::install_sigint_cleanup().map_err(|e| anyhow!("{e}"))?;
+    interrupt::install()?;
     let t0 = Instant::now();
     let topo = Topology::builder()
         .build()
@@ -225,7 +230,7 @@ fn run() -> Result<Vec<String>> {
     step("9. Telemetry");
     say("rampart top --once (veth daemon):");
     indent(&demo.cli_ok(0, &["top", "--once"])?);
-    say("rampart events --follow --json (veth daemon), while two denied requests go by:");
+    say("rampart events --follow --json (veth daemon) while denied requests go by (a reset request is judged again on its retransmission, hence pairs):");
     let events = demo.follow_events(0, 2, &stranger)?;
     for e in &events {
         say(&format!("  {e}"));
@@ -376,6 +381,7 @@ impl Demo {
             .prefix(&format!("{}{}-demo-", netns::PREFIX, std::process::id()))
             .tempdir()
             .context("creating the demo's temp dir")?;
+        interrupt::track_dir(dir.path());
         let mut demo = Demo {
             rampart,
             daemons: Vec::new(),
@@ -441,6 +447,7 @@ on_incomplete = "deny"
         );
         fs::write(&config, text).context("writing the demo config")?;
         fs::write(dir.join("policy.toml"), POLICY).context("writing the demo policy")?;
+        interrupt::track_daemon(&self.rampart, &config, &bpffs);
         self.daemons.push(Daemon {
             name,
             role,
@@ -535,6 +542,7 @@ on_incomplete = "deny"
             .stderr(log)
             .spawn()
             .context("starting rampart run")?;
+        interrupt::track_pid(child.id());
         self.daemons[i].child = Some(child);
         Ok(())
     }
@@ -862,6 +870,10 @@ on_incomplete = "deny"
     /// Stops the daemons and detaches their programs, saying what happened. Idempotent.
     fn shutdown(&mut self) {
         self.cleaned = true;
+        if interrupt::happened() {
+            // The signal thread owns the clean-up now.
+            return;
+        }
         for i in 0..self.daemons.len() {
             if let Some(mut c) = self.daemons[i].child.take() {
                 let _ = c.kill();
@@ -882,6 +894,7 @@ on_incomplete = "deny"
                 let _ = fs::remove_dir_all(&self.daemons[i].bpffs);
             }
         }
+        interrupt::forget_all();
     }
 }
 
@@ -889,7 +902,7 @@ impl Drop for Demo {
     fn drop(&mut self) {
         // On an error path the daemons may still run: stop and detach before the
         // namespaces (dropped with `topo` after this) go away.
-        if !self.cleaned {
+        if !self.cleaned && !interrupt::happened() {
             header("Clean-up");
             self.shutdown();
         }
@@ -934,3 +947,150 @@ name = "all"
 methods = ["*"]
 prefix = "/"
 "#;
+
+/// Ctrl-C (SIGINT) and SIGTERM: kill the daemons, detach their programs, remove the pins
+/// and the temp dir, then delete the namespaces (`netns::cleanup_registered`) and exit
+/// with 130. The handler only pokes a pipe; a normal thread does the work.
+mod interrupt {
+    use std::{
+        fs,
+        path::{Path, PathBuf},
+        process::{Command, Stdio},
+        sync::{
+            atomic::{AtomicBool, AtomicI32, Ordering},
+            Mutex,
+        },
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{bail, Result};
+    use rampart_tests::netns;
+
+    #[derive(Default)]
+    struct Tracked {
+        pids: Vec<u32>,
+        /// (rampart binary, config, bpffs dir) per daemon.
+        daemons: Vec<(PathBuf, PathBuf, PathBuf)>,
+        dirs: Vec<PathBuf>,
+    }
+
+    static TRACKED: Mutex<Tracked> = Mutex::new(Tracked {
+        pids: Vec::new(),
+        daemons: Vec::new(),
+        dirs: Vec::new(),
+    });
+    static HAPPENED: AtomicBool = AtomicBool::new(false);
+    static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+
+    fn tracked() -> std::sync::MutexGuard<'static, Tracked> {
+        TRACKED.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn happened() -> bool {
+        HAPPENED.load(Ordering::SeqCst)
+    }
+
+    pub fn track_pid(pid: u32) {
+        tracked().pids.push(pid);
+    }
+
+    pub fn track_daemon(rampart: &Path, config: &Path, bpffs: &Path) {
+        tracked()
+            .daemons
+            .push((rampart.to_owned(), config.to_owned(), bpffs.to_owned()));
+    }
+
+    pub fn track_dir(dir: &Path) {
+        tracked().dirs.push(dir.to_owned());
+    }
+
+    /// The normal clean-up ran; nothing is left for the signal path but the namespaces.
+    pub fn forget_all() {
+        *tracked() = Tracked::default();
+    }
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        let fd = PIPE_WRITE.load(Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: write is async-signal-safe; the buffer is a valid 1-byte static.
+            unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+        }
+    }
+
+    pub fn install() -> Result<()> {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid 2-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            bail!("pipe2: {}", std::io::Error::last_os_error());
+        }
+        let (read_fd, write_fd) = (fds[0], fds[1]);
+        PIPE_WRITE.store(write_fd, Ordering::Relaxed);
+        thread::Builder::new()
+            .name("demo-signal".into())
+            .spawn(move || {
+                let mut b = [0u8; 1];
+                // SAFETY: read into a valid 1-byte buffer from our own pipe.
+                while unsafe { libc::read(read_fd, b.as_mut_ptr().cast(), 1) } != 1 {}
+                HAPPENED.store(true, Ordering::SeqCst);
+                eprintln!(
+                    "\ninterrupted: stopping the daemons, detaching, deleting the namespaces"
+                );
+                tear_down();
+                netns::cleanup_registered();
+                eprintln!("everything the demo started is gone");
+                std::process::exit(130);
+            })?;
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: a zeroed sigaction with a valid handler pointer is a valid argument.
+            let rc = unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut())
+            };
+            if rc != 0 {
+                bail!("sigaction: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    fn tear_down() {
+        let t = std::mem::take(&mut *tracked());
+        for &pid in &t.pids {
+            // SAFETY: kill has no memory-safety preconditions; the pids are our children.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && t.pids.iter().any(|&p| alive(p)) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        for (rampart, config, bpffs) in &t.daemons {
+            if bpffs.exists() {
+                let _ = Command::new(rampart)
+                    .arg("--config")
+                    .arg(config)
+                    .args(["detach", "--force"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = fs::remove_dir_all(bpffs);
+            }
+        }
+        for dir in &t.dirs {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Alive and not a zombie (our killed children stay zombies until reaped).
+    fn alive(pid: u32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    }
+}
