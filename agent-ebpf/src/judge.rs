@@ -17,7 +17,7 @@ use crate::{
     packet::Packet,
     parse::{self, Flow},
     ramp,
-    reply::flow_addrs,
+    reply::{self, flow_addrs},
 };
 
 /// What the program entry needs to act on and record.
@@ -28,6 +28,9 @@ pub struct Decision {
     /// Enforce mode and a denying verdict.
     pub deny: bool,
     pub flow: Option<Flow>,
+    /// A segment of a connection whose server side this listener already reset (the
+    /// client's retransmission): answered with an RST, neither judged again nor counted.
+    pub rebound: bool,
 }
 
 impl Decision {
@@ -37,6 +40,7 @@ impl Decision {
             listener: None,
             deny: false,
             flow: None,
+            rebound: false,
         }
     }
 }
@@ -84,6 +88,18 @@ pub fn judge(p: &impl Packet) -> Decision {
         Some(l) => unsafe { *l },
         None => return Decision::untouched(),
     };
+    if listener.mode == mode::ENFORCE
+        && listener.action == agent_common::deny_action::RESET
+        && reply::already_reset(p, &flow)
+    {
+        return Decision {
+            verdict: Verdict::Pass,
+            listener: None,
+            deny: true,
+            flow: Some(flow),
+            rebound: true,
+        };
+    }
     let Some(cfg) = CONFIG.get(0) else {
         return Decision::untouched();
     };
@@ -103,6 +119,7 @@ pub fn judge(p: &impl Packet) -> Decision {
         listener: Some(listener),
         deny,
         flow: Some(flow),
+        rebound: false,
     }
 }
 

@@ -74,11 +74,16 @@ fn enforce(p: &impl Packet) -> Act {
     if !d.deny {
         return Act::Pass;
     }
-    let (Some(l), Some(flow)) = (d.listener, d.flow) else {
+    let Some(flow) = d.flow else {
         return Act::Drop;
     };
-    if l.action != deny_action::RESET {
-        return Act::Drop;
+    if !d.rebound {
+        let Some(l) = d.listener else {
+            return Act::Drop;
+        };
+        if l.action != deny_action::RESET {
+            return Act::Drop;
+        }
     }
     match reply::reset(p, &flow) {
         Ok(Reset::ToServer) => Act::PassReset,

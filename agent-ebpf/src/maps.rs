@@ -80,6 +80,7 @@ pub struct Scratch {
     pub path: crate::http::PathScan,
     pub scope: crate::judge::ScopeScan,
     pub new_stats: TokenStats,
+    pub flow: FlowKey,
     pub buf: [u8; SCAN_BYTES + 16],
 }
 

@@ -7,7 +7,7 @@ use agent_common::SCAN_BYTES;
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 
 use crate::{
-    maps::{FlowKey, RESET_FLOWS},
+    maps::{FlowKey, RESET_FLOWS, SCRATCH},
     packet::{ptr_at, ptr_at_mut, Packet},
     parse::{EthHdr, Flow, Ipv4Hdr, Ipv6Hdr, TcpHdr, TCP_ACK, TCP_RST},
 };
@@ -46,23 +46,47 @@ pub fn flow_addrs(p: &impl Packet, f: &Flow) -> Result<([u8; 16], [u8; 16]), ()>
     }
 }
 
+/// The flow's key, built in the scratch value (the stack is nearly full).
 #[inline(always)]
-pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
+fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
     let (saddr, daddr) = flow_addrs(p, f)?;
-    let key = FlowKey {
-        saddr,
-        daddr,
-        sport: f.sport,
-        dport: f.dport,
-        _pad: 0,
-    };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let to_client = match RESET_FLOWS.get_ptr(key) {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let key = unsafe { &mut (*scratch).flow };
+    key.saddr = saddr;
+    key.daddr = daddr;
+    key.sport = f.sport;
+    key.dport = f.dport;
+    key._pad = 0;
+    Ok(key)
+}
+
+/// Was this connection's server side reset by us recently?
+#[inline(always)]
+fn recently_reset(key: &FlowKey, now: u64) -> bool {
+    match RESET_FLOWS.get_ptr(key) {
         // SAFETY: map value pointer valid for this run.
         Some(t) => now.wrapping_sub(unsafe { *t }) < RESET_MEMORY_NS,
         None => false,
-    };
+    }
+}
+
+/// True for a segment of a connection whose server side we already reset.
+#[inline(always)]
+pub fn already_reset(p: &impl Packet, f: &Flow) -> bool {
+    match flow_key(p, f) {
+        // SAFETY: plain helper call.
+        Ok(key) => recently_reset(key, unsafe { bpf_ktime_get_boot_ns() }),
+        Err(()) => false,
+    }
+}
+
+#[inline(always)]
+pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
+    let key = flow_key(p, f)?;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let to_client = recently_reset(key, now);
     if !to_client {
         RESET_FLOWS.insert(key, now, 0).map_err(|_| ())?;
     }

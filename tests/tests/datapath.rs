@@ -736,8 +736,10 @@ fn reset_action_resets_server_then_client() {
                 "seq of the request"
             );
             assert!(tcp_checksum_ok(&out), "server RST checksum");
-            // The client's retransmission: an RST back to the client.
-            let (ret, out, _) = f.run(hook, &bytes);
+            // The client's retransmission: an RST back to the client, not judged (or
+            // counted) a second time.
+            let (ret, out, v) = f.run(hook, &bytes);
+            assert_eq!(v, None, "a retransmission is not a new request");
             assert_eq!(
                 ret,
                 if hook == Hook::Xdp {
