@@ -230,7 +230,7 @@ fn run() -> Result<Vec<String>> {
     step("9. Telemetry");
     say("rampart top --once (veth daemon):");
     indent(&demo.cli_ok(0, &["top", "--once"])?);
-    say("rampart events --follow --json (veth daemon) while denied requests go by (a reset request is judged again on its retransmission, hence pairs):");
+    say("rampart events --follow --json (veth daemon) while denied requests go by:");
     let events = demo.follow_events(0, 2, &stranger)?;
     for e in &events {
         say(&format!("  {e}"));
@@ -764,9 +764,9 @@ on_incomplete = "deny"
         say("(admitted/throttled: Rampart's per-token counters; stage and rate in /s as `rampart token show` reports them)");
         if client_ok * 10 < allow0 * 8 {
             note(&format!(
-                "the client saw {client_ok} answers for {allow0} admissions: Rampart judges a reset \
-                 request's TCP retransmission again, and an admitted retransmission finds the \
-                 upstream's side already reset (datapath issue, reported)"
+                "the client saw {client_ok} answers for {allow0} admissions: a throttled request \
+                 resets its nginx→upstream connection, and requests nginx had already queued on \
+                 that connection fail with it"
             ));
         }
         Ok(out)
