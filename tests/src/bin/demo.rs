@@ -764,9 +764,9 @@ on_incomplete = "deny"
         say("(admitted/throttled: Rampart's per-token counters; stage and rate in /s as `rampart token show` reports them)");
         if client_ok * 10 < allow0 * 8 {
             note(&format!(
-                "the client saw {client_ok} answers for {allow0} admissions: a throttled request \
-                 resets its nginx→upstream connection, and requests nginx had already queued on \
-                 that connection fail with it"
+                "the client saw {client_ok} answers for {allow0} admissions: admitted requests that \
+                 shared an nginx→upstream connection with a reset one are a suspected cause, \
+                 not yet investigated"
             ));
         }
         Ok(out)
