@@ -122,7 +122,12 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     }
 
     if !args.no_vm {
-        step("VM tests (Linux 6.1)", &mut || vm_tests(&root, args));
+        let name = if args.vm_datapath {
+            "VM tests (Linux 6.1)"
+        } else {
+            "VM tests (Linux 6.1; unit tests only, datapath NOT RUN)"
+        };
+        step(name, &mut || vm_tests(&root, args));
     }
 
     println!("\n==> summary");
