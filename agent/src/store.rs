@@ -283,17 +283,12 @@ impl std::fmt::Debug for Store {
 
 /// Lower-case hex as used everywhere a fingerprint is shown: `{:016x}{:016x}`.
 pub fn fingerprint_hex(fp: &Fingerprint) -> String {
-    format!("{:016x}{:016x}", fp.0[0], fp.0[1])
+    crate::policy::format_fingerprint(fp)
 }
 
-/// Parses the 32-hex-character form of a fingerprint.
+/// Parses the 32-hex-character form of a fingerprint (either case, unlike policy files).
 pub fn parse_fingerprint_hex(s: &str) -> Option<Fingerprint> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let hi = u64::from_str_radix(&s[..16], 16).ok()?;
-    let lo = u64::from_str_radix(&s[16..], 16).ok()?;
-    Some(Fingerprint([hi, lo]))
+    crate::policy::parse_fingerprint(&s.to_ascii_lowercase())
 }
 
 /// Now, in Unix seconds.

@@ -82,7 +82,7 @@ pub fn fp(token: &BearerToken) -> Fingerprint {
 
 /// `{:016x}{:016x}`: the only form a token may appear in output.
 pub fn fp_hex(f: &Fingerprint) -> String {
-    format!("{:016x}{:016x}", f.0[0], f.0[1])
+    rampart::policy::format_fingerprint(f)
 }
 
 /// Installs `token` for any scope under [`CONTRACT`].

@@ -132,7 +132,7 @@ impl EventFilter {
 
 /// The fingerprint's canonical text form.
 pub fn fingerprint_hex(fp: &Fingerprint) -> String {
-    format!("{:016x}{:016x}", fp.0[0], fp.0[1])
+    crate::policy::format_fingerprint(fp)
 }
 
 /// `action::*` as a word.
