@@ -62,3 +62,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Detach(args) => detach::run(config, args).await,
     }
 }
+
+/// The daemon's control socket: from the configuration file when it exists, else the
+/// default path (so `rampart status`/`token` work on a host configured by defaults).
+pub fn control_socket(config: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    if config.exists() {
+        Ok(rampart::config::Config::load(config)
+            .with_context(|| format!("loading configuration {}", config.display()))?
+            .control_socket)
+    } else {
+        Ok(rampart::config::Config::default().control_socket)
+    }
+}

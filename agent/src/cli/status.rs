@@ -4,7 +4,6 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
 use rampart::{
-    config::Config,
     control::{Client, Request},
     daemon::StatusBody,
 };
@@ -17,13 +16,7 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let socket = if config.exists() {
-        Config::load(config)
-            .with_context(|| format!("loading configuration {}", config.display()))?
-            .control_socket
-    } else {
-        Config::default().control_socket
-    };
+    let socket = super::control_socket(config)?;
     let mut client = Client::connect(&socket).await?;
     let resp = client.request(&Request::Status).await?;
     if !resp.ok {

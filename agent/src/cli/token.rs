@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use rampart::{
-    config::Config,
     control::{
         protocol::{IssuedBody, ListBody, RevokeBody, ShowBody, TokenView},
         Client, Fp, Request, Response,
@@ -92,13 +91,7 @@ fn parse_fp(s: &str) -> Result<Fp, String> {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let socket = if config.exists() {
-        Config::load(config)
-            .with_context(|| format!("loading configuration {}", config.display()))?
-            .control_socket
-    } else {
-        Config::default().control_socket
-    };
+    let socket = super::control_socket(config)?;
     let mut client = Client::connect(&socket).await?;
     exec(
         &mut client,
