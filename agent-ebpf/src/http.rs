@@ -7,7 +7,7 @@
 use core::ffi::c_void;
 
 use agent_common::{
-    http::{known_method, method, CLASS, TCHAR},
+    http::{CLASS, TCHAR},
     siphash::{low_bytes_mask, Sip128},
     Fingerprint, FingerprintKey, MAX_TOKEN_LEN, SCAN_BYTES,
 };
@@ -158,12 +158,6 @@ pub struct RequestLine {
     pub target_len: usize,
     /// Where the header block starts.
     pub headers_off: usize,
-}
-
-/// Cheap first look at a segment's first 8 bytes: a known method plus SP.
-#[inline(always)]
-pub fn method_of(first8: u64) -> Option<(u32, usize)> {
-    known_method(first8)
 }
 
 /// An extension method: 1..=16 tchars then SP. Returns the length including the SP.
@@ -722,5 +716,3 @@ pub fn target_hash(key: &FingerprintKey, buf: Buf, off: usize, len: usize) -> u6
     let len = if len > 256 { 256 } else { len };
     hash::<32>(key, buf, off, len).0[0]
 }
-
-pub const METHOD_OTHER: u32 = method::OTHER;

@@ -5,14 +5,16 @@
 use core::ffi::c_void;
 
 use agent_common::{
-    default_policy, mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict,
-    CLOCK_FIXED, MAX_SCOPES, SCAN_BYTES, TOKEN_ANY_SCOPE,
+    default_policy,
+    http::{known_method, method},
+    mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, MAX_SCOPES,
+    SCAN_BYTES, TOKEN_ANY_SCOPE,
 };
 use aya_ebpf::helpers::generated::{bpf_ktime_get_tai_ns, bpf_loop};
 
 use crate::{
     events,
-    http::{self, Buf, LineError, LoopCtx, METHOD_OTHER, SCAN_COMPLETE, SCAN_MALFORMED},
+    http::{self, Buf, LineError, LoopCtx, SCAN_COMPLETE, SCAN_MALFORMED},
     maps::{CONFIG, LISTENERS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
     packet::Packet,
     parse::{self, Flow},
@@ -109,10 +111,10 @@ pub fn judge(p: &impl Packet) -> Decision {
         target_len: 0,
         fingerprint: agent_common::Fingerprint::ZERO,
     };
-    let verdict = settle(decide(p, cfg, &flow, &mut seen));
+    let verdict = settle(buf, decide(p, cfg, buf, &flow, &mut seen));
     let deny = listener.mode == mode::ENFORCE && denies(verdict, &listener);
     if verdict != Verdict::Pass && verdict != Verdict::Allow {
-        report(p, cfg, &flow, &listener, verdict, deny, &seen);
+        report(p, cfg, buf, &flow, &listener, verdict, &seen);
     }
     Decision {
         verdict,
@@ -127,11 +129,8 @@ pub fn judge(p: &impl Packet) -> Decision {
 /// is unknown to the verifier, which then checks what follows once rather than once per
 /// verdict.
 #[inline(always)]
-fn settle(v: Verdict) -> Verdict {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return v;
-    };
-    let x = Buf::new(s).launder(v as usize) as u32;
+fn settle(buf: Buf, v: Verdict) -> Verdict {
+    let x = buf.launder(v as usize) as u32;
     Verdict::from_u32(x).unwrap_or(Verdict::Malformed)
 }
 
@@ -164,11 +163,7 @@ fn now(cfg: &GlobalConfig) -> u64 {
 }
 
 #[inline(always)]
-fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> Verdict {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Verdict::Malformed;
-    };
-    let buf = Buf::new(scratch);
+fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut Seen) -> Verdict {
     // A private copy: comparing `flow.payload_len` itself would narrow it, and the flow
     // (live until the verdict is acted on) would carry one verifier state per range.
     let plen = buf.launder(flow.payload_len);
@@ -180,10 +175,10 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, flow: &Flow, seen: &mut Seen) -> 
     {
         return Verdict::Malformed;
     }
-    let (method, mlen, known) = match http::method_of(buf.word(0)) {
+    let (method, mlen, known) = match known_method(buf.word(0)) {
         Some((m, l)) if l <= first => (m, l, true),
         _ => match http::extension_method(buf, first) {
-            Some(l) => (METHOD_OTHER, l, false),
+            Some(l) => (method::OTHER, l, false),
             None => return Verdict::Pass,
         },
     };
@@ -363,18 +358,18 @@ fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
 fn report(
     p: &impl Packet,
     cfg: &GlobalConfig,
+    buf: Buf,
     flow: &Flow,
     l: &ListenerConfig,
     verdict: Verdict,
-    deny: bool,
     seen: &Seen,
 ) {
-    let path_hash = match SCRATCH.get_ptr_mut(0) {
-        // The scratch still holds this request.
-        Some(s) if seen.target_len != 0 => {
-            http::target_hash(&cfg.key, Buf::new(s), seen.target_off, seen.target_len)
-        }
-        _ => 0,
+    let deny = l.mode == mode::ENFORCE && denies(verdict, l);
+    // The scratch still holds this request.
+    let path_hash = if seen.target_len != 0 {
+        http::target_hash(&cfg.key, buf, seen.target_off, seen.target_len)
+    } else {
+        0
     };
     let (saddr, daddr) = flow_addrs(p, flow).unwrap_or(([0; 16], [0; 16]));
     let action = if !deny {

@@ -28,6 +28,16 @@ pub trait Packet {
     fn truncate(&self, len: usize) -> Result<(), ()>;
 }
 
+/// A helper's return code as a Result (0 is success).
+#[inline(always)]
+fn helper_ok(rc: i64) -> Result<(), ()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
 /// A pointer to a `T` at `off`, if the linear data holds it.
 #[inline(always)]
 pub fn ptr_at<T>(p: &impl Packet, off: usize) -> Result<*const T, ()> {
@@ -72,11 +82,7 @@ impl Packet for Xdp<'_> {
     fn load(&self, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
         // SAFETY: dst points to at least `len` bytes (callers bound len by their buffer).
         let rc = unsafe { bpf_xdp_load_bytes(self.0.ctx, off as u32, dst as *mut c_void, len) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(())
-        }
+        helper_ok(rc)
     }
     #[inline(always)]
     fn make_writable(&self, _len: u32) -> Result<(), ()> {
@@ -86,11 +92,7 @@ impl Packet for Xdp<'_> {
     fn truncate(&self, len: usize) -> Result<(), ()> {
         let delta = len as i32 - self.len() as i32;
         // SAFETY: shrinking the frame by a negative delta the kernel validates.
-        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, delta) } == 0 {
-            Ok(())
-        } else {
-            Err(())
-        }
+        helper_ok(unsafe { bpf_xdp_adjust_tail(self.0.ctx, delta) })
     }
 }
 
@@ -125,29 +127,17 @@ impl Packet for Tc<'_> {
                 len,
             )
         };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(())
-        }
+        helper_ok(rc)
     }
     #[inline(always)]
     fn make_writable(&self, len: u32) -> Result<(), ()> {
         // SAFETY: the helper validates len against the skb.
-        if unsafe { bpf_skb_pull_data(self.0.skb.skb, len) } == 0 {
-            Ok(())
-        } else {
-            Err(())
-        }
+        helper_ok(unsafe { bpf_skb_pull_data(self.0.skb.skb, len) })
     }
     #[inline(always)]
     fn truncate(&self, len: usize) -> Result<(), ()> {
         // SAFETY: the helper validates len against the skb.
-        if unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) } == 0 {
-            Ok(())
-        } else {
-            Err(())
-        }
+        helper_ok(unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) })
     }
 }
 
