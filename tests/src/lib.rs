@@ -1,6 +1,7 @@
 //! Shared test support: packet builder, network-namespace topology.
 
 pub mod attach_support;
+pub mod cli;
 pub mod client;
 pub mod netns;
 pub mod nginx;

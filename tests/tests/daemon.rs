@@ -232,20 +232,14 @@ impl Fixture {
     /// Issues a token; returns it (kept for redaction and the final scan) and its fingerprint.
     fn issue(&mut self) -> (BearerToken, String) {
         let out = self.cli(&["token", "issue", "--contract", "std", "--scope", "all"]);
-        let stdout = String::from_utf8(out.stdout).expect("utf-8");
-        let token = BearerToken::new(stdout.lines().next().unwrap_or_default().trim());
+        let (token, fp) = rampart_tests::cli::issued(&out);
         self.tokens.push(token.clone());
         assert!(
             out.status.success(),
             "token issue: {}",
             self.show(&out.stderr)
         );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let fp = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("fingerprint:"))
-            .map(|f| f.trim().to_owned())
-            .unwrap_or_else(|| panic!("no fingerprint in: {}", self.show(stderr.as_bytes())));
+        let fp = fp.unwrap_or_else(|| panic!("no fingerprint in: {}", self.show(&out.stderr)));
         assert_eq!(fp.len(), 32, "fingerprint {fp}");
         (token, fp)
     }

@@ -618,20 +618,14 @@ on_incomplete = "deny"
         }
         let out = self.cli(i, &args)?;
         // Keep the token (for redaction) before anything can print the output.
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let token = BearerToken::new(stdout.lines().next().unwrap_or_default().trim());
+        let (token, fp) = rampart_tests::cli::issued(&out);
         self.tokens.push(token.clone());
         ensure!(
             out.status.success(),
             "rampart token issue: {}",
             self.redact(&out.stderr)
         );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let fp = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("fingerprint:"))
-            .map(|f| f.trim().to_owned())
-            .ok_or_else(|| anyhow!("no fingerprint in: {}", self.redact(&out.stderr)))?;
+        let fp = fp.ok_or_else(|| anyhow!("no fingerprint in: {}", self.redact(&out.stderr)))?;
         Ok(Issued { token, fp })
     }
 
