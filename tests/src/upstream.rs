@@ -79,6 +79,8 @@ pub struct RecordedRequest {
     /// Value of `X-Test-Id`, if sent.
     pub test_id: Option<String>,
     pub body_len: usize,
+    /// When the server finished reading it (for per-interval counts, e.g. ramp stages).
+    pub received: Instant,
 }
 
 impl RecordedRequest {
@@ -419,6 +421,7 @@ impl Head {
             had_authorization,
             test_id,
             body_len,
+            received: Instant::now(),
         }
     }
 

@@ -14,28 +14,20 @@
 
 use std::{
     fmt::Write as _,
-    fs,
     io::{BufRead, BufReader, Write},
-    os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Output, Stdio},
+    process::{Child, Command, ExitCode, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use aya::programs::XdpMode;
-use rampart::datapath::{Datapath, LoadOptions};
 use rampart_tests::{
     client::{wrk, BearerToken, Curl, LoadConfig, Request, Response},
+    gateway::{self, Gateway, Issued, Outcome, Side},
     netns,
-    topology::{Role, Topology},
+    topology::Topology,
 };
-
-/// Where the demo's per-run bpffs pin directories go (`<prefix><pid>-<daemon>`), so a run
-/// killed hard can be recognised and cleaned by the next one.
-const BPFFS_PREFIX: &str = "/sys/fs/bpf/rampart-demo-";
 
 /// The ramp contract's schedule, shown to the viewer and written into the policy.
 const RAMP_STEP_SECS: u64 = 5;
@@ -87,12 +79,11 @@ fn step(title: &str) {
 
 fn run() -> Result<Vec<String>> {
     netns::require_root().map_err(|e| anyhow!("{e}"))?;
-    let rampart = rampart_binary()?;
     let mut notes = Vec::new();
 
     step("1. Topology");
     netns::cleanup_stale();
-    cleanup_stale_pins();
+    gateway::cleanup_stale_pins();
     interrupt::install()?;
     let t0 = Instant::now();
     let topo = Topology::builder()
@@ -105,22 +96,19 @@ fn run() -> Result<Vec<String>> {
         topo.namespace_names().join(", "),
         t0.elapsed().as_secs_f64()
     ));
-    let mut demo = Demo::new(rampart, topo)?;
+    let mut demo = Demo::new(topo)?;
     step("2. Two Rampart daemons");
     demo.start()?;
-    demo.attach_peer_pass()?;
-    let up = &demo.daemons[0];
-    let gw = &demo.daemons[1];
     say(&format!(
         "{}: XDP (native) on {} in the upstream ns, port {}",
-        up.name,
-        demo.topo.upstream_veth().name,
-        demo.topo.upstream_port()
+        demo.gw.daemon_name(Side::Veth),
+        demo.gw.topo().upstream_veth().name,
+        demo.gw.topo().upstream_port()
     ));
     say(&format!(
         "{}: TC on lo in the gateway ns, port {}",
-        gw.name,
-        demo.topo.loopback_upstream_port()
+        demo.gw.daemon_name(Side::Loopback),
+        demo.gw.topo().loopback_upstream_port()
     ));
     say("policy: contracts `standard` (50/s, burst 10) and `ramp` (5/s, doubling every 5 s up to 40/s, burst 2; a breach demotes one stage for 5 s)");
     say("        scopes `reports-read` (GET /v1/reports/) and `all`; unknown or missing tokens are reset");
@@ -130,10 +118,10 @@ fn run() -> Result<Vec<String>> {
     notes.push("two daemons loaded and attached (XDP native + TC)".to_owned());
 
     step("3. Issuing tokens");
-    let veth_tok = demo.issue(0, "standard", &["all"])?;
-    let lo_tok = demo.issue(1, "standard", &["all"])?;
-    let reader = demo.issue(0, "standard", &["reports-read"])?;
-    let ramp = demo.issue(0, "ramp", &["reports-read"])?;
+    let veth_tok = demo.issue(Side::Veth, "standard", &["all"])?;
+    let lo_tok = demo.issue(Side::Loopback, "standard", &["all"])?;
+    let reader = demo.issue(Side::Veth, "standard", &["reports-read"])?;
+    let ramp = demo.issue(Side::Veth, "ramp", &["reports-read"])?;
     say("the plaintext goes to the client only; Rampart stores fingerprints");
     for (what, t) in [
         ("veth path, standard, all scopes", &veth_tok),
@@ -145,15 +133,26 @@ fn run() -> Result<Vec<String>> {
     }
 
     step("4. Allowed traffic");
-    let veth = demo.topo.curl_veth();
-    let lo = demo.topo.curl_loopback();
-    let r = demo.request_veth(&veth, &Request::get("/v1/orders").token(&veth_tok.token))?;
+    // A token nobody issued (step 5), known now so that any output is redacted.
+    let stranger = BearerToken::new(random_token());
+    demo.gw.remember(&stranger);
+    let veth = demo.gw.topo().curl_veth();
+    let lo = demo.gw.topo().curl_loopback();
+    let r = demo.request(
+        Side::Veth,
+        &veth,
+        &Request::get("/v1/orders").token(&veth_tok.token),
+    )?;
     show("GET /v1/orders, valid token, veth path", &r);
     ensure!(
         r.reached && r.resp.status == 200,
         "valid token on the veth path was not served"
     );
-    let r = demo.request_lo(&lo, &Request::get("/v1/orders").token(&lo_tok.token))?;
+    let r = demo.request(
+        Side::Loopback,
+        &lo,
+        &Request::get("/v1/orders").token(&lo_tok.token),
+    )?;
     show("GET /v1/orders, valid token, loopback path", &r);
     ensure!(
         r.reached && r.resp.status == 200,
@@ -162,25 +161,29 @@ fn run() -> Result<Vec<String>> {
     notes.push("valid tokens served on both paths".to_owned());
 
     step("5. Missing and unknown tokens");
-    let r = demo.request_veth(&veth, &Request::get("/v1/orders"))?;
+    let r = demo.request(Side::Veth, &veth, &Request::get("/v1/orders"))?;
     show("no Authorization header, veth path", &r);
     ensure!(!r.reached, "a request without a token reached the upstream");
-    let stranger = BearerToken::new(random_token());
-    demo.tokens.push(stranger.clone());
-    let r = demo.request_lo(&lo, &Request::get("/v1/orders").token(&stranger))?;
+    let r = demo.request(
+        Side::Loopback,
+        &lo,
+        &Request::get("/v1/orders").token(&stranger),
+    )?;
     show("a token nobody issued, loopback path", &r);
     ensure!(!r.reached, "an unknown token reached the upstream");
     note("Rampart reset nginx's upstream connection inside the kernel; nginx turns that into 502");
     notes.push("missing and unknown tokens stopped before the upstream".to_owned());
 
     step("6. Scopes");
-    let r = demo.request_veth(
+    let r = demo.request(
+        Side::Veth,
         &veth,
         &Request::get("/v1/reports/daily").token(&reader.token),
     )?;
     show("GET /v1/reports/daily, reports-read token", &r);
     ensure!(r.reached, "an in-scope GET was denied");
-    let r = demo.request_veth(
+    let r = demo.request(
+        Side::Veth,
         &veth,
         &Request::get("/v1/reports/daily")
             .method("POST")
@@ -189,7 +192,11 @@ fn run() -> Result<Vec<String>> {
     )?;
     show("POST /v1/reports/daily, same token", &r);
     ensure!(!r.reached, "an out-of-scope POST reached the upstream");
-    let r = demo.request_veth(&veth, &Request::get("/v1/orders").token(&reader.token))?;
+    let r = demo.request(
+        Side::Veth,
+        &veth,
+        &Request::get("/v1/orders").token(&reader.token),
+    )?;
     show("GET /v1/orders, same token", &r);
     ensure!(!r.reached, "an out-of-scope path reached the upstream");
     notes.push("scoped token: GET in its prefix only".to_owned());
@@ -212,7 +219,7 @@ fn run() -> Result<Vec<String>> {
         "admissions did not climb with the ramp ({first} → {last} per window)"
     );
     say("rampart token show (ramp token):");
-    indent(&demo.cli_ok(0, &["token", "show", &ramp.fp])?);
+    indent(&demo.cli_ok(Side::Veth, &["token", "show", &ramp.fp])?);
     notes.push(format!(
         "ramp: {first} → {last} admitted per {RAMP_STEP_SECS} s window as the stage climbed"
     ));
@@ -229,15 +236,15 @@ fn run() -> Result<Vec<String>> {
 
     step("9. Telemetry");
     say("rampart top --once (veth daemon):");
-    indent(&demo.cli_ok(0, &["top", "--once"])?);
+    indent(&demo.cli_ok(Side::Veth, &["top", "--once"])?);
     say("rampart events --follow --json (veth daemon) while denied requests go by:");
-    let events = demo.follow_events(0, 2, &stranger)?;
+    let events = demo.follow_events(Side::Veth, 2, &stranger)?;
     for e in &events {
         say(&format!("  {e}"));
     }
     ensure!(!events.is_empty(), "no live events arrived");
     say("/metrics (veth daemon), request counters:");
-    let metrics = demo.metrics(0)?;
+    let metrics = demo.gw.metrics(Side::Veth)?;
     let lines: Vec<&str> = metrics
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains("request"))
@@ -258,56 +265,6 @@ fn run() -> Result<Vec<String>> {
     drop(demo);
     say("namespaces deleted");
     Ok(notes)
-}
-
-/// `target/debug/rampart`, next to this binary.
-fn rampart_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the demo binary")?;
-    let bin = exe
-        .parent()
-        .context("the demo binary has no directory")?
-        .join("rampart");
-    ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p rampart` (cargo xtask demo does)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-/// Pin directories of demo runs whose process is gone (killed hard, so no clean-up ran).
-fn cleanup_stale_pins() {
-    let Some((parent, prefix)) = BPFFS_PREFIX.rsplit_once('/') else {
-        return;
-    };
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// A token in memory, with the fingerprint that is all we ever print.
-struct Issued {
-    token: BearerToken,
-    fp: String,
-}
-
-/// What one request did, as the client and the upstream saw it.
-struct Outcome {
-    resp: Response,
-    reached: bool,
 }
 
 fn show(what: &str, o: &Outcome) {
@@ -345,323 +302,60 @@ fn random_token() -> String {
         .collect()
 }
 
-/// One `rampart run` and its files.
-struct Daemon {
-    name: &'static str,
-    role: Role,
-    config: PathBuf,
-    bpffs: PathBuf,
-    log: PathBuf,
-    metrics_port: u16,
-    child: Option<Child>,
-}
-
 /// One load window of the ramp run.
 struct Window {
     admitted: u64,
 }
 
 struct Demo {
-    rampart: PathBuf,
-    daemons: Vec<Daemon>,
-    /// Every token the demo handled, to redact any output before it is shown.
-    tokens: Vec<BearerToken>,
-    /// Holds the pass-through program on gw-up (detached on drop, before the namespaces).
-    peer_pass: Option<Datapath>,
+    gw: Gateway,
     /// `shutdown` ran (the normal path); Drop then has nothing left to say.
     cleaned: bool,
-    topo: Topology,
-    dir: tempfile::TempDir,
 }
 
 impl Demo {
-    fn new(rampart: PathBuf, topo: Topology) -> Result<Demo> {
-        // `rmp-<pid>-…`: `netns::cleanup_stale` removes it if this run dies hard.
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{}{}-demo-", netns::PREFIX, std::process::id()))
-            .tempdir()
-            .context("creating the demo's temp dir")?;
-        interrupt::track_dir(dir.path());
-        let mut demo = Demo {
-            rampart,
-            daemons: Vec::new(),
-            tokens: Vec::new(),
-            peer_pass: None,
-            cleaned: false,
-            topo,
-            dir,
-        };
-        let up_port = demo.topo.upstream_port();
-        let lo_port = demo.topo.loopback_upstream_port();
-        let up_if = demo.topo.upstream_veth().name.clone();
-        demo.add_daemon("upstream-xdp", Role::Upstream, 9464, &format!(
-            "name = \"veth-upstream\"\ninterface = \"{up_if}\"\nhook = \"xdp\"\nxdp_mode = \"native\"\nports = [{up_port}]\n"
-        ))?;
-        demo.add_daemon(
-            "gateway-tc",
-            Role::Gateway,
-            9465,
-            &format!(
-            "name = \"loopback-upstream\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [{lo_port}]\n"
-        ),
-        )?;
-        Ok(demo)
-    }
-
-    fn add_daemon(
-        &mut self,
-        name: &'static str,
-        role: Role,
-        metrics_port: u16,
-        listener: &str,
-    ) -> Result<()> {
-        let dir = self.dir.path().join(name);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let bpffs = PathBuf::from(format!("{BPFFS_PREFIX}{}-{name}", std::process::id()));
-        let config = dir.join("rampart.toml");
-        let text = format!(
-            r#"state_dir = "{d}/state"
-bpffs_dir = "{bpffs}"
-control_socket = "{d}/control.sock"
-metrics_addr = "127.0.0.1:{metrics_port}"
-policy = ["policy.toml"]
-
-[maps]
-max_tokens = 4096
-max_revoked = 4096
-token_stats = 4096
-ring_bytes = 65536
-
-[events]
-export_file = "{d}/events.jsonl"
-
-[[listener]]
-{listener}mode = "enforce"
-action = "reset"
-on_missing = "deny"
-on_unknown = "deny"
-on_incomplete = "deny"
-"#,
-            d = dir.display(),
-            bpffs = bpffs.display(),
-        );
-        fs::write(&config, text).context("writing the demo config")?;
-        fs::write(dir.join("policy.toml"), POLICY).context("writing the demo policy")?;
-        interrupt::track_daemon(&self.rampart, &config, &bpffs);
-        self.daemons.push(Daemon {
-            name,
-            role,
-            config,
-            bpffs,
-            log: dir.join("daemon.log"),
-            metrics_port,
-            child: None,
-        });
-        Ok(())
+    /// Configs and policy for both daemons; nothing runs yet.
+    fn new(topo: Topology) -> Result<Demo> {
+        let gw = Gateway::builder()
+            .policy(POLICY)
+            .prepare(gateway::rampart_binary()?, topo)?;
+        Ok(Demo { gw, cleaned: false })
     }
 
     /// One key for both daemons, so a token has the same fingerprint on either path; then
     /// each daemon starts inside its namespace and is awaited until it answers.
     fn start(&mut self) -> Result<()> {
-        let out = self.cli(0, &["keygen"])?;
-        ensure!(
-            out.status.success(),
-            "rampart keygen: {}",
-            self.redact(&out.stderr)
-        );
-        let key = self.state_dir(0).join(rampart::paths::KEY_FILE);
-        let other = self.state_dir(1);
-        fs::create_dir_all(&other).context("creating the second state dir")?;
-        fs::copy(&key, other.join(rampart::paths::KEY_FILE))
-            .context("sharing the fingerprint key")?;
+        self.gw.keygen()?;
         say("rampart keygen: one fingerprint key, shared by both daemons");
-        for i in 0..self.daemons.len() {
+        for side in self.gw.sides() {
             let t = Instant::now();
-            self.spawn(i)?;
-            self.wait_ready(i)?;
+            self.gw.start(side)?;
             say(&format!(
                 "{} is up ({:.1} s: programs verified, loaded and attached)",
-                self.daemons[i].name,
+                self.gw.daemon_name(side),
                 t.elapsed().as_secs_f64()
             ));
         }
-        Ok(())
-    }
-
-    /// The pass-through XDP program on gw-up, so XDP_TX'd resets from up-gw arrive.
-    fn attach_peer_pass(&mut self) -> Result<()> {
         let t = Instant::now();
-        let mut dp = Datapath::load(LoadOptions {
-            max_tokens: 16,
-            max_revoked: 16,
-            token_stats: 16,
-            ring_bytes: 1 << 12,
-            pin_dir: None,
-        })
-        .context("loading the eBPF object for the pass-through program")?;
-        let peer = self.topo.gateway_upstream_veth().name.clone();
-        self.topo
-            .gateway()
-            .run(|| dp.attach_pass(&peer, XdpMode::Driver))
-            .map_err(|e| anyhow!("{e}"))?
-            .with_context(|| format!("attaching the pass-through program to {peer}"))?;
-        self.peer_pass = Some(dp);
+        self.gw.attach_peer_pass()?;
         say(&format!(
-            "pass-through XDP attached to {peer} ({:.1} s)",
+            "pass-through XDP attached to {} ({:.1} s)",
+            self.gw.topo().gateway_upstream_veth().name,
             t.elapsed().as_secs_f64()
         ));
         Ok(())
     }
 
-    fn state_dir(&self, i: usize) -> PathBuf {
-        self.daemons[i]
-            .config
-            .parent()
-            .expect("config has a dir")
-            .join("state")
+    fn cli_ok(&self, side: Side, args: &[&str]) -> Result<String> {
+        Ok(self.gw.cli_ok(side, args)?)
     }
 
-    fn spawn(&mut self, i: usize) -> Result<()> {
-        let d = &self.daemons[i];
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&d.log)
-            .context("opening the daemon log")?;
-        let child = self
-            .topo
-            .ns(d.role)
-            .command(&self.rampart)
-            .arg("--config")
-            .arg(&d.config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("daemon log")?)
-            .stderr(log)
-            .spawn()
-            .context("starting rampart run")?;
-        interrupt::track_pid(child.id());
-        self.daemons[i].child = Some(child);
-        Ok(())
+    fn issue(&mut self, side: Side, contract: &str, scopes: &[&str]) -> Result<Issued> {
+        Ok(self.gw.issue(side, contract, scopes)?)
     }
 
-    fn wait_ready(&mut self, i: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(st) = self.daemons[i]
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "{} exited during start-up ({st}); its log:\n{}",
-                    self.daemons[i].name,
-                    self.log(i)
-                );
-            }
-            if self.cli(i, &["status"])?.status.success() {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} did not answer within 120 s; its log:\n{}",
-                self.daemons[i].name,
-                self.log(i)
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn log(&self, i: usize) -> String {
-        let text = fs::read(&self.daemons[i].log).unwrap_or_default();
-        self.redact(&text)
-    }
-
-    fn redact(&self, bytes: &[u8]) -> String {
-        let text = String::from_utf8_lossy(bytes).into_owned();
-        self.tokens
-            .iter()
-            .fold(text, |t, tok| t.replace(tok.expose(), "<token>"))
-            .trim_end()
-            .to_owned()
-    }
-
-    fn cli(&self, i: usize, args: &[&str]) -> Result<Output> {
-        Command::new(&self.rampart)
-            .arg("--config")
-            .arg(&self.daemons[i].config)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running rampart {}", args.join(" ")))
-    }
-
-    /// A CLI call that must succeed; its (redacted) stdout.
-    fn cli_ok(&self, i: usize, args: &[&str]) -> Result<String> {
-        let out = self.cli(i, args)?;
-        ensure!(
-            out.status.success(),
-            "rampart {} ({}): {}",
-            args.join(" "),
-            self.daemons[i].name,
-            self.redact(&out.stderr)
-        );
-        Ok(self.redact(&out.stdout))
-    }
-
-    fn issue(&mut self, i: usize, contract: &str, scopes: &[&str]) -> Result<Issued> {
-        let mut args = vec!["token", "issue", "--contract", contract];
-        for s in scopes {
-            args.extend(["--scope", s]);
-        }
-        let out = self.cli(i, &args)?;
-        // Keep the token (for redaction) before anything can print the output.
-        let (token, fp) = rampart_tests::cli::issued(&out);
-        self.tokens.push(token.clone());
-        ensure!(
-            out.status.success(),
-            "rampart token issue: {}",
-            self.redact(&out.stderr)
-        );
-        let fp = fp.ok_or_else(|| anyhow!("no fingerprint in: {}", self.redact(&out.stderr)))?;
-        Ok(Issued { token, fp })
-    }
-
-    fn request_veth(&self, curl: &Curl<'_>, req: &Request) -> Result<Outcome> {
-        let up = self.topo.veth_upstream();
-        let before = up.count();
-        let resp = curl.send(req).map_err(|e| anyhow!("curl: {e}"))?;
-        Ok(Outcome {
-            reached: up.count() > before,
-            resp,
-        })
-    }
-
-    fn request_lo(&self, curl: &Curl<'_>, req: &Request) -> Result<Outcome> {
-        let up = self.topo.loopback_upstream();
-        let before = up.count();
-        let resp = curl.send(req).map_err(|e| anyhow!("curl: {e}"))?;
-        Ok(Outcome {
-            reached: up.count() > before,
-            resp,
-        })
-    }
-
-    /// A 0700 dir under the demo's temp dir with a 0600 curl header file for `token`.
-    fn header_file(&self, name: &str, token: &BearerToken) -> Result<PathBuf> {
-        let path = self.dir.path().join(name);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .context("writing a curl header file")?;
-        writeln!(f, "Authorization: Bearer {}", token.expose())
-            .context("writing a curl header file")?;
-        Ok(path)
+    fn request(&self, side: Side, curl: &Curl<'_>, req: &Request) -> Result<Outcome> {
+        Ok(self.gw.request(side, curl, req)?)
     }
 
     /// curl in the client ns sending `count` GETs at `rate`/s over one keep-alive
@@ -673,9 +367,10 @@ on_incomplete = "deny"
         rate: u32,
         count: u32,
     ) -> Result<(Child, mpsc::Receiver<(Duration, u16)>)> {
-        let headers = self.header_file(&format!("h-{rate}-{count}"), token)?;
+        let headers = self.gw.header_file(&format!("h-{rate}-{count}"), token)?;
         let mut child = self
-            .topo
+            .gw
+            .topo()
             .client()
             .command("stdbuf")
             .args([
@@ -714,7 +409,7 @@ on_incomplete = "deny"
     /// step each; per window, Rampart's own counters (`rampart token show`) and what the
     /// client got.
     fn ramp_run(&self, ramp: &Issued, windows: u32) -> Result<Vec<Window>> {
-        let url = format!("{}/v1/reports/q", self.topo.veth_route_url());
+        let url = format!("{}/v1/reports/q", self.gw.topo().veth_route_url());
         let mut out = Vec::new();
         say(&format!(
             "{:>9}  {:<17}  {:>9}  {:>10}  {:>12}",
@@ -728,8 +423,8 @@ on_incomplete = "deny"
             cfg.connections = 8;
             cfg.duration = Duration::from_secs(RAMP_STEP_SECS);
             cfg.timeout = Duration::from_secs(2);
-            let report = wrk(self.topo.client(), &cfg).map_err(|e| anyhow!("wrk: {e}"))?;
-            let show = self.cli_ok(0, &["token", "show", &ramp.fp])?;
+            let report = wrk(self.gw.topo().client(), &cfg).map_err(|e| anyhow!("wrk: {e}"))?;
+            let show = self.cli_ok(Side::Veth, &["token", "show", &ramp.fp])?;
             let stage = field(&show, "ramp stage:").unwrap_or_else(|| "?".into());
             let rate = field(&show, "rate:").unwrap_or_default();
             let allow = count(&show, "allow");
@@ -768,7 +463,7 @@ on_incomplete = "deny"
 
     /// (requests served before the revocation, served after it).
     fn revoke_mid_stream(&self, tok: &Issued) -> Result<(u32, u32)> {
-        let base = self.topo.veth_route_url();
+        let base = self.gw.topo().veth_route_url();
         let (mut child, rx) = self.paced(&base, &tok.token, 5, 20)?;
         let (mut before, mut after) = (0, 0);
         let mut revoked_at: Option<Duration> = None;
@@ -790,8 +485,10 @@ on_incomplete = "deny"
                     if revoked_at.is_none() && at >= Duration::from_millis(1800) {
                         say(&line);
                         line.clear();
-                        let out =
-                            self.cli_ok(0, &["token", "revoke", &tok.fp, "--reason", "demo"])?;
+                        let out = self.cli_ok(
+                            Side::Veth,
+                            &["token", "revoke", &tok.fp, "--reason", "demo"],
+                        )?;
                         say(&format!("rampart token revoke: {out}"));
                         revoked_at = Some(at);
                     }
@@ -812,10 +509,10 @@ on_incomplete = "deny"
 
     /// Starts `rampart events --follow --json`, sends denied requests until `n` lines
     /// arrived (or 10 s passed), stops the follower.
-    fn follow_events(&self, i: usize, n: usize, token: &BearerToken) -> Result<Vec<String>> {
-        let mut sub = Command::new(&self.rampart)
+    fn follow_events(&self, side: Side, n: usize, token: &BearerToken) -> Result<Vec<String>> {
+        let mut sub = Command::new(gateway::rampart_binary()?)
             .arg("--config")
-            .arg(&self.daemons[i].config)
+            .arg(self.gw.config_path(side))
             .args(["events", "--follow", "--json"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -831,34 +528,20 @@ on_incomplete = "deny"
                 }
             }
         });
-        let curl = self.topo.curl_veth().timeout(Duration::from_secs(3));
+        let curl = self.gw.topo().curl_veth().timeout(Duration::from_secs(3));
         let mut lines = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while lines.len() < n && Instant::now() < deadline {
             // The subscription is live once the daemon answered it: keep sending.
             let _ = curl.send(&Request::get("/v1/orders").token(token));
             while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
-                lines.push(self.redact(l.as_bytes()));
+                lines.push(self.gw.redact(l.as_bytes()));
             }
         }
         let _ = sub.kill();
         let _ = sub.wait();
         lines.truncate(n.max(1));
         Ok(lines)
-    }
-
-    fn metrics(&self, i: usize) -> Result<String> {
-        let d = &self.daemons[i];
-        let out = self
-            .topo
-            .ns(d.role)
-            .command("curl")
-            .args(["-s", "-m", "5"])
-            .arg(format!("http://127.0.0.1:{}/metrics", d.metrics_port))
-            .stdin(Stdio::null())
-            .output()
-            .context("scraping /metrics")?;
-        Ok(self.redact(&out.stdout))
     }
 
     /// Stops the daemons and detaches their programs, saying what happened. Idempotent.
@@ -868,39 +551,20 @@ on_incomplete = "deny"
             // The signal thread owns the clean-up now.
             return;
         }
-        for i in 0..self.daemons.len() {
-            if let Some(mut c) = self.daemons[i].child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-                say(&format!("{} stopped", self.daemons[i].name));
-            }
-            if self.daemons[i].bpffs.exists() {
-                match self.cli(i, &["detach"]) {
-                    Ok(out) if out.status.success() => {
-                        say(&format!("rampart detach: {}", self.redact(&out.stdout)))
-                    }
-                    Ok(out) => say(&format!(
-                        "rampart detach failed: {}",
-                        self.redact(&out.stderr)
-                    )),
-                    Err(e) => say(&format!("rampart detach: {e:#}")),
-                }
-                let _ = fs::remove_dir_all(&self.daemons[i].bpffs);
-            }
+        for line in self.gw.shutdown() {
+            say(&line);
         }
-        interrupt::forget_all();
     }
 }
 
 impl Drop for Demo {
     fn drop(&mut self) {
         // On an error path the daemons may still run: stop and detach before the
-        // namespaces (dropped with `topo` after this) go away.
+        // namespaces (dropped with the gateway after this) go away.
         if !self.cleaned && !interrupt::happened() {
             header("Clean-up");
             self.shutdown();
         }
-        self.peer_pass = None;
     }
 }
 
@@ -943,65 +607,23 @@ prefix = "/"
 "#;
 
 /// Ctrl-C (SIGINT) and SIGTERM: kill the daemons, detach their programs, remove the pins
-/// and the temp dir, then delete the namespaces (`netns::cleanup_registered`) and exit
-/// with 130. The handler only pokes a pipe; a normal thread does the work.
+/// and the temp dir (`gateway::teardown_registered`), then delete the namespaces
+/// (`netns::cleanup_registered`) and exit with 130. The handler only pokes a pipe; a
+/// normal thread does the work.
 mod interrupt {
     use std::{
-        fs,
-        path::{Path, PathBuf},
-        process::{Command, Stdio},
-        sync::{
-            atomic::{AtomicBool, AtomicI32, Ordering},
-            Mutex,
-        },
+        sync::atomic::{AtomicBool, AtomicI32, Ordering},
         thread,
-        time::{Duration, Instant},
     };
 
     use anyhow::{bail, Result};
-    use rampart_tests::netns;
+    use rampart_tests::{gateway, netns};
 
-    #[derive(Default)]
-    struct Tracked {
-        pids: Vec<u32>,
-        /// (rampart binary, config, bpffs dir) per daemon.
-        daemons: Vec<(PathBuf, PathBuf, PathBuf)>,
-        dirs: Vec<PathBuf>,
-    }
-
-    static TRACKED: Mutex<Tracked> = Mutex::new(Tracked {
-        pids: Vec::new(),
-        daemons: Vec::new(),
-        dirs: Vec::new(),
-    });
     static HAPPENED: AtomicBool = AtomicBool::new(false);
     static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
-    fn tracked() -> std::sync::MutexGuard<'static, Tracked> {
-        TRACKED.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn happened() -> bool {
         HAPPENED.load(Ordering::SeqCst)
-    }
-
-    pub fn track_pid(pid: u32) {
-        tracked().pids.push(pid);
-    }
-
-    pub fn track_daemon(rampart: &Path, config: &Path, bpffs: &Path) {
-        tracked()
-            .daemons
-            .push((rampart.to_owned(), config.to_owned(), bpffs.to_owned()));
-    }
-
-    pub fn track_dir(dir: &Path) {
-        tracked().dirs.push(dir.to_owned());
-    }
-
-    /// The normal clean-up ran; nothing is left for the signal path but the namespaces.
-    pub fn forget_all() {
-        *tracked() = Tracked::default();
     }
 
     extern "C" fn on_signal(_: libc::c_int) {
@@ -1030,7 +652,7 @@ mod interrupt {
                 eprintln!(
                     "\ninterrupted: stopping the daemons, detaching, deleting the namespaces"
                 );
-                tear_down();
+                gateway::teardown_registered();
                 netns::cleanup_registered();
                 eprintln!("everything the demo started is gone");
                 std::process::exit(130);
@@ -1049,42 +671,5 @@ mod interrupt {
             }
         }
         Ok(())
-    }
-
-    fn tear_down() {
-        let t = std::mem::take(&mut *tracked());
-        for &pid in &t.pids {
-            // SAFETY: kill has no memory-safety preconditions; the pids are our children.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline && t.pids.iter().any(|&p| alive(p)) {
-            thread::sleep(Duration::from_millis(20));
-        }
-        for (rampart, config, bpffs) in &t.daemons {
-            if bpffs.exists() {
-                let _ = Command::new(rampart)
-                    .arg("--config")
-                    .arg(config)
-                    .args(["detach", "--force"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-                let _ = fs::remove_dir_all(bpffs);
-            }
-        }
-        for dir in &t.dirs {
-            let _ = fs::remove_dir_all(dir);
-        }
-    }
-
-    /// Alive and not a zombie (our killed children stay zombies until reaped).
-    fn alive(pid: u32) -> bool {
-        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
     }
 }
