@@ -1138,9 +1138,21 @@ fn s9_telemetry_and_no_plaintext_tokens() {
             }
         }
     }
-    let after = gw
-        .save_metrics(side, "metrics-after.txt")
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The exporter samples the kernel counters periodically: scrape until the deltas
+    // settle (at most 5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let after = gw
+            .save_metrics(side, "metrics-after.txt")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let settled = plan
+            .iter()
+            .all(|(v, _, n)| metric(&after, v) - metric(&before, v) == *n as u64);
+        if settled || Instant::now() > deadline {
+            break after;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
     for (verdict, _, n) in &plan {
         let (ok, denied) = seen[verdict];
         let client = if *verdict == "allow" { ok } else { denied };
