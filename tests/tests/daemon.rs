@@ -9,7 +9,7 @@
 
 use std::{
     fs,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     thread::sleep,
@@ -18,7 +18,7 @@ use std::{
 
 use rampart_tests::{
     client::{BearerToken, Curl, Request},
-    netns::Netns,
+    netns::{Netns, VethConfig, VethPair},
     upstream::UpstreamServer,
 };
 
@@ -231,12 +231,18 @@ impl Fixture {
 
     /// Issues a token; returns it (kept for redaction and the final scan) and its fingerprint.
     fn issue(&mut self) -> (BearerToken, String) {
-        let out = self.cli(&["token", "issue", "--contract", "std", "--scope", "all"]);
+        self.issue_with(&["token", "issue", "--contract", "std", "--scope", "all"])
+    }
+
+    /// `rampart <args>` for a verb that prints a new token (issue, rotate).
+    fn issue_with(&mut self, args: &[&str]) -> (BearerToken, String) {
+        let out = self.cli(args);
         let (token, fp) = rampart_tests::cli::issued(&out);
         self.tokens.push(token.clone());
         assert!(
             out.status.success(),
-            "token issue: {}",
+            "{}: {}",
+            args.join(" "),
             self.show(&out.stderr)
         );
         let fp = fp.unwrap_or_else(|| panic!("no fingerprint in: {}", self.show(&out.stderr)));
@@ -274,6 +280,33 @@ impl Fixture {
             before,
             "{what}: reached the upstream"
         );
+    }
+
+    /// `rampart events --follow --json <args>`: the child and its lines as they come.
+    fn follow(&self, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let mut sub = Command::new(binary())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["events", "--follow", "--json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rampart events");
+        let stdout = sub.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (sub, rx)
     }
 
     fn status_json(&self) -> serde_json::Value {
@@ -367,27 +400,7 @@ fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
         sleep(Duration::from_millis(100));
     }
     // The live stream (`events.subscribe`) delivers the next denial of A.
-    let mut sub = Command::new(binary())
-        .arg("--config")
-        .arg(&fx.config)
-        .args(["events", "--follow", "--json", "--token", &fp_a])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("rampart events");
-    let stdout = sub.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut sub, rx) = fx.follow(&["--token", &fp_a]);
     // The subscription is live once the daemon answered it; retry the request until then.
     let deadline = Instant::now() + Duration::from_secs(10);
     let line = loop {
@@ -583,6 +596,244 @@ fn restart_with_a_changed_listener_lets_the_old_one_go() {
         .status;
     assert_ne!(status, 200, "no token on the new listener");
     assert_eq!(other.count(), before, "denied request reached the upstream");
+}
+
+/// Names of the link pins, sorted.
+fn link_pins(fx: &Fixture) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(fx.bpffs.join("rampart"))
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link_"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A restart that moves a listener from native to generic XDP on the same interface: the
+/// kernel allows one XDP mode per interface, so the old link must make way (today's daemon
+/// detaches it just before attaching the new one); enforcement, tokens and counters go on.
+#[test]
+fn restart_from_native_to_generic_xdp_on_one_interface() {
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+    let mut fx = Fixture::new("xdpmode");
+    let client = Netns::new("xdpmode-client").expect("client namespace");
+    let veth = VethPair::create(
+        &fx.ns,
+        VethConfig {
+            name: "rmpsrv",
+            ipv4: SERVER,
+            ipv6: "fd77::1".parse().expect("ipv6"),
+        },
+        &client,
+        VethConfig {
+            name: "rmpcli",
+            ipv4: Ipv4Addr::new(10, 77, 0, 2),
+            ipv6: "fd77::2".parse().expect("ipv6"),
+        },
+    )
+    .expect("veth between client and daemon");
+    let upstream = UpstreamServer::start(&fx.ns, "veth-upstream", SocketAddr::from((SERVER, PORT)))
+        .expect("upstream on the veth address");
+    let base = config_text(fx.dir.path(), &fx.bpffs);
+    let config = |mode: &str| {
+        base.clone()
+            .replace("interface = \"lo\"", "interface = \"rmpsrv\"")
+            .replace(
+                "hook = \"tc\"",
+                &format!("hook = \"xdp\"\nxdp_mode = \"{mode}\""),
+            )
+            // XDP_TX back into a veth needs a program on the peer; a drop needs nothing.
+            .replace("action = \"reset\"", "action = \"drop\"")
+    };
+    let request = |token: Option<&BearerToken>| {
+        let mut req = Request::get("/v1/items");
+        if let Some(t) = token {
+            req = req.token(t);
+        }
+        Curl::new(&client, &format!("http://{SERVER}:{PORT}"))
+            .timeout(Duration::from_secs(2))
+            .send(&req)
+            .expect("curl")
+            .status
+    };
+    let xdp_of = |fx: &Fixture| {
+        let out = fx
+            .ns
+            .exec(&["ip", "link", "show", "dev", "rmpsrv"])
+            .expect("ip link show");
+        // The first line names the XDP mode: ` xdp ` native, ` xdpgeneric ` generic.
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().next().unwrap_or_default().to_owned()
+    };
+    let tag = |t: &str| format!("link_0_if{}_{t}", veth.a.ifindex);
+
+    fs::write(&fx.config, config("native")).expect("config");
+    fx.start();
+    let (token, _fp) = fx.issue();
+    assert_eq!(link_pins(&fx), [tag("xdpdrv")]);
+    assert!(xdp_of(&fx).contains(" xdp "), "native XDP: {}", xdp_of(&fx));
+    let before = upstream.count();
+    assert_eq!(request(Some(&token)), 200, "token over native XDP");
+    assert_ne!(request(None), 200, "no token over native XDP");
+    assert_eq!(
+        upstream.count(),
+        before + 1,
+        "only the token's request got through"
+    );
+    let allowed = counter(&fx.status_json(), "allow");
+
+    fx.signal(libc::SIGKILL);
+    fx.wait_exit();
+    fs::write(&fx.config, config("generic")).expect("config");
+    fx.start();
+    assert_eq!(link_pins(&fx), [tag("xdpskb")], "one link, in the new mode");
+    let link = xdp_of(&fx);
+    assert!(link.contains(" xdpgeneric "), "generic XDP: {link}");
+    assert!(!link.contains(" xdp "), "native XDP left behind: {link}");
+    let log = fx.log();
+    assert!(
+        log.contains("XDP mode changed"),
+        "no warning of the gap:\n{log}"
+    );
+    let status = fx.status_json();
+    assert_eq!(status["listeners"][0]["adopted"], false);
+    let before = upstream.count();
+    assert_eq!(request(Some(&token)), 200, "token over generic XDP");
+    assert_ne!(request(None), 200, "no token over generic XDP");
+    assert_eq!(
+        upstream.count(),
+        before + 1,
+        "only the token's request got through"
+    );
+    assert!(
+        counter(&fx.status_json(), "allow") > allowed,
+        "counters carried over"
+    );
+
+    // Same mode again: the link is adopted in place.
+    fx.signal(libc::SIGKILL);
+    fx.wait_exit();
+    fx.start();
+    assert_eq!(fx.status_json()["listeners"][0]["adopted"], true);
+    assert_eq!(link_pins(&fx), [tag("xdpskb")]);
+}
+
+/// Lines of the export file that are expiry warnings, as JSON.
+fn exported_warnings(fx: &Fixture) -> Vec<serde_json::Value> {
+    fs::read_to_string(fx.dir.path().join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "expiring")
+        .collect()
+}
+
+/// A token inside the warning window (1 h here) is announced once — on the live stream,
+/// in the export file and in the log — and again only when a rotation moves its expiry.
+#[test]
+fn tokens_near_expiry_are_announced_once_on_the_event_stream() {
+    // The daemon checks expiries every 10 s.
+    const CHECK: Duration = Duration::from_secs(25);
+    let mut fx = Fixture::new("expiry");
+    fx.start();
+    let (mut sub, rx) = fx.follow(&["--verdict", "expiring"]);
+    // Let the subscription settle before the first warning can be due.
+    sleep(Duration::from_secs(1));
+    let (_soon, fp) = fx.issue_with(&[
+        "token",
+        "issue",
+        "--contract",
+        "std",
+        "--scope",
+        "all",
+        "--ttl",
+        "30m",
+        "--label",
+        "ci-deploy",
+    ]);
+    let (_later, fp_later) = fx.issue_with(&[
+        "token",
+        "issue",
+        "--contract",
+        "std",
+        "--scope",
+        "all",
+        "--ttl",
+        "30d",
+    ]);
+
+    let line = rx
+        .recv_timeout(CHECK)
+        .unwrap_or_else(|_| panic!("no expiring event for {fp} within {CHECK:?}:\n{}", fx.log()));
+    let ev: serde_json::Value = serde_json::from_str(&line).expect("event JSON");
+    assert_eq!(ev["kind"], "expiring", "{}", fx.show(line.as_bytes()));
+    assert_eq!(
+        ev["fingerprint"],
+        fp.as_str(),
+        "{}",
+        fx.show(line.as_bytes())
+    );
+    assert_eq!(ev["label"], "ci-deploy");
+    let expires = humantime::parse_rfc3339(ev["expires_at"].as_str().expect("expires_at"))
+        .expect("RFC 3339 expiry");
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .expect("expiry in the future");
+    assert!(
+        left > Duration::from_secs(25 * 60) && left <= Duration::from_secs(30 * 60),
+        "expires in {left:?}"
+    );
+    let log = fx.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("token expires soon") && l.contains(&fp)),
+        "no log line for {fp}:\n{log}"
+    );
+
+    // Later checks stay silent: once per token and expiry, and never for the 30-day token.
+    assert!(
+        rx.recv_timeout(CHECK).is_err(),
+        "warned twice (or of the 30-day token)"
+    );
+    let warnings = exported_warnings(&fx);
+    assert_eq!(warnings.len(), 1, "export: {warnings:?}");
+    assert_eq!(warnings[0]["fingerprint"], fp.as_str());
+    assert!(
+        !fx.log()
+            .lines()
+            .any(|l| l.contains("expires soon") && l.contains(&fp_later)),
+        "the 30-day token was warned of"
+    );
+
+    // A rotation with 5 minutes of grace moves the old token's expiry: warned again; the
+    // successor keeps the 30-minute lifetime, so it is warned of too.
+    let (_next, fp_next) = fx.issue_with(&["token", "rotate", &fp, "--grace", "5m"]);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let line = rx
+            .recv_timeout(CHECK)
+            .unwrap_or_else(|_| panic!("only {got:?} warned after the rotation:\n{}", fx.log()));
+        let ev: serde_json::Value = serde_json::from_str(&line).expect("event JSON");
+        got.push(ev["fingerprint"].as_str().unwrap_or_default().to_owned());
+    }
+    got.sort();
+    let mut want = vec![fp.clone(), fp_next.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    let _ = sub.kill();
+    let _ = sub.wait();
+
+    // The recorded view filters the same way: `--verdict expiring` lists the three warnings,
+    // a decision verdict none of them.
+    let out = fx.cli(&["events", "--verdict", "expiring"]);
+    assert!(out.status.success(), "events: {}", fx.show(&out.stderr));
+    let text = fx.show(&out.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.lines().all(|l| l.contains(" expiring ")), "{text}");
+    assert!(!text.contains(&fp_later), "{text}");
+    let out = fx.cli(&["events", "--verdict", "unknown"]);
+    assert!(!fx.show(&out.stdout).contains("expiring"));
 }
 
 /// A bad policy stops `rampart run` before it touches the kernel, with every location.

@@ -1,4 +1,5 @@
-//! `rampart events`: datapath decisions other than allow.
+//! `rampart events`: datapath decisions other than allow, and the daemon's expiry warnings
+//! (verdict column `expiring`).
 //!
 //! With `--follow`, streams live events from the daemon's control socket. Without it, prints
 //! the most recent recorded events from the configured export file (and its rotations), so
@@ -11,15 +12,15 @@ use std::{
     path::Path,
 };
 
-use agent_common::{Fingerprint, Verdict};
+use agent_common::Fingerprint;
 use anyhow::{bail, Context as _};
 use rampart::{
     config::Config,
-    control::{self, Client, Fp, StreamItem, VerdictName},
+    control::{self, Client, EventKind, Fp, NoticeKind, StreamEvent, StreamItem},
     telemetry::{
         event::{fingerprint_hex, rfc3339_from_tai},
         export::numbered,
-        EventContext, EventFilter, EventRecord,
+        EventContext, EventFilter, EventRecord, ExpiryRecord, Record,
     },
 };
 
@@ -32,9 +33,10 @@ pub struct Args {
     #[arg(long, value_name = "FP", value_parser = parse_fingerprint)]
     token: Option<Fingerprint>,
     /// Only events with this verdict (missing, malformed, incomplete, unknown, revoked,
-    /// not_yet_valid, expired, out_of_scope, throttled).
+    /// not_yet_valid, expired, out_of_scope, throttled), or `expiring` for only the
+    /// warnings of tokens about to expire (which any other verdict leaves out).
     #[arg(long, value_name = "V", value_parser = parse_verdict)]
-    verdict: Option<Verdict>,
+    verdict: Option<EventKind>,
     /// Print JSON lines instead of one-liners.
     #[arg(long)]
     json: bool,
@@ -73,7 +75,7 @@ async fn follow(
     let client = Client::connect(&config.control_socket).await?;
     let filter = control::EventFilter {
         fingerprint: args.token.map(Fp),
-        verdict: args.verdict.map(VerdictName),
+        verdict: args.verdict,
     };
     let mut events = client.subscribe(filter).await?;
     loop {
@@ -107,7 +109,7 @@ fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Resul
         verdict: args.verdict.map(|v| v.name().to_owned()),
     };
     // Newest file first, until enough records are gathered.
-    let mut chunks: Vec<Vec<EventRecord>> = Vec::new();
+    let mut chunks: Vec<Vec<Record>> = Vec::new();
     let mut have = 0;
     let mut skipped = 0usize;
     let files = std::iter::once(path.clone())
@@ -123,7 +125,7 @@ fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Resul
         };
         let mut records = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<EventRecord>(line) {
+            match serde_json::from_str::<Record>(line) {
                 Ok(r) if filter.matches(&r) => records.push(r),
                 Ok(_) => {}
                 // A line cut short by a crash, or written by another version.
@@ -139,7 +141,7 @@ fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Resul
             path.display()
         );
     }
-    let all: Vec<EventRecord> = chunks.into_iter().rev().flatten().collect();
+    let all: Vec<Record> = chunks.into_iter().rev().flatten().collect();
     for r in &all[all.len().saturating_sub(args.lines)..] {
         if !print(out, r, args.json)? {
             break;
@@ -149,7 +151,7 @@ fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Resul
 }
 
 /// Writes one record; `false` when stdout is gone (`rampart events | head`).
-fn print(out: &mut impl Write, r: &EventRecord, json: bool) -> anyhow::Result<bool> {
+fn print(out: &mut impl Write, r: &Record, json: bool) -> anyhow::Result<bool> {
     let line = if json {
         r.to_json_line()?
     } else {
@@ -163,7 +165,22 @@ fn print(out: &mut impl Write, r: &EventRecord, json: bool) -> anyhow::Result<bo
 }
 
 /// The daemon streams raw fields (TAI time, listener id); render them like the export file.
-fn from_wire(ev: &control::EventRecord, ctx: &EventContext) -> EventRecord {
+fn from_wire(ev: &StreamEvent, ctx: &EventContext) -> Record {
+    match ev {
+        StreamEvent::Decision(d) => Record::Decision(decision_from_wire(d, ctx)),
+        StreamEvent::Notice(n) => match n.kind {
+            NoticeKind::Expiring => Record::Expiry(ExpiryRecord::new(
+                n.time_ns,
+                &n.fingerprint.0,
+                n.expires_at,
+                n.label.clone(),
+                ctx.tai_offset_ns,
+            )),
+        },
+    }
+}
+
+fn decision_from_wire(ev: &control::EventRecord, ctx: &EventContext) -> EventRecord {
     EventRecord {
         time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
         fingerprint: ev.fingerprint.map(|f| f.to_string()),
@@ -186,22 +203,20 @@ fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
     Ok(Fingerprint([word(0..16)?, word(16..32)?]))
 }
 
-fn parse_verdict(s: &str) -> Result<Verdict, String> {
-    Verdict::ALL
-        .into_iter()
-        .find(|v| v.name() == s)
-        .ok_or_else(|| {
-            let names: Vec<&str> = Verdict::ALL.iter().map(|v| v.name()).collect();
-            format!("unknown verdict; one of: {}", names.join(", "))
-        })
+fn parse_verdict(s: &str) -> Result<EventKind, String> {
+    EventKind::parse(s)
+        .ok_or_else(|| format!("unknown verdict; one of: {}", EventKind::names().join(", ")))
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use agent_common::Verdict;
     use rampart::{
-        control::{self, Handler, Peer, Request, Response, ServerOptions},
+        control::{
+            self, Handler, Peer, Request, Response, ServerOptions, TokenNotice, VerdictName,
+        },
         telemetry::EventExporter,
     };
     use tokio::sync::{broadcast, Notify};
@@ -215,7 +230,7 @@ mod tests {
         Args {
             follow,
             token,
-            verdict,
+            verdict: verdict.map(EventKind::Verdict),
             json: false,
             lines: 3,
         }
@@ -239,8 +254,8 @@ mod tests {
     }
 
     /// An event as the daemon streams it; `sport` tells events apart.
-    fn wire(fp: Fingerprint, verdict: Verdict, sport: u16) -> control::EventRecord {
-        control::EventRecord {
+    fn wire(fp: Fingerprint, verdict: Verdict, sport: u16) -> StreamEvent {
+        StreamEvent::Decision(control::EventRecord {
             time_ns: 1_714_564_800_000_000_000 + OFFSET as u64,
             fingerprint: Some(Fp(fp)),
             verdict: VerdictName(verdict),
@@ -252,11 +267,22 @@ mod tests {
             dst: "10.0.0.1".parse().unwrap(),
             dport: 80,
             path_hash: "00000000000000ff".into(),
-        }
+        })
+    }
+
+    /// An expiry warning as the daemon streams it.
+    fn notice(fp: Fingerprint) -> StreamEvent {
+        StreamEvent::Notice(TokenNotice {
+            time_ns: 1_714_564_800_000_000_000 + OFFSET as u64,
+            kind: NoticeKind::Expiring,
+            fingerprint: Fp(fp),
+            expires_at: 1_714_568_400,
+            label: None,
+        })
     }
 
     /// The same event as the daemon exports it.
-    fn record(fp: Fingerprint, verdict: Verdict, sport: u16) -> EventRecord {
+    fn record(fp: Fingerprint, verdict: Verdict, sport: u16) -> Record {
         from_wire(&wire(fp, verdict, sport), &ctx())
     }
 
@@ -267,7 +293,7 @@ mod tests {
     }
 
     struct Daemon {
-        events: Mutex<Option<broadcast::Sender<control::EventRecord>>>,
+        events: Mutex<Option<broadcast::Sender<StreamEvent>>>,
         subscribed: Notify,
     }
 
@@ -276,18 +302,15 @@ mod tests {
             Response::error("not in this test")
         }
 
-        fn subscribe(
-            &self,
-            _peer: Peer,
-        ) -> Result<broadcast::Receiver<control::EventRecord>, String> {
+        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
             let rx = self.events.lock().unwrap().as_ref().unwrap().subscribe();
             self.subscribed.notify_one();
             Ok(rx)
         }
     }
 
-    #[tokio::test]
-    async fn follow_prints_the_filtered_live_stream() {
+    /// Runs `follow` with `args` against a daemon that streams `feed` and then closes.
+    async fn follow_output(args: &Args, feed: Vec<StreamEvent>) -> String {
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path(), "");
         let (tx, _) = broadcast::channel(16);
@@ -306,35 +329,81 @@ mod tests {
         let feed = async {
             daemon.subscribed.notified().await;
             let tx = daemon.events.lock().unwrap().take().unwrap();
-            for ev in [
-                wire(FP_A, Verdict::Throttled, 1),
-                wire(FP_B, Verdict::Throttled, 2),
-                wire(FP_A, Verdict::Revoked, 3),
-                wire(FP_A, Verdict::Throttled, 4),
-            ] {
+            for ev in feed {
                 tx.send(ev).unwrap();
             }
             // Dropping the last sender ends the stream.
         };
         let mut out = Vec::new();
-        let args = args(true, Some(FP_A), Some(Verdict::Throttled));
         let ctx = ctx();
-        let (res, ()) = tokio::join!(follow(&config, &ctx, &args, &mut out), feed);
+        let (res, ()) = tokio::join!(follow(&config, &ctx, args, &mut out), feed);
         assert!(res
             .unwrap_err()
             .to_string()
             .contains("closed the event stream"));
-        let out = String::from_utf8(out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn mixed_feed() -> Vec<StreamEvent> {
+        vec![
+            wire(FP_A, Verdict::Throttled, 1),
+            notice(FP_B),
+            wire(FP_B, Verdict::Throttled, 2),
+            notice(FP_A),
+            wire(FP_A, Verdict::Revoked, 3),
+            wire(FP_A, Verdict::Throttled, 4),
+        ]
+    }
+
+    #[tokio::test]
+    async fn follow_prints_the_filtered_live_stream() {
+        let out = follow_output(
+            &args(true, Some(FP_A), Some(Verdict::Throttled)),
+            mixed_feed(),
+        )
+        .await;
+        // A verdict filter leaves expiry warnings out.
         assert_eq!(sports(&out), ["1", "4"], "{out}");
         assert!(out.lines().all(|l| l.contains(&fingerprint_hex(&FP_A))));
     }
 
+    #[tokio::test]
+    async fn follow_shows_expiry_warnings_by_token_or_as_their_own_verdict() {
+        let a = fingerprint_hex(&FP_A);
+        let out = follow_output(&args(true, Some(FP_A), None), mixed_feed()).await;
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert_eq!(
+            lines[1],
+            format!("2024-05-01T12:00:00.000000000Z expiring      token={a} expires=2024-05-01T13:00:00Z"),
+        );
+
+        let mut only = args(true, None, None);
+        only.verdict = Some(EventKind::Expiring);
+        only.json = true;
+        let out = follow_output(&only, mixed_feed()).await;
+        let got: Vec<Record> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want: Vec<Record> = [notice(FP_B), notice(FP_A)]
+            .iter()
+            .map(|n| from_wire(n, &ctx()))
+            .collect();
+        assert_eq!(got, want, "{out}");
+        assert!(matches!(&got[1], Record::Expiry(e) if e.fingerprint == a && e.kind == "expiring"));
+    }
+
     #[test]
     fn wire_events_render_like_exported_ones() {
-        let mut w = wire(FP_A, Verdict::Revoked, 5000);
+        let StreamEvent::Decision(mut w) = wire(FP_A, Verdict::Revoked, 5000) else {
+            unreachable!("wire() builds decisions")
+        };
         w.src = "2001:db8::5".parse().unwrap();
         w.listener = 4;
-        let r = from_wire(&w, &ctx());
+        let Record::Decision(r) = from_wire(&StreamEvent::Decision(w), &ctx()) else {
+            panic!("a decision renders as a decision")
+        };
         assert_eq!(r.time, "2024-05-01T12:00:00.000000000Z");
         assert_eq!(r.fingerprint, Some(fingerprint_hex(&FP_A)));
         assert_eq!(r.verdict, "revoked");
@@ -377,15 +446,40 @@ mod tests {
         a.json = true;
         a.lines = 100;
         recorded(&config, &a, &mut out).unwrap();
-        let parsed: Vec<EventRecord> = String::from_utf8(out)
+        let parsed: Vec<Record> = String::from_utf8(out)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let want: Vec<EventRecord> = (1..=6)
+        let want: Vec<Record> = (1..=6)
             .map(|p| record(if p == 5 { FP_B } else { FP_A }, Verdict::Throttled, p))
             .collect();
         assert_eq!(parsed, want);
+
+        // An expiry warning in the file: `--verdict expiring` finds only it, `--token` too.
+        let warning = from_wire(&notice(FP_A), &ctx());
+        x.write(&warning).unwrap();
+        let mut a = args(false, None, None);
+        a.verdict = Some(EventKind::Expiring);
+        let mut out = Vec::new();
+        recorded(&config, &a, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{warning}\n"));
+        let mut out = Vec::new();
+        recorded(&config, &args(false, Some(FP_A), None), &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out.lines().last(),
+            Some(warning.to_string().as_str()),
+            "{out}"
+        );
+        let mut out = Vec::new();
+        recorded(
+            &config,
+            &args(false, None, Some(Verdict::Throttled)),
+            &mut out,
+        )
+        .unwrap();
+        assert!(!String::from_utf8(out).unwrap().contains("expiring"));
     }
 
     #[test]
@@ -408,7 +502,15 @@ mod tests {
         );
         assert!(parse_fingerprint("0123").is_err());
         assert!(parse_fingerprint("+123456789abcdef0123456789abcdef").is_err());
-        assert_eq!(parse_verdict("out_of_scope").unwrap(), Verdict::OutOfScope);
-        assert!(parse_verdict("denied").unwrap_err().contains("throttled"));
+        assert_eq!(
+            parse_verdict("out_of_scope").unwrap(),
+            EventKind::Verdict(Verdict::OutOfScope)
+        );
+        assert_eq!(parse_verdict("expiring").unwrap(), EventKind::Expiring);
+        let err = parse_verdict("denied").unwrap_err();
+        assert!(
+            err.contains("throttled") && err.contains("expiring"),
+            "{err}"
+        );
     }
 }

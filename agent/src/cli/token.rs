@@ -397,7 +397,7 @@ prefix = "/v1/"
         fn subscribe(
             &self,
             _peer: Peer,
-        ) -> Result<broadcast::Receiver<control::EventRecord>, String> {
+        ) -> Result<broadcast::Receiver<control::StreamEvent>, String> {
             Err("no events here".into())
         }
     }

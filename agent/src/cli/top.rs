@@ -108,7 +108,7 @@ mod tests {
     use std::sync::Arc;
 
     use rampart::{
-        control::{self, EventRecord, Handler, Peer, Response, ServerOptions},
+        control::{self, Handler, Peer, Response, ServerOptions, StreamEvent},
         telemetry::TopRow,
     };
     use tokio::sync::broadcast;
@@ -127,7 +127,7 @@ mod tests {
             }
         }
 
-        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<EventRecord>, String> {
+        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
             Err("not in this test".into())
         }
     }

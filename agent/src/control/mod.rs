@@ -11,7 +11,10 @@ pub mod protocol;
 pub mod server;
 
 pub use client::{Client, ClientError, Subscription};
-pub use protocol::{EventFilter, EventRecord, Fp, Request, Response, StreamItem, VerdictName};
+pub use protocol::{
+    EventFilter, EventKind, EventRecord, Fp, NoticeKind, Request, Response, StreamEvent,
+    StreamItem, TokenNotice, VerdictName,
+};
 pub use server::{bind, serve, ControlError, Handler, Peer, ServerOptions};
 
 #[cfg(test)]
@@ -34,7 +37,7 @@ mod tests {
     use super::*;
 
     struct TestHandler {
-        events: broadcast::Sender<EventRecord>,
+        events: broadcast::Sender<StreamEvent>,
     }
 
     impl Handler for TestHandler {
@@ -45,7 +48,7 @@ mod tests {
             Response::ok(&serde_json::json!({ "op": req.op(), "uid": peer.uid }))
         }
 
-        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<EventRecord>, String> {
+        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
             Ok(self.events.subscribe())
         }
     }
@@ -53,7 +56,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         path: PathBuf,
-        events: broadcast::Sender<EventRecord>,
+        events: broadcast::Sender<StreamEvent>,
         task: JoinHandle<()>,
     }
 
@@ -272,8 +275,8 @@ mod tests {
         assert_status_works(&fx.path).await;
     }
 
-    fn event(fp: u64, verdict: Verdict) -> EventRecord {
-        EventRecord {
+    fn event(fp: u64, verdict: Verdict) -> StreamEvent {
+        StreamEvent::Decision(EventRecord {
             time_ns: fp,
             fingerprint: Some(Fp(Fingerprint([fp, fp]))),
             verdict: VerdictName(verdict),
@@ -285,7 +288,7 @@ mod tests {
             dst: "10.0.0.2".parse().unwrap(),
             dport: 80,
             path_hash: "0000000000000000".into(),
-        }
+        })
     }
 
     #[tokio::test]
@@ -295,7 +298,7 @@ mod tests {
         let mut sub = c
             .subscribe(EventFilter {
                 fingerprint: None,
-                verdict: Some(VerdictName(Verdict::Revoked)),
+                verdict: Some(EventKind::Verdict(Verdict::Revoked)),
             })
             .await
             .unwrap();

@@ -64,20 +64,73 @@ impl<'de> Deserialize<'de> for VerdictName {
     }
 }
 
+/// What `--verdict` selects: a datapath verdict, or `expiring` for the daemon's expiry
+/// warnings (which have no verdict). On the wire, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Verdict(Verdict),
+    Expiring,
+}
+
+impl EventKind {
+    pub const EXPIRING: &'static str = "expiring";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Verdict(v) => v.name(),
+            EventKind::Expiring => Self::EXPIRING,
+        }
+    }
+
+    /// Every name `parse` accepts, for help and error messages.
+    pub fn names() -> Vec<&'static str> {
+        Verdict::ALL
+            .iter()
+            .map(|v| v.name())
+            .chain([Self::EXPIRING])
+            .collect()
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        if s == Self::EXPIRING {
+            return Some(EventKind::Expiring);
+        }
+        Verdict::ALL
+            .iter()
+            .find(|v| v.name() == s)
+            .map(|&v| EventKind::Verdict(v))
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EventKind::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
+    }
+}
+
 /// Which events a subscriber wants; unset fields match everything.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fp>,
+    /// A verdict selects only decisions with it; `expiring` only expiry warnings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<VerdictName>,
+    pub verdict: Option<EventKind>,
 }
 
 impl EventFilter {
-    pub fn matches(&self, ev: &EventRecord) -> bool {
-        self.fingerprint.is_none_or(|f| ev.fingerprint == Some(f))
-            && self.verdict.is_none_or(|v| ev.verdict == v)
+    pub fn matches(&self, ev: &StreamEvent) -> bool {
+        self.fingerprint.is_none_or(|f| ev.fingerprint() == Some(f))
+            && self.verdict.is_none_or(|k| ev.kind() == k)
     }
 }
 
@@ -445,6 +498,56 @@ impl EventRecord {
     }
 }
 
+/// Why the daemon itself speaks up about a token on the event stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// Active, and its expiry is within the configured warning window.
+    Expiring,
+}
+
+/// A token event from the daemon rather than the datapath: sent once per token and expiry
+/// (a rotation that moves the expiry warns again).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenNotice {
+    /// CLOCK_TAI nanoseconds, like datapath events.
+    pub time_ns: u64,
+    pub kind: NoticeKind,
+    pub fingerprint: Fp,
+    /// Unix seconds.
+    pub expires_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// One item of the event stream: a datapath decision or a daemon notice. Untagged: a
+/// notice has `kind`, a decision `verdict`, so each reads back as itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StreamEvent {
+    Notice(TokenNotice),
+    Decision(EventRecord),
+}
+
+impl StreamEvent {
+    pub fn fingerprint(&self) -> Option<Fp> {
+        match self {
+            StreamEvent::Notice(n) => Some(n.fingerprint),
+            StreamEvent::Decision(d) => d.fingerprint,
+        }
+    }
+
+    /// What `EventFilter::verdict` compares against.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            StreamEvent::Notice(n) => match n.kind {
+                NoticeKind::Expiring => EventKind::Expiring,
+            },
+            StreamEvent::Decision(d) => EventKind::Verdict(d.verdict.0),
+        }
+    }
+}
+
 /// What follows a successful `events.subscribe` response, one per line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -453,7 +556,7 @@ pub enum StreamItem {
     Lagged {
         lagged: u64,
     },
-    Event(Box<EventRecord>),
+    Event(Box<StreamEvent>),
 }
 
 #[cfg(test)]
@@ -479,7 +582,13 @@ mod tests {
             Request::EventsSubscribe {
                 filter: EventFilter {
                     fingerprint: Some(Fp(fp)),
-                    verdict: Some(VerdictName(Verdict::OutOfScope)),
+                    verdict: Some(EventKind::Verdict(Verdict::OutOfScope)),
+                },
+            },
+            Request::EventsSubscribe {
+                filter: EventFilter {
+                    fingerprint: None,
+                    verdict: Some(EventKind::Expiring),
                 },
             },
             Request::Status,
@@ -491,7 +600,7 @@ mod tests {
         let line = br#"{"op":"events.subscribe","verdict":"out_of_scope"}"#;
         assert!(matches!(
             Request::parse(line).unwrap(),
-            Request::EventsSubscribe { filter } if filter.verdict == Some(VerdictName(Verdict::OutOfScope))
+            Request::EventsSubscribe { filter } if filter.verdict == Some(EventKind::Verdict(Verdict::OutOfScope))
         ));
 
         let err = |l: &[u8]| Request::parse(l).unwrap_err();
@@ -551,6 +660,7 @@ mod tests {
         assert_eq!(rec.verdict, VerdictName(Verdict::Revoked));
         assert_eq!(rec.action, "dropped");
         assert_eq!(rec.method, "POST");
+        let rec = StreamEvent::Decision(rec);
         let f = EventFilter {
             fingerprint: Some(Fp(Fingerprint([3, 4]))),
             verdict: None,
@@ -558,10 +668,56 @@ mod tests {
         assert!(f.matches(&rec));
         let f = EventFilter {
             fingerprint: None,
-            verdict: Some(VerdictName(Verdict::Allow)),
+            verdict: Some(EventKind::Verdict(Verdict::Allow)),
         };
         assert!(!f.matches(&rec));
         ev.verdict = 99;
         assert!(EventRecord::from_event(&ev).is_none());
+    }
+
+    #[test]
+    fn expiry_notices_share_the_stream_and_its_filter() {
+        let fp = Fp(Fingerprint([3, 4]));
+        let notice = StreamEvent::Notice(TokenNotice {
+            time_ns: 9,
+            kind: NoticeKind::Expiring,
+            fingerprint: fp,
+            expires_at: 1_714_564_800,
+            label: Some("ci".into()),
+        });
+        let decision = StreamEvent::Decision(
+            EventRecord::from_event(&Event {
+                fingerprint: fp.0,
+                verdict: Verdict::Throttled as u32,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        // Each reads back as what it was, also inside a stream item.
+        for ev in [&notice, &decision] {
+            let line = serde_json::to_string(&StreamItem::Event(Box::new(ev.clone()))).unwrap();
+            let back: StreamItem = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, StreamItem::Event(Box::new(ev.clone())), "{line}");
+        }
+        let v = serde_json::to_value(&notice).unwrap();
+        assert_eq!(v["kind"], "expiring");
+        assert_eq!(v["fingerprint"], "00000000000000030000000000000004");
+        assert_eq!(v["expires_at"], 1_714_564_800);
+
+        let filter = |fingerprint: Option<Fp>, verdict: Option<EventKind>| EventFilter {
+            fingerprint,
+            verdict,
+        };
+        // No verdict filter: both. `expiring`: only the notice. A verdict: only decisions.
+        assert!(filter(Some(fp), None).matches(&notice));
+        assert!(filter(Some(fp), None).matches(&decision));
+        assert!(filter(None, Some(EventKind::Expiring)).matches(&notice));
+        assert!(!filter(None, Some(EventKind::Expiring)).matches(&decision));
+        let throttled = Some(EventKind::Verdict(Verdict::Throttled));
+        assert!(!filter(None, throttled).matches(&notice));
+        assert!(filter(None, throttled).matches(&decision));
+        assert!(!filter(Some(Fp(Fingerprint([3, 5]))), None).matches(&notice));
+        assert_eq!(EventKind::parse("expiring"), Some(EventKind::Expiring));
+        assert!(EventKind::names().contains(&"throttled"));
     }
 }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     config::Mode,
-    control::{ops::token_op, EventRecord, Handler, Peer, Request, Response},
+    control::{ops::token_op, Handler, Peer, Request, Response, StreamEvent},
     datapath::clock::tai_offset_ns,
     store::{fingerprint_hex, unix_now, ListFilter, TokenStatus},
     telemetry::{event::rfc3339_from_tai, TopRow, TopSnapshot},
@@ -53,7 +53,7 @@ impl Handler for ControlHandler {
         resp.unwrap_or_else(|| Response::error("the daemon failed while answering"))
     }
 
-    fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<EventRecord>, String> {
+    fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
         Ok(self.0.events.subscribe())
     }
 }

@@ -35,7 +35,7 @@ use crate::{
     },
     policy::{CompiledPolicy, Diagnostic},
     store::{AuditAction, Store, StoreError},
-    telemetry::{Metrics, RateEstimator, TelemetryError},
+    telemetry::{EventExporter, Metrics, RateEstimator, TelemetryError},
     token::{load_key, KeyError, Lifecycle},
 };
 
@@ -83,7 +83,8 @@ fn lines(d: &[Diagnostic]) -> String {
 pub struct AttachedListener {
     pub id: u32,
     pub config: config::Listener,
-    pub attached: Attached,
+    /// Shared by the listeners of one interface.
+    pub attached: Arc<Attached>,
 }
 
 /// Everything the runtime tasks and the control handler share.
@@ -98,7 +99,9 @@ pub struct Daemon {
     pub enforcer: Arc<DatapathEnforcer>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
-    pub events: broadcast::Sender<control::EventRecord>,
+    pub events: broadcast::Sender<control::StreamEvent>,
+    /// The event export file, shared by the datapath event reader and expiry warnings.
+    exporter: Mutex<Option<EventExporter>>,
     pub listeners: Vec<AttachedListener>,
     top_rates: Mutex<RateEstimator<Fingerprint>>,
 }
@@ -237,7 +240,10 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
     let mut listeners = Vec::new();
     {
         let mut dp = enforcer.lock();
+        // Every listener's ports first: a program attached (or swapped in) below finds all
+        // of its interface's ports configured from its first packet on.
         let mut keys = HashSet::new();
+        let mut ifindexes = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let id = i as u32;
             let ifindex =
@@ -254,6 +260,21 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
                 dp.set_listener(key, l.datapath_config(id))?;
                 keys.insert(key);
             }
+            ifindexes.push(ifindex);
+        }
+        // One program per interface (the configuration gives all listeners on an interface
+        // the same hook); the first listener on it owns the link.
+        let mut by_interface: HashMap<u32, Arc<Attached>> = HashMap::new();
+        for (i, (l, &ifindex)) in config.listeners.iter().zip(&ifindexes).enumerate() {
+            let id = i as u32;
+            if let Some(a) = by_interface.get(&ifindex) {
+                listeners.push(AttachedListener {
+                    id,
+                    config: l.clone(),
+                    attached: a.clone(),
+                });
+                continue;
+            }
             let hook = match l.hook {
                 Hook::Xdp(XdpMode::Native) => AttachHook::Xdp(aya::programs::XdpMode::Driver),
                 Hook::Xdp(XdpMode::Generic) => AttachHook::Xdp(aya::programs::XdpMode::Skb),
@@ -266,6 +287,19 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
                     interface: l.interface.clone(),
                     source: Box::new(source),
                 })?;
+            for pin in &attached.displaced {
+                tracing::warn!(
+                    listener = %l.name,
+                    interface = %l.interface,
+                    old = %pin.display(),
+                    "XDP mode changed: the old mode's link was detached just before the new one \
+                     attached (the kernel allows one XDP mode per interface), so requests in \
+                     that instant were not judged"
+                );
+            }
+            if let Some(old) = &attached.moved_from {
+                tracing::info!(old = %old.display(), "took over the link of a renumbered listener");
+            }
             tracing::info!(
                 listener = %l.name,
                 interface = %l.interface,
@@ -275,6 +309,8 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
                 pin = %attached.pin.display(),
                 "listener attached"
             );
+            let attached = Arc::new(attached);
+            by_interface.insert(ifindex, attached.clone());
             listeners.push(AttachedListener {
                 id,
                 config: l.clone(),
@@ -302,6 +338,14 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
     let metrics = Arc::new(Metrics::default());
     metrics.set_policy_generation(1);
     let (events, _) = broadcast::channel(4096);
+    let exporter = match &config.events.export_file {
+        Some(path) => Some(EventExporter::new(
+            path,
+            config.events.export_max_bytes,
+            config.events.export_keep as usize,
+        )?),
+        None => None,
+    };
     if let Err(e) = store.record(
         AuditAction::Start,
         None,
@@ -321,6 +365,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         lifecycle,
         metrics,
         events,
+        exporter: Mutex::new(exporter),
         listeners,
         top_rates: Mutex::new(RateEstimator::new()),
     })

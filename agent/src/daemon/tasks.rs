@@ -13,11 +13,12 @@ use tokio::{io::unix::AsyncFd, task::JoinSet};
 
 use super::{handler::token_counts, Daemon, DaemonError};
 use crate::{
-    control,
-    datapath::parse_event,
-    store::{fingerprint_hex, unix_now},
+    control::{self, Fp, NoticeKind, StreamEvent, TokenNotice},
+    datapath::{clock, parse_event},
+    store::{fingerprint_hex, unix_now, TokenRecord},
     telemetry::{
-        DatapathSnapshot, EventContext, EventExporter, ListenerRequests, MapFill, TokenCounts,
+        DatapathSnapshot, EventContext, EventRecord, ExpiryRecord, ListenerRequests, MapFill,
+        Record, TokenCounts,
     },
     token::error_chain,
 };
@@ -64,16 +65,8 @@ pub(super) fn spawn_events(
     let Some(ring) = daemon.enforcer.lock().take_events() else {
         return Ok(());
     };
-    let mut exporter = match &daemon.config.events.export_file {
-        Some(path) => Some(EventExporter::new(
-            path,
-            daemon.config.events.export_max_bytes,
-            daemon.config.events.export_keep as usize,
-        )?),
-        None => None,
-    };
     let ctx = EventContext::new(listener_names);
-    let events = daemon.events.clone();
+    let d = daemon.clone();
     let mut fd = async_fd(ring).map_err(DaemonError::Signals)?;
     tasks.spawn(async move {
         loop {
@@ -88,14 +81,9 @@ pub(super) fn spawn_events(
                 };
                 if let Some(rec) = control::EventRecord::from_event(&ev) {
                     // No subscriber is not an error.
-                    let _ = events.send(rec);
+                    let _ = d.events.send(StreamEvent::Decision(rec));
                 }
-                if let Some(x) = exporter.as_mut() {
-                    let rec = crate::telemetry::EventRecord::from_event(&ev, &ctx);
-                    if let Err(e) = x.write(&rec) {
-                        tracing::warn!(error = %error_chain(&e), "event export failed");
-                    }
-                }
+                d.export(&Record::Decision(EventRecord::from_event(&ev, &ctx)));
             }
             guard.clear_ready();
         }
@@ -113,10 +101,13 @@ fn async_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     AsyncFd::new(inner)
 }
 
+/// Tokens already warned about, with the expiry they were warned of.
+type Warned = HashMap<Fingerprint, i64>;
+
 async fn snapshots(d: Arc<Daemon>) {
     let mut tick = tokio::time::interval(SNAPSHOT_EVERY);
     let mut n: u32 = 0;
-    let mut warned: HashSet<Fingerprint> = HashSet::new();
+    let mut warned = Warned::new();
     let mut expiring = 0u64;
     loop {
         tick.tick().await;
@@ -126,7 +117,7 @@ async fn snapshots(d: Arc<Daemon>) {
         let mut w = std::mem::take(&mut warned);
         let res = tokio::task::spawn_blocking(move || {
             if do_expiry {
-                expiring = expiry(&d2, &mut w);
+                expiring = expiry(&d2, &mut w, unix_now());
             }
             d2.metrics.update(snapshot(&d2, expiring));
             (w, expiring)
@@ -139,37 +130,84 @@ async fn snapshots(d: Arc<Daemon>) {
     }
 }
 
-/// Marks expired tokens in the store and warns, once per token, of those about to expire.
-/// Returns how many active tokens expire within the warning window.
-fn expiry(d: &Daemon, warned: &mut HashSet<Fingerprint>) -> u64 {
+/// Marks expired tokens in the store and warns — a log line and an `expiring` event — of
+/// active tokens whose expiry is within the window: once per token and expiry, so a rotation
+/// that shortens (or a re-issue that moves) the expiry warns again. Returns how many active
+/// tokens expire within the window.
+fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     let store = d.lifecycle.store();
-    let now = unix_now();
     match store.mark_expired(now) {
         Ok(expired) => {
             for fp in expired {
                 tracing::info!(fingerprint = %fingerprint_hex(&fp), "token expired");
-                warned.remove(&fp);
             }
         }
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot mark expired tokens"),
     }
     let window = i64::try_from(d.config.expiry_warning.as_secs()).unwrap_or(i64::MAX);
-    let mut count = 0;
-    for rec in store.active().unwrap_or_default() {
-        let Some(exp) = rec.expires_at else { continue };
-        if exp > now && exp - now <= window {
-            count += 1;
-            if warned.insert(rec.fingerprint) {
-                tracing::warn!(
-                    fingerprint = %fingerprint_hex(&rec.fingerprint),
-                    label = rec.label.as_deref().unwrap_or(""),
-                    expires_in_secs = exp - now,
-                    "token expires soon; rotate it"
-                );
+    let soon: Vec<_> = store
+        .active()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|rec| {
+            let exp = rec.expires_at?;
+            (exp > now && exp - now <= window).then_some((rec, exp))
+        })
+        .collect();
+    let due = newly_due(warned, &soon);
+    let tai_now = clock::tai_now_ns();
+    let tai_offset = clock::tai_offset_ns();
+    for &i in &due {
+        let (rec, exp) = &soon[i];
+        tracing::warn!(
+            fingerprint = %fingerprint_hex(&rec.fingerprint),
+            label = rec.label.as_deref().unwrap_or(""),
+            expires_in_secs = exp - now,
+            "token expires soon; rotate it"
+        );
+        // No subscriber is not an error.
+        let _ = d.events.send(StreamEvent::Notice(TokenNotice {
+            time_ns: tai_now,
+            kind: NoticeKind::Expiring,
+            fingerprint: Fp(rec.fingerprint),
+            expires_at: *exp,
+            label: rec.label.clone(),
+        }));
+        d.export(&Record::Expiry(ExpiryRecord::new(
+            tai_now,
+            &rec.fingerprint,
+            *exp,
+            rec.label.clone(),
+            tai_offset,
+        )));
+    }
+    soon.len() as u64
+}
+
+/// Which of `soon` (tokens in the warning window, with their expiry) to warn about now:
+/// those not warned of yet, or warned of with another expiry. Tokens that left the window
+/// (expired, revoked, rotated away) are forgotten, so `warned` stays as small as the
+/// window's population.
+fn newly_due(warned: &mut Warned, soon: &[(TokenRecord, i64)]) -> Vec<usize> {
+    warned.retain(|fp, _| soon.iter().any(|(r, _)| r.fingerprint == *fp));
+    soon.iter()
+        .enumerate()
+        .filter(|(_, (rec, exp))| warned.insert(rec.fingerprint, *exp) != Some(*exp))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+impl Daemon {
+    /// Appends a record to the export file, if one is configured. A failed write is logged
+    /// and the record lost: the live stream and the datapath never wait on the disk.
+    fn export(&self, rec: &Record) {
+        let mut x = self.exporter.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = x.as_mut() {
+            if let Err(e) = x.write(rec) {
+                tracing::warn!(error = %error_chain(&e), "event export failed");
             }
         }
     }
-    count
 }
 
 fn snapshot(d: &Daemon, expiring: u64) -> DatapathSnapshot {
@@ -264,4 +302,42 @@ fn watch_files(
             let _ = tokio::task::spawn_blocking(move || d.reload("file change")).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TokenStatus;
+
+    fn rec(n: u64) -> TokenRecord {
+        TokenRecord {
+            fingerprint: Fingerprint([n, n]),
+            contract: "std".into(),
+            scopes: Vec::new(),
+            label: None,
+            issued_at: 0,
+            not_before: None,
+            expires_at: None,
+            rotated_from: None,
+            status: TokenStatus::Active,
+        }
+    }
+
+    #[test]
+    fn each_token_is_warned_once_per_expiry() {
+        let mut warned = Warned::new();
+        let soon = vec![(rec(1), 100), (rec(2), 200)];
+        assert_eq!(newly_due(&mut warned, &soon), [0, 1]);
+        // The next checks, same expiries: silence.
+        assert!(newly_due(&mut warned, &soon).is_empty());
+        assert!(newly_due(&mut warned, &soon).is_empty());
+        // Token 1 rotated (expiry moved up), token 3 entered the window.
+        let soon = vec![(rec(1), 50), (rec(2), 200), (rec(3), 300)];
+        assert_eq!(newly_due(&mut warned, &soon), [0, 2]);
+        // Token 2 left the window (revoked) and is forgotten; were it back, it warns again.
+        let without_2 = vec![(rec(1), 50), (rec(3), 300)];
+        assert!(newly_due(&mut warned, &without_2).is_empty());
+        assert_eq!(warned.len(), 2);
+        assert_eq!(newly_due(&mut warned, &soon), [1]);
+    }
 }

@@ -1,9 +1,19 @@
 //! Attaching the enforcing program through pinned links, so enforcement outlives the daemon.
 //!
-//! Each listener's link is pinned under the bpffs dir (`link_<listener id>`). A restarted
-//! daemon finds the pin and swaps its freshly loaded program into the existing link with
-//! `bpf_link_update`: the interface is never without a program, not even for one packet.
-//! `detach_pinned` is the only way enforcement stops.
+//! Each interface's link is pinned under the bpffs dir (`link_<listener id>_if<ifindex>_<hook>`).
+//! A restarted daemon finds the pin and swaps its freshly loaded program into the existing
+//! link with `bpf_link_update`: the interface is never without a program, not even for one
+//! packet. `detach_pinned` is the only way enforcement stops.
+//!
+//! When the configuration changed between runs:
+//! - same interface and hook under another listener id (listeners reordered): the old link
+//!   is taken over and re-pinned under the new name — no gap;
+//! - xdp ↔ tc: the new hook attaches next to the old one, and the old link is pruned once
+//!   every listener is attached — no gap (for that instant a request may be judged by both);
+//! - XDP native ↔ generic on one interface: the kernel refuses a second XDP mode while one
+//!   is attached and a link cannot change mode, so the old link is detached just before the
+//!   new one attaches. Requests arriving in between (microseconds) are not judged: the one
+//!   gap the kernel leaves no way around. `Attached::displaced` reports it.
 
 use std::{
     io,
@@ -67,6 +77,11 @@ pub struct Attached {
     pub adopted: bool,
     /// Kernel id of the program now running in the link.
     pub program_id: u32,
+    /// Pins of links in the other XDP mode on this interface, detached just before this one
+    /// attached: the interface was unguarded for that instant.
+    pub displaced: Vec<PathBuf>,
+    /// The pin of another listener id's link that was taken over and re-pinned here.
+    pub moved_from: Option<PathBuf>,
 }
 
 impl AttachHook {
@@ -94,6 +109,37 @@ fn is_link_pin(p: &Path) -> bool {
         .is_some_and(|n| n.starts_with("link_"))
 }
 
+/// The interface index and hook tag a link pin's name records (see `link_pin_path`).
+fn pin_target(p: &Path) -> Option<(u32, &str)> {
+    let name = p.file_name()?.to_str()?.strip_prefix("link_")?;
+    let (_id, rest) = name.split_once("_if")?;
+    let (ifindex, tag) = rest.split_once('_')?;
+    Some((ifindex.parse().ok()?, tag))
+}
+
+/// Link pins under `dir` other than `except` on interface `ifindex`, with their hook tags.
+fn pins_on(dir: &Path, ifindex: u32, except: &Path) -> Result<Vec<(PathBuf, String)>, AttachError> {
+    let io_err = |source| AttachError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err)? {
+        let p = e.map_err(io_err)?.path();
+        if p == except {
+            continue;
+        }
+        if let Some((idx, tag)) = pin_target(&p) {
+            if idx == ifindex {
+                let tag = tag.to_owned();
+                out.push((p, tag));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn not_found(e: &LinkError) -> bool {
     matches!(e, LinkError::SyscallError(SyscallError { io_error, .. })
         if io_error.kind() == io::ErrorKind::NotFound)
@@ -113,6 +159,63 @@ fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> AttachError + '_ {
     }
 }
 
+/// Detaches a pinned link from its hook (even if another process still holds it open) and
+/// removes the pin.
+fn detach_and_unpin(pin: &Path) -> Result<(), AttachError> {
+    let io_err = |source| AttachError::Io {
+        path: pin.to_path_buf(),
+        source,
+    };
+    match obj_get(pin) {
+        Ok(fd) => link_detach(&fd).map_err(io_err)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(e)),
+    }
+    std::fs::remove_file(pin).map_err(io_err)
+}
+
+/// `bpf(cmd, attr)` with a zero-padded `union bpf_attr`; the result is an fd or 0.
+fn bpf(cmd: libc::c_long, attr: &[u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: bpf(2) reads `size_of_val(attr)` bytes of a valid buffer; any pointer inside
+    // points to memory the caller keeps alive across the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_ptr(),
+            std::mem::size_of_val(attr) as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// BPF_OBJ_GET: an fd of the pinned object (aya hands out no raw fd of a link).
+fn obj_get(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    // { u64 pathname; u32 bpf_fd; u32 file_flags; }
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    // SAFETY: the kernel just returned this fd to us, and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_DETACH: the link leaves its hook now, whoever still holds it.
+fn link_detach(link: &std::os::fd::OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let mut attr = [0u64; 16];
+    // { u32 link_fd; }
+    attr[0] = u64::from(link.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &attr).map(|_| ())
+}
+
 impl Datapath {
     /// Attaches the enforcing program for listener `id` on `iface`, replacing the program of
     /// an already pinned link atomically, or creating and pinning a new link.
@@ -125,11 +228,29 @@ impl Datapath {
     ) -> Result<Attached, AttachError> {
         let dir = self.pin_dir().ok_or(AttachError::NoPinDir)?.to_path_buf();
         let pin = link_pin_path(&dir, id, ifindex, hook);
-        let existing = match PinnedLink::from_pin(&pin) {
-            Ok(p) => Some(FdLink::from(p)),
-            Err(e) if not_found(&e) => None,
-            Err(e) => return Err(link_err(&pin)(e)),
+        let open = |pin: &Path| match PinnedLink::from_pin(pin) {
+            Ok(p) => Ok(Some(FdLink::from(p))),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(link_err(pin)(e)),
         };
+        let mut existing = open(&pin)?;
+        let mut moved_from = None;
+        let mut displaced = Vec::new();
+        if existing.is_none() {
+            for (other, tag) in pins_on(&dir, ifindex, &pin)? {
+                if tag == hook.tag() && existing.is_none() {
+                    // The same hook under another listener id: take it over, gap-free.
+                    existing = open(&other)?;
+                    moved_from = existing.is_some().then_some(other);
+                } else if matches!(hook, AttachHook::Xdp(_)) && tag.starts_with("xdp") {
+                    // One XDP mode per interface, and a link cannot change mode: the old
+                    // one must go first. Everything the new program needs is in the maps
+                    // already, so the gap is this syscall and the attach below.
+                    detach_and_unpin(&other)?;
+                    displaced.push(other);
+                }
+            }
+        }
         let adopted = existing.is_some();
         let link: FdLink = match hook {
             AttachHook::Xdp(mode) => {
@@ -171,11 +292,19 @@ impl Datapath {
                 FdLink::try_from(link).map_err(link_err(&pin))?
             }
         };
-        let link = if adopted {
+        let link = if adopted && moved_from.is_none() {
             link
         } else {
-            // Pinning consumes the handle; re-open it so the daemon still holds one.
+            // Pinning consumes the handle; re-open it so the daemon still holds one. A link
+            // taken over from another name is pinned here before that name goes, so it has
+            // a pin at every moment.
             link.pin(&pin).map_err(pin_err(&pin))?;
+            if let Some(old) = &moved_from {
+                std::fs::remove_file(old).map_err(|source| AttachError::Io {
+                    path: old.clone(),
+                    source,
+                })?;
+            }
             FdLink::from(PinnedLink::from_pin(&pin).map_err(link_err(&pin))?)
         };
         let program_id = link.info().map_err(link_err(&pin))?.program_id();
@@ -184,6 +313,8 @@ impl Datapath {
             pin,
             adopted,
             program_id,
+            displaced,
+            moved_from,
         })
     }
 
@@ -235,4 +366,24 @@ pub fn detach_pinned(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
     }
     std::fs::remove_dir(dir).map_err(io_err(dir))?;
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_say_interface_and_hook() {
+        let dir = Path::new("/sys/fs/bpf/rampart");
+        for (hook, tag) in [
+            (AttachHook::Xdp(XdpMode::Skb), "xdpskb"),
+            (AttachHook::Xdp(XdpMode::Driver), "xdpdrv"),
+            (AttachHook::TcIngress, "tc"),
+        ] {
+            let p = link_pin_path(dir, 12, 345, hook);
+            assert_eq!(pin_target(&p), Some((345, tag)), "{}", p.display());
+        }
+        assert_eq!(pin_target(Path::new("/x/TOKENS")), None);
+        assert_eq!(pin_target(Path::new("/x/link_0_ifzz_tc")), None);
+    }
 }

@@ -1,6 +1,7 @@
-//! Datapath events as records an operator can read: JSON lines for machines, a one-liner
-//! for humans. Built from `agent_common::Event`, which carries only a fingerprint and a
-//! keyed path hash, so a record never holds a token or a request path.
+//! Events as records an operator can read: JSON lines for machines, a one-liner for
+//! humans. Decisions are built from `agent_common::Event`, which carries only a fingerprint
+//! and a keyed path hash, so a record never holds a token or a request path; the daemon's
+//! own notices (a token about to expire) carry a fingerprint, an expiry and the label.
 
 use std::{
     collections::HashMap,
@@ -109,24 +110,126 @@ impl fmt::Display for EventRecord {
     }
 }
 
+/// The daemon's warning that a token is about to expire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiryRecord {
+    /// When the warning was given; RFC 3339, UTC.
+    pub time: String,
+    /// Always `expiring`: what tells this record from a decision in a JSON line.
+    pub kind: String,
+    pub fingerprint: String,
+    /// RFC 3339, UTC.
+    pub expires_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl ExpiryRecord {
+    pub const KIND: &'static str = "expiring";
+
+    /// `expires_at` in Unix seconds.
+    pub fn new(
+        time_tai_ns: u64,
+        fp: &Fingerprint,
+        expires_at: i64,
+        label: Option<String>,
+        tai_offset_ns: i64,
+    ) -> Self {
+        ExpiryRecord {
+            time: rfc3339_from_tai(time_tai_ns, tai_offset_ns),
+            kind: Self::KIND.to_owned(),
+            fingerprint: fingerprint_hex(fp),
+            expires_at: rfc3339_from_unix(expires_at),
+            label,
+        }
+    }
+}
+
+/// `{time} expiring token={fp} expires={time} label="..."`: the verdict column says
+/// `expiring`, so `grep` and eyes find it where they look for decisions.
+impl fmt::Display for ExpiryRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:<13} token={} expires={}",
+            self.time, self.kind, self.fingerprint, self.expires_at
+        )?;
+        match &self.label {
+            Some(l) => write!(f, " label={l:?}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One line of the event stream or export file. Untagged: an expiry record has `kind`,
+/// a decision `verdict`, and files written before notices existed read as decisions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Record {
+    Expiry(ExpiryRecord),
+    Decision(EventRecord),
+}
+
+impl Record {
+    pub fn fingerprint(&self) -> Option<&str> {
+        match self {
+            Record::Expiry(e) => Some(&e.fingerprint),
+            Record::Decision(d) => d.fingerprint.as_deref(),
+        }
+    }
+
+    /// The verdict of a decision, `expiring` for an expiry warning.
+    pub fn kind(&self) -> &str {
+        match self {
+            Record::Expiry(e) => &e.kind,
+            Record::Decision(d) => &d.verdict,
+        }
+    }
+
+    pub fn to_json_line(&self) -> Result<String, TelemetryError> {
+        serde_json::to_string(self).map_err(TelemetryError::EventSerialize)
+    }
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Record::Expiry(e) => e.fmt(f),
+            Record::Decision(d) => d.fmt(f),
+        }
+    }
+}
+
+impl From<EventRecord> for Record {
+    fn from(r: EventRecord) -> Self {
+        Record::Decision(r)
+    }
+}
+
+impl From<ExpiryRecord> for Record {
+    fn from(r: ExpiryRecord) -> Self {
+        Record::Expiry(r)
+    }
+}
+
 /// Which records an event consumer wants.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EventFilter {
     /// Only this fingerprint (32 hex digits, any case).
     pub token: Option<String>,
-    /// Only this verdict name.
+    /// Only this verdict name (`expiring`: only expiry warnings).
     pub verdict: Option<String>,
 }
 
 impl EventFilter {
-    pub fn matches(&self, r: &EventRecord) -> bool {
-        let token_ok = match (&self.token, &r.fingerprint) {
+    pub fn matches(&self, r: &Record) -> bool {
+        let token_ok = match (&self.token, r.fingerprint()) {
             (None, _) => true,
             (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
             (Some(_), None) => false,
         };
-        token_ok && self.verdict.as_ref().is_none_or(|v| *v == r.verdict)
+        token_ok && self.verdict.as_ref().is_none_or(|v| v == r.kind())
     }
 }
 
@@ -150,6 +253,12 @@ pub fn rfc3339_from_tai(tai_ns: u64, tai_offset_ns: i64) -> String {
     let unix_ns = (i128::from(tai_ns) - i128::from(tai_offset_ns)).clamp(0, u64::MAX.into());
     let t = UNIX_EPOCH + Duration::from_nanos(unix_ns as u64);
     humantime::format_rfc3339_nanos(t).to_string()
+}
+
+/// Unix seconds as RFC 3339 UTC (times before the epoch clamp to it).
+pub fn rfc3339_from_unix(secs: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn endpoint(addr: [u8; 16], port: u16) -> SocketAddr {
@@ -266,19 +375,84 @@ mod tests {
     #[test]
     fn filter_by_token_and_verdict() {
         let r = EventRecord::from_event(&v4_event(), &ctx());
+        let m = |f: &EventFilter, r: &EventRecord| f.matches(&Record::Decision(r.clone()));
         let f = |token: Option<&str>, verdict: Option<&str>| EventFilter {
             token: token.map(str::to_owned),
             verdict: verdict.map(str::to_owned),
         };
-        assert!(f(None, None).matches(&r));
-        assert!(f(Some("0123456789ABCDEFFEDCBA9876543210"), Some("throttled")).matches(&r));
-        assert!(!f(Some("0123456789abcdeffedcba9876543211"), None).matches(&r));
-        assert!(!f(None, Some("revoked")).matches(&r));
+        assert!(m(&f(None, None), &r));
+        assert!(m(
+            &f(Some("0123456789ABCDEFFEDCBA9876543210"), Some("throttled")),
+            &r
+        ));
+        assert!(!m(&f(Some("0123456789abcdeffedcba9876543211"), None), &r));
+        assert!(!m(&f(None, Some("revoked")), &r));
         let anon = EventRecord {
             fingerprint: None,
             ..r
         };
-        assert!(!f(Some("0123456789abcdeffedcba9876543210"), None).matches(&anon));
+        assert!(!m(
+            &f(Some("0123456789abcdeffedcba9876543210"), None),
+            &anon
+        ));
+    }
+
+    #[test]
+    fn expiry_warning_as_json_line_and_one_liner() {
+        let fp = Fingerprint([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210]);
+        // Expires a day after the warning.
+        let rec = ExpiryRecord::new(
+            UNIX_NS + OFFSET as u64,
+            &fp,
+            1_714_651_200,
+            Some("ci deploy".into()),
+            OFFSET,
+        );
+        let line = Record::from(rec.clone()).to_json_line().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "time": "2024-05-01T12:00:00.500000000Z",
+                "kind": "expiring",
+                "fingerprint": "0123456789abcdeffedcba9876543210",
+                "expires_at": "2024-05-02T12:00:00Z",
+                "label": "ci deploy",
+            })
+        );
+        // Read back from a mixed file, each line is what it was.
+        let decision = EventRecord::from_event(&v4_event(), &ctx());
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, Record::Expiry(rec.clone()));
+        let back: Record = serde_json::from_str(&decision.to_json_line().unwrap()).unwrap();
+        assert_eq!(back, Record::Decision(decision.clone()));
+
+        assert_eq!(
+            Record::from(rec.clone()).to_string(),
+            "2024-05-01T12:00:00.500000000Z expiring      \
+             token=0123456789abcdeffedcba9876543210 expires=2024-05-02T12:00:00Z \
+             label=\"ci deploy\""
+        );
+        let unlabelled = ExpiryRecord { label: None, ..rec };
+        assert!(!Record::from(unlabelled.clone())
+            .to_string()
+            .contains("label"));
+        assert!(!Record::from(unlabelled.clone())
+            .to_json_line()
+            .unwrap()
+            .contains("label"));
+
+        // `--verdict expiring` finds it; any real verdict does not; `--token` does.
+        let f = |token: Option<&str>, verdict: Option<&str>| EventFilter {
+            token: token.map(str::to_owned),
+            verdict: verdict.map(str::to_owned),
+        };
+        let r = Record::from(unlabelled);
+        assert!(f(None, Some("expiring")).matches(&r));
+        assert!(!f(None, Some("throttled")).matches(&r));
+        assert!(f(Some("0123456789ABCDEFFEDCBA9876543210"), None).matches(&r));
+        assert!(!f(Some("0123456789abcdeffedcba9876543211"), None).matches(&r));
+        assert!(!f(None, Some("expiring")).matches(&Record::Decision(decision)));
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{EventRecord, TelemetryError};
+use serde::Serialize;
+
+use super::TelemetryError;
 
 /// Event files hold fingerprints and client addresses: owner and group only.
 const FILE_MODE: u32 = 0o640;
@@ -57,8 +59,8 @@ impl EventExporter {
 
     /// Appends one record as a JSON line, rotating first if the line would push the file
     /// past `max_bytes` (a file always takes at least one line, however long).
-    pub fn write(&mut self, record: &EventRecord) -> Result<(), TelemetryError> {
-        let mut line = record.to_json_line()?;
+    pub fn write(&mut self, record: &impl Serialize) -> Result<(), TelemetryError> {
+        let mut line = serde_json::to_string(record).map_err(TelemetryError::EventSerialize)?;
         line.push('\n');
         let len = line.len() as u64;
         if self.size > 0 && self.size + len > self.max_bytes {
@@ -135,6 +137,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+    use crate::telemetry::EventRecord;
 
     fn record(n: usize) -> EventRecord {
         EventRecord {

@@ -15,7 +15,7 @@ pub mod top;
 
 use std::{net::SocketAddr, path::PathBuf};
 
-pub use event::{EventContext, EventFilter, EventRecord};
+pub use event::{EventContext, EventFilter, EventRecord, ExpiryRecord, Record};
 pub use export::EventExporter;
 pub use http::serve_metrics;
 pub use metrics::{BuildInfo, DatapathSnapshot, ListenerRequests, MapFill, Metrics, TokenCounts};
