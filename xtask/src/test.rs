@@ -16,18 +16,21 @@ use crate::{
     vm,
 };
 
-/// Test targets of `rampart-tests` that exercise the kernel directly and so are worth
-/// a second run on the old kernel (the others drive nginx and daemons; the host run
-/// covers them).
-/// rampart-tests targets run in the VM. The datapath and attach tests are not among them
-/// yet: the eBPF object passes the 6.18 verifier but not 6.1's (its weaker state pruning
-/// exceeds the 1M-instruction budget). Until it does, the VM step runs the portable unit
-/// tests and says so loudly; `--vm-datapath` runs the kernel tests anyway (they fail).
-const VM_TEST_TARGETS: &[&str] = &[];
-const VM_DATAPATH_TARGETS: &[&str] = &["datapath", "attach"];
+/// `rampart-tests` targets run in the VM, in this order, after agent-common's unit
+/// tests: the netns targets need no eBPF (nginx, curl, wrk, veth, namespaces).
+/// The datapath and attach tests are not among them yet: the eBPF object passes the
+/// 6.18 verifier but not 6.1's. Until it does, the VM step runs the others and says so
+/// loudly; `--vm-datapath` runs the eBPF targets anyway (they fail).
+const VM_TEST_TARGETS: &[&str] = &["topology"];
+/// Targets that load the eBPF object (the daemon tests start real daemons).
+const VM_DATAPATH_TARGETS: &[&str] = &["datapath", "attach", "daemon", "scenarios"];
 
-/// The VM is emulated (TCG), so it gets far longer than a host run would need.
-const VM_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+/// The whole VM run, boot included; it should take under 10 minutes (TCG).
+const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// One test in the VM: a hung test gets killed and named, and the others still run.
+const VM_TEST_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+/// Label of agent-common's unit tests, which run as one command.
+const UNIT_TESTS: &str = "agent-common";
 
 /// Arguments of `cargo xtask test`.
 #[derive(clap::Args)]
@@ -125,7 +128,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         let name = if args.vm_datapath {
             "VM tests (Linux 6.1)"
         } else {
-            "VM tests (Linux 6.1; unit tests only, datapath NOT RUN)"
+            "VM tests (Linux 6.1; datapath, attach, daemon NOT RUN)"
         };
         step(name, &mut || vm_tests(&root, args));
     }
@@ -153,38 +156,53 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
 
 /// Builds the test binaries and runs the kernel-facing ones in the VM.
 fn vm_tests(root: &Path, args: &TestArgs) -> Result<()> {
-    let targets = if args.vm_datapath {
-        VM_DATAPATH_TARGETS
+    let mut targets = VM_TEST_TARGETS.to_vec();
+    if args.vm_datapath {
+        targets.extend(VM_DATAPATH_TARGETS);
     } else {
         eprintln!(
             "\n!! NOT RUN in the 6.1 VM: rampart-tests {VM_DATAPATH_TARGETS:?} — the eBPF \
-             object does not yet pass the Linux 6.1 verifier (instruction budget). Only the \
-             portable unit tests run there. `cargo xtask test --only-vm --vm-datapath` shows \
-             the failure.\n"
+             object does not yet pass the Linux 6.1 verifier. `cargo xtask test --only-vm \
+             --vm-datapath` shows the failure.\n"
         );
-        VM_TEST_TARGETS
-    };
-    let binaries = test_binaries(root, targets)?;
+    }
+    let binaries = test_binaries(root, &targets)?;
     let mut commands = Vec::new();
-    for exe in binaries {
-        let mut argv = vec![
-            exe.to_string_lossy().into_owned(),
-            "--test-threads=1".into(),
-        ];
-        argv.extend(args.filter.clone());
-        commands.push(argv);
+    let mut labels = Vec::new();
+    for (target, exe) in binaries {
+        let exe = exe.to_string_lossy().into_owned();
+        if target == UNIT_TESTS {
+            let mut argv = vec![exe, "--test-threads=1".into()];
+            argv.extend(args.filter.clone());
+            commands.push(argv);
+            labels.push(target);
+            continue;
+        }
+        // One process per test: each gets its own timeout, a hung test costs only
+        // itself, and a failure's output is printed as soon as it happens.
+        for test in list_tests(&exe, args.filter.as_deref())? {
+            commands.push(vec![
+                exe.clone(),
+                "--exact".into(),
+                test.clone(),
+                "--test-threads=1".into(),
+            ]);
+            labels.push(format!("{target}::{test}"));
+        }
     }
     let mut opts = vm::VmOptions::new(root, commands);
     opts.timeout = VM_TIMEOUT;
-    // One run reports every failing binary, like the host step does.
+    opts.command_timeout = Some(VM_TEST_TIMEOUT);
+    opts.labels = labels;
+    // One run reports every failing test, like the host step does.
     opts.keep_going = true;
     opts.env.push(("RUST_BACKTRACE".into(), "1".into()));
     vm::run(opts)
 }
 
-/// Executables of agent-common's unit tests and of the `rampart-tests` targets in
-/// [`VM_TEST_TARGETS`] that exist.
-fn test_binaries(root: &Path, targets: &[&str]) -> Result<Vec<PathBuf>> {
+/// (label, executable) of agent-common's unit tests, then of the `rampart-tests`
+/// `targets` in their order.
+fn test_binaries(root: &Path, targets: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let out = cargo(root)
         .args(["test", "--workspace", "--no-run", "--message-format=json"])
         .stdin(Stdio::null())
@@ -198,7 +216,8 @@ fn test_binaries(root: &Path, targets: &[&str]) -> Result<Vec<PathBuf>> {
     // when it equals the directory name, so it is not a reliable key.
     let tests_manifest = root.join("tests/Cargo.toml");
     let common_manifest = root.join("agent-common/Cargo.toml");
-    let mut found = Vec::new();
+    let mut common = None;
+    let mut by_target = std::collections::HashMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -215,18 +234,48 @@ fn test_binaries(root: &Path, targets: &[&str]) -> Result<Vec<PathBuf>> {
             .map(|k| k.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
         let name = msg["target"]["name"].as_str().unwrap_or_default();
-        let wanted =
-            (manifest == tests_manifest && kinds.contains(&"test") && targets.contains(&name))
-                || (manifest == common_manifest && kinds.contains(&"lib"));
-        if wanted {
-            println!("VM will run {name}: {exe}");
-            found.push(PathBuf::from(exe));
+        if manifest == tests_manifest && kinds.contains(&"test") {
+            by_target.insert(name.to_owned(), PathBuf::from(exe));
+        } else if manifest == common_manifest && kinds.contains(&"lib") {
+            common = Some(PathBuf::from(exe));
         }
     }
-    if found.is_empty() {
-        bail!("found no test binaries for the VM (agent-common unit tests, rampart-tests {targets:?})");
+    // A listed target that no longer builds must fail the step, not vanish from it.
+    let common = common.context("no agent-common unit test binary")?;
+    let mut found = vec![(UNIT_TESTS.to_owned(), common)];
+    for target in targets {
+        let exe = by_target
+            .remove(*target)
+            .with_context(|| format!("rampart-tests has no test target {target:?}"))?;
+        found.push(((*target).to_owned(), exe));
+    }
+    for (target, exe) in &found {
+        println!("VM will run {target}: {}", exe.display());
     }
     Ok(found)
+}
+
+/// Names of the tests in a libtest binary matching `filter`, as the binary lists them
+/// (on the host: listing runs no test).
+fn list_tests(exe: &str, filter: Option<&str>) -> Result<Vec<String>> {
+    let out = std::process::Command::new(exe)
+        .args(["--list", "--format=terse"])
+        .args(filter)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {exe} --list"))?;
+    if !out.status.success() {
+        bail!("{exe} --list failed ({})", out.status);
+    }
+    Ok(parse_test_list(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `name: test` lines of `--list --format=terse` (benchmarks are `name: bench`).
+fn parse_test_list(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| line.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `cargo` for the eBPF crate: host RUSTFLAGS do not apply to the BPF target.
@@ -234,4 +283,15 @@ fn ebpf_cargo(dir: &Path) -> std::process::Command {
     let mut cmd = cargo(dir);
     cmd.env_remove("RUSTFLAGS");
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_list_keeps_tests_only() {
+        let text = "a::b: test\nslow: bench\nc: test\n\n2 tests, 1 benchmark\n";
+        assert_eq!(parse_test_list(text), ["a::b", "c"]);
+    }
 }

@@ -9,6 +9,7 @@
 mod debug_exit;
 mod initramfs;
 mod kernel;
+mod libtest;
 
 use std::{
     fmt::Write as _,
@@ -80,6 +81,12 @@ pub struct VmOptions {
     pub workdir: PathBuf,
     /// Run the remaining commands after one fails (the run still fails).
     pub keep_going: bool,
+    /// Each command is killed after this long, so one hung test leaves time for the
+    /// others (and the report names it); `None` leaves only `timeout`.
+    pub command_timeout: Option<Duration>,
+    /// Names for the commands in progress lines and the report, by index; commands
+    /// without one are named after their program and arguments.
+    pub labels: Vec<String>,
 }
 
 impl VmOptions {
@@ -93,6 +100,8 @@ impl VmOptions {
             cache_dir: workspace_root.join("target/vm-cache"),
             workdir: workspace_root.to_path_buf(),
             keep_going: false,
+            command_timeout: None,
+            labels: Vec::new(),
         }
     }
 }
@@ -169,11 +178,20 @@ pub fn run(opts: VmOptions) -> Result<()> {
             .spawn()
             .context("starting qemu")?,
     );
+    let labels: Vec<String> = (0..opts.commands.len())
+        .map(|i| {
+            opts.labels
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| label(&opts.commands[i]))
+        })
+        .collect();
     let progress = Arc::new(Mutex::new(Progress::default()));
     let console = {
         let out = qemu.0.stdout.take().expect("piped");
         let progress = Arc::clone(&progress);
-        thread::spawn(move || follow_console(out, started, &progress))
+        let labels = labels.clone();
+        thread::spawn(move || follow_console(out, started, &labels, &progress))
     };
     let stderr = {
         let err = qemu.0.stderr.take().expect("piped");
@@ -184,24 +202,26 @@ pub fn run(opts: VmOptions) -> Result<()> {
     let _ = console.join();
     let _ = stderr.join();
     let progress = progress.lock().expect("console thread panicked").clone();
+    let describe = || progress.describe(&labels, opts.command_timeout);
+    print!("{}", progress.table(&labels));
     let Some(status) = status else {
         bail!(
             "VM timed out after {:?} ({}); qemu killed",
             opts.timeout,
-            progress.describe(&opts.commands)
+            describe()
         );
     };
     println!("[vm] finished in {:.1}s", started.elapsed().as_secs_f64());
     match guest_status(status) {
         Some(PASSED) => Ok(()),
-        Some(COMMAND_FAILED) => bail!("in the VM: {}", progress.describe(&opts.commands)),
+        Some(COMMAND_FAILED) => bail!("in the VM:\n  {}", describe()),
         Some(SETUP_FAILED) => bail!("VM guest setup failed (see the init: line above)"),
         _ => {
             let log = fs::read_to_string(&fsd_log).unwrap_or_default();
             bail!(
                 "VM ended without reporting a result ({status}; kernel panic or qemu error?) \
                  during {}{}",
-                progress.describe(&opts.commands),
+                describe(),
                 if log.is_empty() {
                     String::new()
                 } else {
@@ -296,7 +316,13 @@ fn run_script(opts: &VmOptions) -> Result<String> {
     writeln!(s, "failed=0")?;
     for (i, argv) in opts.commands.iter().enumerate() {
         ensure!(!argv.is_empty(), "command {} is empty", i + 1);
-        let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+        let mut line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+        if let Some(limit) = opts.command_timeout {
+            // coreutils timeout from the host root; KILL follows TERM for a test that
+            // ignores it. Exit 124 (or 137) tells the host it was a timeout.
+            let wrap = format!("timeout -k 10 {}", limit.as_secs().max(1));
+            line.insert(0, wrap);
+        }
         let line = line.join(" ");
         writeln!(s, "echo {}", quote(&format!("{MARK}start {i}")))?;
         writeln!(s, "{line}")?;
@@ -323,35 +349,123 @@ struct Progress {
     booted: Option<Duration>,
     /// Index of the command now running, if any.
     running: Option<usize>,
-    /// (index, exit status) of finished commands.
-    finished: Vec<(usize, i32)>,
+    /// libtest output of the running command.
+    tests: libtest::Tracker,
+    finished: Vec<Finished>,
 }
 
+/// A command that ran to its end (or its timeout).
+#[derive(Debug, Clone)]
+struct Finished {
+    index: usize,
+    status: i32,
+    took: Duration,
+    tests: libtest::Tracker,
+}
+
+/// Exit statuses of coreutils `timeout`: after TERM, and after the KILL that follows.
+const TIMED_OUT: [i32; 2] = [124, 137];
+
 impl Progress {
-    fn describe(&self, commands: &[Vec<String>]) -> String {
-        let show = |i: usize| format!("command {} `{}`", i + 1, commands[i].join(" "));
-        let failed: Vec<String> = self
-            .finished
-            .iter()
-            .filter(|(_, rc)| *rc != 0)
-            .map(|&(i, rc)| format!("{} exited with {rc}", show(i)))
-            .collect();
-        if !failed.is_empty() {
-            return failed.join("; ");
+    /// One paragraph per failed command: how it ended and each failing test with its
+    /// panic; or, if none failed, where the run stopped.
+    fn describe(&self, labels: &[String], command_timeout: Option<Duration>) -> String {
+        let mut out = Vec::new();
+        for f in self.finished.iter().filter(|f| f.status != 0) {
+            let name = &labels[f.index];
+            let mut text = match (TIMED_OUT.contains(&f.status), command_timeout) {
+                (true, Some(limit)) => format!("{name} timed out after {}s", limit.as_secs()),
+                _ => format!("{name} exited with {}", f.status),
+            };
+            if let Some(test) = f.tests.running() {
+                let _ = write!(text, " while running test {test}");
+            }
+            let failures = f.tests.failures();
+            if !failures.is_empty() {
+                let _ = write!(text, "; {} test(s) failed:", failures.len());
+            }
+            for failure in failures {
+                let _ = write!(text, "\n    {failure}");
+            }
+            out.push(text);
+        }
+        if !out.is_empty() {
+            return out.join("\n  ");
         }
         match (self.booted, self.running) {
             (None, _) => "before the guest finished booting".to_owned(),
-            (Some(_), Some(i)) => format!("while running {}", show(i)),
-            (Some(_), None) => format!(
-                "after {} of {} commands",
-                self.finished.len(),
-                commands.len()
-            ),
+            (Some(_), Some(i)) => {
+                let mut text = format!("while running {}", labels[i]);
+                if let Some(test) = self.tests.running() {
+                    let _ = write!(text, " (test {test})");
+                }
+                text
+            }
+            (Some(_), None) => {
+                format!("after {} of {} commands", self.finished.len(), labels.len())
+            }
         }
+    }
+
+    /// Per finished command `status  seconds  label`, then per group (the label up
+    /// to `::`, e.g. a test target) its total time and failure count.
+    fn table(&self, labels: &[String]) -> String {
+        let mut out = String::new();
+        let mut groups: Vec<(&str, Duration, usize, usize)> = Vec::new();
+        for f in &self.finished {
+            let verdict = if f.status == 0 { "passed" } else { "FAILED" };
+            let label = labels[f.index].as_str();
+            let _ = writeln!(
+                out,
+                "[vm]   {verdict:6}  {:6.1}s  {label}",
+                f.took.as_secs_f64()
+            );
+            let group = label.split_once("::").map_or(label, |(g, _)| g);
+            let at = match groups.iter().position(|g| g.0 == group) {
+                Some(at) => at,
+                None => {
+                    groups.push((group, Duration::ZERO, 0, 0));
+                    groups.len() - 1
+                }
+            };
+            groups[at].1 += f.took;
+            groups[at].2 += 1;
+            groups[at].3 += usize::from(f.status != 0);
+        }
+        for (group, took, count, failed) in groups {
+            let _ = writeln!(
+                out,
+                "[vm] {group}: {count} command(s), {failed} failed, {:.1}s",
+                took.as_secs_f64()
+            );
+        }
+        out
     }
 }
 
-fn follow_console(out: impl Read, started: Instant, progress: &Mutex<Progress>) {
+/// A short name for a command: the program's file name without cargo's `-<hash>`
+/// suffix (so `target/debug/deps/attach-0123456789abcdef` reads `attach`), then the
+/// arguments.
+fn label(argv: &[String]) -> String {
+    let Some((program, args)) = argv.split_first() else {
+        return String::new();
+    };
+    let name = Path::new(program)
+        .file_name()
+        .map_or_else(|| program.clone(), |n| n.to_string_lossy().into_owned());
+    let name = match name.rsplit_once('-') {
+        Some((stem, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            stem.to_owned()
+        }
+        _ => name,
+    };
+    std::iter::once(name)
+        .chain(args.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn follow_console(out: impl Read, started: Instant, labels: &[String], progress: &Mutex<Progress>) {
     let mut out = BufReader::new(out);
     let mut line = Vec::new();
     let mut command_started = started;
@@ -363,11 +477,24 @@ fn follow_console(out: impl Read, started: Instant, progress: &Mutex<Progress>) 
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
-        let Some(mark) = text.strip_prefix(MARK) else {
-            println!("[vm] {text}");
-            continue;
+        // A mark may follow output that did not end its line (a test killed by its
+        // timeout after `test x ... `).
+        let (before, mark) = match text.find(MARK) {
+            Some(at) => (&text[..at], Some(&text[at + MARK.len()..])),
+            None => (text, None),
         };
         let mut p = progress.lock().expect("lock");
+        if mark.is_none() || !before.is_empty() {
+            // Blank lines (libtest puts several around each binary's run) only
+            // stretch the log; the tracker still needs them to end a message.
+            if !before.trim().is_empty() {
+                println!("[vm] {before}");
+            }
+            if p.running.is_some() {
+                p.tests.line(before);
+            }
+        }
+        let Some(mark) = mark else { continue };
         let mut words = mark.split_whitespace();
         match (words.next(), words.next(), words.next()) {
             (Some("ready"), _, _) => {
@@ -377,25 +504,35 @@ fn follow_console(out: impl Read, started: Instant, progress: &Mutex<Progress>) 
             }
             (Some("start"), Some(i), _) => {
                 p.running = i.parse().ok();
+                if let Some(label) = p.running.and_then(|i| labels.get(i)) {
+                    println!("[vm] running {label}");
+                }
+                p.tests = libtest::Tracker::default();
                 command_started = Instant::now();
             }
             (Some("exit"), Some(i), Some(rc)) => {
-                if let (Ok(i), Ok(rc)) = (i.parse(), rc.parse()) {
+                if let (Ok(index), Ok(status)) = (i.parse::<usize>(), rc.parse()) {
                     p.running = None;
-                    p.finished.push((i, rc));
-                    let verdict = if rc == 0 {
+                    let finished = Finished {
+                        index,
+                        status,
+                        took: command_started.elapsed(),
+                        tests: std::mem::take(&mut p.tests),
+                    };
+                    let verdict = if status == 0 {
                         "passed".to_owned()
                     } else {
-                        format!("FAILED ({rc})")
+                        format!("FAILED ({status})")
                     };
                     println!(
-                        "[vm] command {} {verdict} in {:.1}s",
-                        i + 1,
-                        command_started.elapsed().as_secs_f64()
+                        "[vm] {} {verdict} in {:.1}s",
+                        labels.get(index).map_or("?", String::as_str),
+                        finished.took.as_secs_f64()
                     );
+                    p.finished.push(finished);
                 }
             }
-            _ => println!("[vm] {text}"),
+            _ => println!("[vm] {mark}"),
         }
     }
 }
@@ -518,6 +655,73 @@ mod tests {
 
         opts.env.push(("BAD NAME".into(), String::new()));
         assert!(run_script(&opts).is_err());
+    }
+
+    #[test]
+    fn script_wraps_commands_in_their_timeout() {
+        let mut opts = VmOptions::new(Path::new("/repo"), vec![vec!["t".into(), "x".into()]]);
+        opts.command_timeout = Some(Duration::from_secs(90));
+        let script = run_script(&opts).unwrap();
+        assert!(script.contains("\ntimeout -k 10 90 't' 'x'\n"), "{script}");
+    }
+
+    #[test]
+    fn labels_drop_cargo_hashes() {
+        let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            label(&argv(&[
+                "/t/debug/deps/attach-0123456789abcdef",
+                "--exact",
+                "x"
+            ])),
+            "attach --exact x"
+        );
+        assert_eq!(label(&argv(&["/usr/bin/run-parts"])), "run-parts");
+    }
+
+    #[test]
+    fn report_names_failed_tests_and_the_hung_one() {
+        let labels = vec!["datapath::a".to_owned(), "datapath::b".to_owned()];
+        let mut progress = Progress::default();
+        let mut tests = libtest::Tracker::default();
+        for line in [
+            "test a ... FAILED",
+            "---- a stdout ----",
+            "thread 'a' panicked at tests/tests/datapath.rs:1:2:",
+            "wrong verdict",
+            "",
+        ] {
+            tests.line(line);
+        }
+        progress.finished.push(Finished {
+            index: 0,
+            status: 101,
+            took: Duration::from_secs(3),
+            tests,
+        });
+        let mut tests = libtest::Tracker::default();
+        tests.line("test b ... ");
+        progress.finished.push(Finished {
+            index: 1,
+            status: 124,
+            took: Duration::from_secs(60),
+            tests,
+        });
+        let text = progress.describe(&labels, Some(Duration::from_secs(60)));
+        assert!(text.contains("datapath::a exited with 101"), "{text}");
+        assert!(
+            text.contains("a panicked at tests/tests/datapath.rs:1:2\n      wrong verdict"),
+            "{text}"
+        );
+        assert!(
+            text.contains("datapath::b timed out after 60s while running test b"),
+            "{text}"
+        );
+        let table = progress.table(&labels);
+        assert!(
+            table.contains("datapath: 2 command(s), 2 failed, 63.0s"),
+            "{table}"
+        );
     }
 
     #[test]
