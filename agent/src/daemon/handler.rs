@@ -77,13 +77,7 @@ pub(super) fn token_counts(d: &Daemon) -> TokenCountsView {
             }
         }
     }
-    out.in_kernel = d
-        .enforcer
-        .lock()
-        .fill_levels()
-        .iter()
-        .find(|(name, _, _)| *name == "tokens")
-        .map_or(0, |(_, n, _)| *n as u64);
+    out.in_kernel = d.enforcer.lock().token_count() as u64;
     out
 }
 

@@ -25,6 +25,9 @@ use crate::{
 
 /// How often metrics are refreshed from the maps.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// Token counts, breaches and map fill levels cost a pass over the store and the big maps
+/// (tens of milliseconds at 100k tokens): every this many snapshots.
+const TOKEN_SCAN_EVERY_TICKS: u32 = 5;
 /// Expiry bookkeeping runs every this many snapshots.
 const EXPIRY_EVERY_TICKS: u32 = 10;
 /// Editors write a file in several steps; wait for them to settle before reloading.
@@ -48,7 +51,14 @@ pub(super) fn spawn_all(daemon: &Arc<Daemon>, tasks: &mut JoinSet<()>) {
                 let Ok(mut guard) = fd.readable_mut().await else {
                     return;
                 };
-                guard.get_inner_mut().flush();
+                // aya-log panics on a record it cannot decode; that record is consumed and
+                // lost, the forwarding goes on.
+                let logger = guard.get_inner_mut();
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush()))
+                    .is_err()
+                {
+                    tracing::warn!(target: "rampart::ebpf", "skipped an eBPF log record that could not be decoded");
+                }
                 guard.clear_ready();
             }
         });
@@ -109,23 +119,28 @@ async fn snapshots(d: Arc<Daemon>) {
     let mut n: u32 = 0;
     let mut warned = Warned::new();
     let mut expiring = 0u64;
+    let mut last = DatapathSnapshot::default();
     loop {
         tick.tick().await;
         let d2 = d.clone();
         let do_expiry = n.is_multiple_of(EXPIRY_EVERY_TICKS);
+        let scan_tokens = n.is_multiple_of(TOKEN_SCAN_EVERY_TICKS);
         n = n.wrapping_add(1);
         let mut w = std::mem::take(&mut warned);
+        let prev = std::mem::take(&mut last);
         let res = tokio::task::spawn_blocking(move || {
             if do_expiry {
                 expiring = expiry(&d2, &mut w, unix_now());
             }
-            d2.metrics.update(snapshot(&d2, expiring));
-            (w, expiring)
+            let snap = snapshot(&d2, &prev, expiring, scan_tokens);
+            d2.metrics.update(snap.clone());
+            (w, expiring, snap)
         })
         .await;
-        if let Ok((w, e)) = res {
+        if let Ok((w, e, snap)) = res {
             warned = w;
             expiring = e;
+            last = snap;
         }
     }
 }
@@ -210,7 +225,16 @@ impl Daemon {
     }
 }
 
-fn snapshot(d: &Daemon, expiring: u64) -> DatapathSnapshot {
+/// The metrics' view of the datapath. Request counters and dropped events (small per-CPU
+/// arrays) are read every time; token counts, breaches and map fill levels need a pass over
+/// the store and the big maps, so with `scan_tokens` false they are carried over from
+/// `prev`. A failed map read also keeps the previous value: counters never step back.
+fn snapshot(
+    d: &Daemon,
+    prev: &DatapathSnapshot,
+    expiring: u64,
+    scan_tokens: bool,
+) -> DatapathSnapshot {
     let requests = d
         .listeners
         .iter()
@@ -222,42 +246,49 @@ fn snapshot(d: &Daemon, expiring: u64) -> DatapathSnapshot {
             })
         })
         .collect();
-    let counts = token_counts(d);
-    let fps: Vec<Fingerprint> = d
-        .enforcer
-        .lock()
-        .tokens()
-        .into_iter()
-        .map(|(fp, _)| fp)
-        .collect();
-    // One short lock per token: issuing and revoking never wait behind a full scan.
-    let breaches_total = fps
-        .iter()
-        .filter_map(|fp| d.enforcer.lock().token_state(fp))
-        .map(|s| s.breaches)
-        .sum();
-    let dp = d.enforcer.lock();
-    DatapathSnapshot {
+    let mut next = DatapathSnapshot {
         requests,
-        tokens: TokenCounts {
-            active: counts.active,
-            revoked: counts.revoked,
-            expired: counts.expired,
-            not_yet_valid: counts.not_yet_valid,
-        },
-        breaches_total,
-        events_dropped_total: dp.events_dropped().unwrap_or(0),
-        maps: dp
-            .fill_levels()
-            .into_iter()
-            .map(|(map, entries, capacity)| MapFill {
-                map: map.to_owned(),
-                entries: entries as u64,
-                capacity: capacity.into(),
-            })
-            .collect(),
+        events_dropped_total: d
+            .enforcer
+            .lock()
+            .events_dropped()
+            .unwrap_or(prev.events_dropped_total),
         expiring_tokens: expiring,
+        ..prev.clone()
+    };
+    if !scan_tokens {
+        return next;
     }
+    let counts = token_counts(d);
+    next.tokens = TokenCounts {
+        active: counts.active,
+        revoked: counts.revoked,
+        expired: counts.expired,
+        not_yet_valid: counts.not_yet_valid,
+    };
+    // One batched pass over TOKEN_STATE (a few syscalls for 100k tokens) instead of a
+    // lookup per token.
+    let dp = d.enforcer.lock();
+    let totals = match dp.runtime_totals() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::debug!(error = %error_chain(&e), "cannot read token runtime state");
+            None
+        }
+    };
+    if let Some(t) = totals {
+        next.breaches_total = t.breaches;
+    }
+    next.maps = dp
+        .fill_levels(totals)
+        .into_iter()
+        .map(|(map, entries, capacity)| MapFill {
+            map: map.to_owned(),
+            entries: entries as u64,
+            capacity: capacity.into(),
+        })
+        .collect();
+    next
 }
 
 /// Reloads when the configuration or a policy file changes. Directories are watched, not

@@ -30,7 +30,7 @@ use aya::{
     sys::SyscallError,
 };
 
-use super::{error::prog_err, Datapath, DatapathError, TC_PROGRAM, XDP_PROGRAM};
+use super::{error::prog_err, sys, Datapath, DatapathError, TC_PROGRAM, XDP_PROGRAM};
 
 /// Why attaching through, or removing, pinned links failed.
 #[derive(Debug, thiserror::Error)]
@@ -166,54 +166,12 @@ fn detach_and_unpin(pin: &Path) -> Result<(), AttachError> {
         path: pin.to_path_buf(),
         source,
     };
-    match obj_get(pin) {
-        Ok(fd) => link_detach(&fd).map_err(io_err)?,
+    match sys::obj_get(pin) {
+        Ok(fd) => sys::link_detach(std::os::fd::AsFd::as_fd(&fd)).map_err(io_err)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err(e)),
     }
     std::fs::remove_file(pin).map_err(io_err)
-}
-
-/// `bpf(cmd, attr)` with a zero-padded `union bpf_attr`; the result is an fd or 0.
-fn bpf(cmd: libc::c_long, attr: &[u64; 16]) -> io::Result<libc::c_long> {
-    // SAFETY: bpf(2) reads `size_of_val(attr)` bytes of a valid buffer; any pointer inside
-    // points to memory the caller keeps alive across the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_ptr(),
-            std::mem::size_of_val(attr) as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-/// BPF_OBJ_GET: an fd of the pinned object (aya hands out no raw fd of a link).
-fn obj_get(pin: &Path) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = [0u64; 16];
-    // { u64 pathname; u32 bpf_fd; u32 file_flags; }
-    attr[0] = path.as_ptr() as u64;
-    let fd = bpf(BPF_OBJ_GET, &attr)?;
-    // SAFETY: the kernel just returned this fd to us, and nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// BPF_LINK_DETACH: the link leaves its hook now, whoever still holds it.
-fn link_detach(link: &std::os::fd::OwnedFd) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let mut attr = [0u64; 16];
-    // { u32 link_fd; }
-    attr[0] = u64::from(link.as_raw_fd() as u32);
-    bpf(BPF_LINK_DETACH, &attr).map(|_| ())
 }
 
 impl Datapath {
@@ -316,12 +274,6 @@ impl Datapath {
             displaced,
             moved_from,
         })
-    }
-
-    /// Starts forwarding the object's `aya_log` records to `log` (and so to tracing), if
-    /// the object has any. The logger must be flushed when its fd is readable.
-    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 }
 

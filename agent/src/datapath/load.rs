@@ -115,6 +115,10 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        // Statements below the daemon's log level are skipped in the kernel, not filtered
+        // after crossing the ring. Absent until the programs log anything: not an error.
+        let log_level = ebpf_log_level();
+        loader.override_global(aya_log::LEVEL, &log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [XDP_PROGRAM, PASS_PROGRAM] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
@@ -211,6 +215,66 @@ impl Datapath {
     pub fn pin_dir(&self) -> Option<&Path> {
         self.options.pin_dir.as_deref()
     }
+
+    /// Starts forwarding the programs' aya-log records into tracing (target
+    /// `rampart::ebpf`). `None` when the object logs nothing (it has no log ring) or the
+    /// ring cannot be opened (said at warn level: enforcement does not depend on it). The
+    /// returned logger must be flushed when its fd is readable.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<EbpfLogForwarder>> {
+        match aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLogForwarder) {
+            Ok(l) => Some(l),
+            Err(aya_log::Error::MapNotFound) => {
+                tracing::debug!("the eBPF programs have no log ring; nothing to forward");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the eBPF programs' log ring; their log records are lost");
+                None
+            }
+        }
+    }
+}
+
+/// Passes the eBPF programs' `log` records to tracing under one target, so
+/// `RUST_LOG=rampart::ebpf=debug` selects them; the program module that logged is a field.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EbpfLogForwarder;
+
+/// The target eBPF records appear under.
+pub const EBPF_LOG_TARGET: &str = "rampart::ebpf";
+
+impl log::Log for EbpfLogForwarder {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let module = r.target();
+        let msg = r.args();
+        // tracing needs the level and target as constants.
+        match r.level() {
+            log::Level::Error => tracing::error!(target: "rampart::ebpf", module, "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "rampart::ebpf", module, "{msg}"),
+            log::Level::Info => tracing::info!(target: "rampart::ebpf", module, "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "rampart::ebpf", module, "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "rampart::ebpf", module, "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// aya-log's level number for the most verbose level tracing will show (0: none).
+fn ebpf_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => aya_log::Level::Error as u8,
+        LevelFilter::WARN => aya_log::Level::Warn as u8,
+        LevelFilter::INFO => aya_log::Level::Info as u8,
+        LevelFilter::DEBUG => aya_log::Level::Debug as u8,
+        _ => aya_log::Level::Trace as u8,
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
@@ -241,4 +305,68 @@ where
         ..Default::default()
     })
     .map_err(prog_err(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use log::Log as _;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ebpf_records_become_tracing_events_under_one_target() {
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for (level, text) in [
+                (log::Level::Warn, "event cap reached on cpu 1"),
+                (log::Level::Error, "TOKEN_STATE full"),
+                (log::Level::Debug, "below the level"),
+            ] {
+                EbpfLogForwarder.log(
+                    &log::Record::builder()
+                        .args(format_args!("{text}"))
+                        .target("rampart::events")
+                        .level(level)
+                        .build(),
+                );
+            }
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(
+            lines[0].contains(" WARN rampart::ebpf: event cap reached on cpu 1")
+                && lines[0].contains("module=\"rampart::events\""),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("ERROR rampart::ebpf: TOKEN_STATE full"),
+            "{out}"
+        );
+    }
 }

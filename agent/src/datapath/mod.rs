@@ -7,9 +7,13 @@ mod attach;
 pub mod clock;
 mod error;
 mod load;
+mod sys;
 mod tables;
 
 pub use attach::{detach_pinned, link_pin_path, prune_links, AttachError, AttachHook, Attached};
 pub use error::DatapathError;
-pub use load::{Datapath, LoadOptions, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
-pub use tables::parse_event;
+pub use load::{
+    Datapath, EbpfLogForwarder, LoadOptions, EBPF_LOG_TARGET, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM,
+    XDP_PROGRAM,
+};
+pub use tables::{parse_event, RuntimeTotals};

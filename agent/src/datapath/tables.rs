@@ -1,13 +1,50 @@
 //! Domain operations on the datapath's maps.
 
+use std::os::fd::AsFd;
+
 use agent_common::{
     Contract, Event, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, Verdict, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
     VERDICT_COUNT,
 };
-use aya::maps::{MapData, MapError, RingBuf};
+use aya::{
+    maps::{HashMap, IterableMap, MapData, MapError, RingBuf},
+    Pod,
+};
 
-use super::{error::map_err, Datapath, DatapathError};
+use super::{error::map_err, sys, Datapath, DatapathError};
+
+/// What the metrics need from TOKEN_STATE, read in one batched pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeTotals {
+    /// Tokens with runtime state (seen since install, or given a ramp start).
+    pub token_states: usize,
+    /// Ramp contract breaches, summed over tokens.
+    pub breaches: u64,
+}
+
+/// Calls `f` for every entry of a hash map: batched where the kernel can, else (a kernel
+/// without batch lookups) entry by entry. Returns the number of entries.
+fn scan<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    mut f: impl FnMut(&K, &V),
+) -> Result<usize, DatapathError> {
+    let fd = map.map().fd().as_fd();
+    match sys::for_each_entry(fd, &mut f) {
+        Ok(n) => Ok(n),
+        // 524: the kernel's internal ENOTSUPP, which leaks out of bpf(2).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+            let mut n = 0;
+            for (k, v) in map.iter().filter_map(Result::ok) {
+                f(&k, &v);
+                n += 1;
+            }
+            Ok(n)
+        }
+        Err(source) => Err(DatapathError::Batch { name, source }),
+    }
+}
 
 /// Deleting what is not there is not an error.
 fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
@@ -175,24 +212,39 @@ impl Datapath {
         self.events.take()
     }
 
-    /// Entries and capacity of the big maps, for fill-level metrics.
-    pub fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
+    /// Entries in TOKEN_STATE and breaches summed over them: one batched pass, a few
+    /// syscalls however many tokens there are.
+    pub fn runtime_totals(&self) -> Result<RuntimeTotals, DatapathError> {
+        let mut breaches = 0u64;
+        let token_states = scan(&self.token_state, "TOKEN_STATE", |_, st: &TokenState| {
+            breaches = breaches.wrapping_add(st.breaches)
+        })?;
+        Ok(RuntimeTotals {
+            token_states,
+            breaches,
+        })
+    }
+
+    /// Entries in TOKENS (batched, like `runtime_totals`).
+    pub fn token_count(&self) -> usize {
+        scan(&self.tokens, "TOKENS", |_, _| {}).unwrap_or(0)
+    }
+
+    /// Entries and capacity of the big maps, for fill-level metrics. `totals` saves a
+    /// second pass over TOKEN_STATE when the caller has just made one.
+    pub fn fill_levels(&self, totals: Option<RuntimeTotals>) -> Vec<(&'static str, usize, u32)> {
+        let token_states = match totals {
+            Some(t) => t.token_states,
+            None => scan(&self.token_state, "TOKEN_STATE", |_, _| {}).unwrap_or(0),
+        };
         vec![
-            (
-                "tokens",
-                self.tokens.keys().count(),
-                self.options.max_tokens,
-            ),
+            ("tokens", self.token_count(), self.options.max_tokens),
             (
                 "revoked",
-                self.revoked.keys().count(),
+                scan(&self.revoked, "REVOKED", |_, _| {}).unwrap_or(0),
                 self.options.max_revoked,
             ),
-            (
-                "token_state",
-                self.token_state.keys().count(),
-                self.options.max_tokens,
-            ),
+            ("token_state", token_states, self.options.max_tokens),
         ]
     }
 }
