@@ -79,6 +79,35 @@ impl Buf {
             core::ptr::read_volatile(&(*self.s).launder) as usize
         }
     }
+
+    /// `launder`, then masked to `mask` (2^n - 1, at least the largest value `x` can
+    /// take). A laundered value is unbounded to the verifier, and Linux 6.1 forgets the
+    /// bounds a check taught it when the value is spilled to the stack and reloaded; a
+    /// masked value keeps its range through spills.
+    #[inline(always)]
+    pub fn launder_within(&self, x: usize, mask: usize) -> usize {
+        self.launder(x) & mask
+    }
+}
+
+/// Stores a zero LLVM cannot merge with its neighbours into a `memset` call, which Linux
+/// 6.1's verifier rejects (a global function with a pointer argument).
+#[inline(always)]
+pub fn clear(x: &mut u64) {
+    // SAFETY: a plain store through a valid reference.
+    unsafe { core::ptr::write_volatile(x, 0) }
+}
+
+/// Zeroes a `T` (a multiple of 8 bytes, 8-aligned) with word stores: `write_bytes` and
+/// `Default` become `memset` calls (see `clear`).
+#[inline(always)]
+pub fn zero_words<T>(p: *mut T) {
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8) && core::mem::align_of::<T>() == 8) };
+    let w = p as *mut u64;
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: inside the `T` the caller owns.
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
+    }
 }
 
 /// 0x80 in every byte of `x` that is zero, nothing elsewhere (exact, no carries).
@@ -117,31 +146,68 @@ fn eq_bytes(w: u64, c: u8) -> u64 {
     zero_bytes(w ^ (ONES * c as u64))
 }
 
-/// Index of the first `c` in `[from, len)`, scanning a word at a time.
-#[inline(always)]
-fn find_byte(buf: Buf, from: usize, len: usize, c: u8) -> Option<usize> {
-    // Laundered so the loop's comparisons narrow private copies, not the caller's values
-    // (which would otherwise leave the loop with a different range per iteration).
-    let pos = find_byte_raw(buf, buf.launder(from), buf.launder(len), c)?;
-    Some(buf.launder(pos))
+/// First-LF search state, in the scratch map value (see `HeaderScan`).
+#[repr(C)]
+pub struct LfScan {
+    pub len: u64,
+    /// Next word to look at.
+    pub pos: u64,
+    /// The LF's index, or `NOT_FOUND`.
+    pub found: u64,
 }
 
-/// `find_byte` for bpf_loop callbacks, which the verifier checks on their own and which
-/// need no laundering.
-#[inline(always)]
-fn find_byte_raw(buf: Buf, from: usize, len: usize, c: u8) -> Option<usize> {
-    for i in 0..SCAN_BYTES / 8 {
-        let off = from + i * 8;
-        if off >= len {
-            return None;
-        }
-        let m = eq_bytes(buf.word(off), c);
-        if m != 0 {
-            let pos = off + (m.trailing_zeros() / 8) as usize;
-            return if pos < len { Some(pos) } else { None };
-        }
+const NOT_FOUND: u64 = u64::MAX;
+
+/// One word per call (bpf_loop callback). A loop inlined into the program would leave it
+/// with a different position per iteration, and the verifier would check the rest of the
+/// program once for each.
+extern "C" fn lf_word(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
+    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let buf = Buf::new(scratch);
+    // SAFETY: the per-CPU scratch map value.
+    let s = unsafe { &mut (*scratch).lf };
+    let len = s.len as usize;
+    let o = s.pos as usize;
+    if o >= len || len > SCAN_BYTES {
+        return 1;
     }
-    None
+    let m = eq_bytes(buf.word(o), b'\n');
+    if m != 0 {
+        let pos = o + (m.trailing_zeros() / 8) as usize;
+        if pos < len {
+            s.found = pos as u64;
+        }
+        return 1;
+    }
+    s.pos = (o + 8) as u64;
+    0
+}
+
+/// Index of the first LF in `[0, len)`.
+#[inline(always)]
+fn find_lf(buf: Buf, len: usize) -> Option<usize> {
+    let scratch = buf.scratch();
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let s = unsafe { &mut (*scratch).lf };
+    s.len = len as u64;
+    clear(&mut s.pos);
+    s.found = NOT_FOUND;
+    let mut ctx = LoopCtx { scratch };
+    // SAFETY: the callback only touches the scratch value `ctx` points to.
+    unsafe {
+        bpf_loop(
+            (SCAN_BYTES / 8) as u32,
+            lf_word as *mut c_void,
+            &mut ctx as *mut LoopCtx as *mut c_void,
+            0,
+        );
+    }
+    let found = s.found;
+    if found == NOT_FOUND {
+        return None;
+    }
+    Some(buf.launder_within(found as usize, MASK))
 }
 
 pub enum LineError {
@@ -197,7 +263,7 @@ pub fn request_line(
     method_len: usize,
     known: bool,
 ) -> Result<RequestLine, LineError> {
-    let lf = match find_byte(buf, 0, len, b'\n') {
+    let lf = match find_lf(buf, len) {
         Some(lf) => lf,
         None => {
             return Err(if known {
@@ -271,7 +337,7 @@ const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");
 const LOWER: u64 = 0x2020_2020_2020_2020;
 const LFS: u64 = ONES * b'\n' as u64;
 /// Scan steps (a word, or an LF) per bpf_loop call.
-const SCAN_STEPS_PER_CALL: usize = 16;
+const SCAN_STEPS_PER_CALL: usize = 8;
 
 /// Looks at the start of a header line at `start` (just after an LF). Returns false when
 /// the scan is over (end of block, malformed, or out of data).
@@ -380,15 +446,15 @@ pub fn scan_headers(buf: Buf, len: usize, from: usize) -> &'static HeaderScan {
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let s = unsafe { &mut (*scratch).scan };
     s.len = len as u64;
-    s.auth_start = 0;
-    s.auth_lf = 0;
-    s.auths = 0;
-    s.in_auth = 0;
+    clear(&mut s.auth_start);
+    clear(&mut s.auth_lf);
+    clear(&mut s.auths);
+    clear(&mut s.in_auth);
     s.end = SCAN_RUNNING;
     // The first step loads the word at pos + 8 = from - 1, which starts with the request
     // line's LF: every header line, the first included, is checked by the callback.
     s.pos = (from as u64).wrapping_sub(9);
-    s.mask = 0;
+    clear(&mut s.mask);
     let mut ctx = LoopCtx { scratch };
     // SAFETY: the callback only touches the scratch value `ctx` points to.
     unsafe {
@@ -535,15 +601,27 @@ const TOKEN_WORDS_PER_CALL: usize = 8;
 /// SipHash-2-4-128 as userspace's `agent_common::siphash::fingerprint`).
 #[inline(always)]
 pub fn token_fingerprint(key: &FingerprintKey, buf: Buf, tok: &Token) -> Result<Fingerprint, ()> {
+    let (fp, bad) = hash_region(key, buf, tok.off, tok.len);
+    if bad || buf.byte(tok.off) == b'=' {
+        return Err(());
+    }
+    Ok(fp)
+}
+
+/// Keyed SipHash-2-4-128 of `len` (1..=MAX_TOKEN_LEN) bytes at `off`, and whether they
+/// break the b64token grammar. One bpf_loop over `token_word`, which the verifier checks
+/// once, whoever calls it.
+#[inline(always)]
+fn hash_region(key: &FingerprintKey, buf: Buf, off: usize, len: usize) -> (Fingerprint, bool) {
     let scratch = buf.scratch();
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let t = unsafe { &mut (*scratch).token };
     t.sip = Sip128::new(key);
-    t.off = tok.off as u64;
-    t.len = tok.len as u64;
-    t.word = 0;
-    t.bad = 0;
-    t.seen_eq = 0;
+    t.off = off as u64;
+    t.len = len as u64;
+    clear(&mut t.word);
+    clear(&mut t.bad);
+    clear(&mut t.seen_eq);
     let mut ctx = LoopCtx { scratch };
     // SAFETY: the callback only touches the scratch value `ctx` points to.
     unsafe {
@@ -555,35 +633,11 @@ pub fn token_fingerprint(key: &FingerprintKey, buf: Buf, tok: &Token) -> Result<
         );
     }
     let len = buf.launder(t.len as usize);
-    if t.bad != 0 || len == 0 || len > MAX_TOKEN_LEN || buf.byte(tok.off) == b'=' {
-        return Err(());
-    }
+    let bad = t.bad != 0 || len == 0 || len > MAX_TOKEN_LEN;
+    let len = len & (MAX_TOKEN_LEN * 2 - 1);
     let full = len / 8;
-    let tail = buf.word(tok.off + full * 8) & low_bytes_mask(len % 8);
-    Ok(t.sip.finish(tail, len))
-}
-
-/// Keyed SipHash-2-4-128 of `len` (≤ MAX_WORDS × 8) bytes at `off` (the same function
-/// as userspace's).
-#[inline(always)]
-pub fn hash<const MAX_WORDS: usize>(
-    key: &FingerprintKey,
-    buf: Buf,
-    off: usize,
-    len: usize,
-) -> Fingerprint {
-    let mut h = Sip128::new(key);
-    let off = buf.launder(off);
-    let len = buf.launder(len);
-    let words = len / 8;
-    for i in 0..MAX_WORDS {
-        if i >= words {
-            break;
-        }
-        h.write_word(buf.word(off + i * 8));
-    }
-    let tail = buf.word(off + words * 8) & low_bytes_mask(len % 8);
-    h.finish(tail, len)
+    let tail = buf.word(off + full * 8) & low_bytes_mask(len % 8);
+    (t.sip.finish(tail, len), bad)
 }
 
 /// Path scan state, in the scratch map value (see `HeaderScan`).
@@ -656,8 +710,8 @@ pub fn scoped_path(buf: Buf, off: usize, len: usize) -> Option<usize> {
     let s = unsafe { &mut (*scratch).path };
     s.off = off as u64;
     s.len = len as u64;
-    s.word = 0;
-    s.done = 0;
+    clear(&mut s.word);
+    clear(&mut s.done);
     s.ambiguous = if len > MAX_SCOPED_PATH { 1 } else { 0 };
     let mut ctx = LoopCtx { scratch };
     // SAFETY: the callback only touches the scratch value `ctx` points to.
@@ -714,5 +768,5 @@ pub fn has_prefix(buf: Buf, off: usize, len: usize, prefix: &[u8; 128], plen: us
 #[inline(always)]
 pub fn target_hash(key: &FingerprintKey, buf: Buf, off: usize, len: usize) -> u64 {
     let len = if len > 256 { 256 } else { len };
-    hash::<32>(key, buf, off, len).0[0]
+    hash_region(key, buf, off, len).0 .0[0]
 }

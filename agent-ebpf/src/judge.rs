@@ -19,8 +19,12 @@ use crate::{
     packet::Packet,
     parse::{self, Flow},
     ramp,
-    reply::{self, flow_addrs},
+    reply::{self, write_addrs},
 };
+
+/// Covers every header offset the parser accepts (≤ MAX_HEADER_OFFSET + 60).
+const HEADER_OFF_MASK: usize = 4095;
+const _: () = assert!(crate::packet::MAX_HEADER_OFFSET + 60 <= HEADER_OFF_MASK);
 
 /// What the program entry needs to act on and record.
 pub struct Decision {
@@ -47,11 +51,13 @@ impl Decision {
     }
 }
 
-/// Request facts gathered along the way, for the event.
-struct Seen {
-    method: u32,
-    target_off: usize,
-    target_len: usize,
+/// Request facts gathered along the way, for the event (in the scratch value: the stack
+/// is nearly full).
+#[repr(C)]
+pub struct Seen {
+    method: u64,
+    target_off: u64,
+    target_len: u64,
     fingerprint: agent_common::Fingerprint,
 }
 
@@ -71,10 +77,12 @@ pub fn judge(p: &impl Packet) -> Decision {
     // Every header layout (VLAN tags, IP options, IPv6 extension headers) reaches this
     // point with different offsets; laundered, they are one state for the verifier.
     let buf = Buf::new(scratch);
-    flow.l3_off = buf.launder(flow.l3_off);
-    flow.l4_off = buf.launder(flow.l4_off);
-    flow.payload_off = buf.launder(flow.payload_off);
-    flow.payload_len = buf.launder(flow.payload_len);
+    // The masks are no-ops: the parser bounds header offsets by MAX_HEADER_OFFSET (plus
+    // a TCP header) and the payload by the 16-bit IP length.
+    flow.l3_off = buf.launder_within(flow.l3_off, HEADER_OFF_MASK);
+    flow.l4_off = buf.launder_within(flow.l4_off, HEADER_OFF_MASK);
+    flow.payload_off = buf.launder_within(flow.payload_off, HEADER_OFF_MASK);
+    flow.payload_len = buf.launder_within(flow.payload_len, 0xffff);
     let ifindex = p.ifindex();
     let key = ListenerKey {
         ifindex,
@@ -105,16 +113,13 @@ pub fn judge(p: &impl Packet) -> Decision {
     let Some(cfg) = CONFIG.get(0) else {
         return Decision::untouched();
     };
-    let mut seen = Seen {
-        method: 0,
-        target_off: 0,
-        target_len: 0,
-        fingerprint: agent_common::Fingerprint::ZERO,
-    };
-    let verdict = settle(buf, decide(p, cfg, buf, &flow, &mut seen));
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let seen = unsafe { &mut (*scratch).seen };
+    http::zero_words(seen as *mut Seen);
+    let verdict = settle(buf, decide(p, cfg, buf, &flow, seen));
     let deny = listener.mode == mode::ENFORCE && denies(verdict, &listener);
     if verdict != Verdict::Pass && verdict != Verdict::Allow {
-        report(p, cfg, buf, &flow, &listener, verdict, &seen);
+        report(p, cfg, buf, &flow, &listener, verdict, seen);
     }
     Decision {
         verdict,
@@ -166,7 +171,7 @@ fn now(cfg: &GlobalConfig) -> u64 {
 fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut Seen) -> Verdict {
     // A private copy: comparing `flow.payload_len` itself would narrow it, and the flow
     // (live until the verdict is acted on) would carry one verifier state per range.
-    let plen = buf.launder(flow.payload_len);
+    let plen = buf.launder_within(flow.payload_len, 0xffff);
     let n = if plen > SCAN_BYTES { SCAN_BYTES } else { plen };
     // A cheap first look: most non-request segments are told apart by 24 bytes.
     let first = if n < 24 { n } else { 24 };
@@ -195,9 +200,9 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
         Err(LineError::Malformed) => return Verdict::Malformed,
         Err(LineError::Incomplete) => return Verdict::Incomplete,
     };
-    seen.method = line.method;
-    seen.target_off = line.target_off;
-    seen.target_len = line.target_len;
+    seen.method = line.method as u64;
+    seen.target_off = line.target_off as u64;
+    seen.target_len = line.target_len as u64;
 
     let scan = http::scan_headers(buf, n, line.headers_off);
     if scan.end == SCAN_MALFORMED {
@@ -347,7 +352,7 @@ fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
     };
     // SAFETY: the per-CPU scratch map value.
     let fresh = unsafe { &mut (*scratch).new_stats };
-    *fresh = agent_common::TokenStats::default();
+    http::zero_words(fresh as *mut agent_common::TokenStats);
     if let Some(c) = fresh.by_verdict.get_mut(idx) {
         *c = 1;
     }
@@ -367,11 +372,15 @@ fn report(
     let deny = l.mode == mode::ENFORCE && denies(verdict, l);
     // The scratch still holds this request.
     let path_hash = if seen.target_len != 0 {
-        http::target_hash(&cfg.key, buf, seen.target_off, seen.target_len)
+        http::target_hash(
+            &cfg.key,
+            buf,
+            seen.target_off as usize,
+            seen.target_len as usize,
+        )
     } else {
         0
     };
-    let (saddr, daddr) = flow_addrs(p, flow).unwrap_or(([0; 16], [0; 16]));
     let action = if !deny {
         agent_common::action::PASSED
     } else if l.action == agent_common::deny_action::RESET {
@@ -379,16 +388,16 @@ fn report(
     } else {
         agent_common::action::DROPPED
     };
-    events::emit(cfg, now(cfg), |ev| {
+    events::emit(p, cfg, now(cfg), |ev| {
         ev.fingerprint = seen.fingerprint;
         ev.path_hash = path_hash;
-        ev.saddr = saddr;
-        ev.daddr = daddr;
+        // Left zeroed when the addresses cannot be read.
+        let _ = write_addrs(p, flow, &mut ev.saddr, &mut ev.daddr);
         ev.sport = flow.sport;
         ev.dport = flow.dport;
         ev.listener = l.id;
         ev.verdict = verdict as u32;
-        ev.method = seen.method;
+        ev.method = seen.method as u32;
         ev.action = action;
     });
 }

@@ -75,11 +75,14 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 pub struct Scratch {
     pub launder: u64,
+    pub lf: crate::http::LfScan,
     pub scan: crate::http::HeaderScan,
     pub token: crate::http::TokenScan,
     pub path: crate::http::PathScan,
     pub scope: crate::judge::ScopeScan,
     pub new_stats: TokenStats,
+    pub new_state: TokenState,
+    pub seen: crate::judge::Seen,
     pub flow: FlowKey,
     pub buf: [u8; SCAN_BYTES + 16],
 }

@@ -9,12 +9,16 @@ use aya_ebpf::{
         bpf_xdp_adjust_tail, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 
 /// Headers are looked for in the first 2 KiB of a packet.
 pub const MAX_HEADER_OFFSET: usize = 2048;
 
 pub trait Packet {
+    /// The program context, for aya-log.
+    type Ctx: EbpfContext;
+    fn ctx(&self) -> &Self::Ctx;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Whole packet length, including non-linear data.
@@ -60,6 +64,11 @@ pub fn ptr_at_mut<T>(p: &impl Packet, off: usize) -> Result<*mut T, ()> {
 pub struct Xdp<'a>(pub &'a XdpContext);
 
 impl Packet for Xdp<'_> {
+    type Ctx = XdpContext;
+    #[inline(always)]
+    fn ctx(&self) -> &XdpContext {
+        self.0
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()
@@ -99,6 +108,11 @@ impl Packet for Xdp<'_> {
 pub struct Tc<'a>(pub &'a TcContext);
 
 impl Packet for Tc<'_> {
+    type Ctx = TcContext;
+    #[inline(always)]
+    fn ctx(&self) -> &TcContext {
+        self.0
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         self.0.data()

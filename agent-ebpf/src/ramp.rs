@@ -9,7 +9,10 @@ use agent_common::{
 };
 use aya_ebpf::bindings::BPF_NOEXIST;
 
-use crate::maps::{CONTRACTS, TOKEN_STATE};
+use crate::{
+    http::zero_words,
+    maps::{CONTRACTS, SCRATCH, TOKEN_STATE},
+};
 
 const CAS_TRIES: usize = 8;
 
@@ -22,16 +25,20 @@ pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
     let state = match TOKEN_STATE.get_ptr_mut(fp) {
         Some(s) => s,
         None => {
-            let fresh = TokenState {
-                ramp_start_ns: if info.ramp_start_ns != 0 {
-                    info.ramp_start_ns
-                } else {
-                    now
-                },
-                first_seen_ns: now,
-                contract: info.contract,
-                ..TokenState::default()
+            let scratch = SCRATCH.get_ptr_mut(0).ok_or(()).ok();
+            let Some(scratch) = scratch else {
+                return false;
             };
+            // SAFETY: the per-CPU scratch map value (the stack is nearly full).
+            let fresh = unsafe { &mut (*scratch).new_state };
+            zero_words(fresh as *mut TokenState);
+            fresh.ramp_start_ns = if info.ramp_start_ns != 0 {
+                info.ramp_start_ns
+            } else {
+                now
+            };
+            fresh.first_seen_ns = now;
+            fresh.contract = info.contract;
             // A racing CPU may have inserted first; either way the entry exists now.
             let _ = TOKEN_STATE.insert(fp, fresh, BPF_NOEXIST as u64);
             match TOKEN_STATE.get_ptr_mut(fp) {
