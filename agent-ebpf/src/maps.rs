@@ -60,8 +60,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// Flows whose server side was reset (their next client segment is answered with an RST).
-/// Datapath.
+/// Denied segments whose flow's server side was reset (a retransmission of one is answered
+/// with an RST). Datapath.
 #[map]
 pub static RESET_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -87,7 +87,7 @@ pub struct Scratch {
     pub buf: [u8; SCAN_BYTES + 16],
 }
 
-/// A TCP connection as the client sent it (addresses IPv4-mapped for IPv4).
+/// A segment of a TCP connection as the client sent it (addresses IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FlowKey {
@@ -95,5 +95,10 @@ pub struct FlowKey {
     pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    pub _pad: u32,
+    /// The segment's sequence number (network order). A retransmission of the denied
+    /// request repeats it; a new connection that reuses the 4-tuple (a reset connection
+    /// leaves no TIME_WAIT, so the client may pick the same port at once) starts from a
+    /// fresh ISN, and a later request of the same connection from a later sequence
+    /// number: neither is taken for the retransmission.
+    pub seq: u32,
 }

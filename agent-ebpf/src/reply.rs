@@ -1,7 +1,9 @@
 //! TCP resets for the `reset` action. The first denied segment of a connection is turned,
 //! in place, into an RST to the server (so the upstream holds no half-open connection);
-//! the flow is remembered, and the client's next segment (its retransmission) is turned
-//! into an RST back to the client (XDP_TX / TC redirect), so neither end hangs.
+//! the segment is remembered (4-tuple and sequence number), and its retransmission by
+//! the client is turned into an RST back to the client (XDP_TX / TC redirect), so
+//! neither end hangs. Only that retransmission: a new connection on the same 4-tuple is
+//! judged like any other.
 
 use agent_common::SCAN_BYTES;
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
@@ -63,7 +65,7 @@ pub fn write_addrs(
     Ok(())
 }
 
-/// The flow's key, built in the scratch value (the stack is nearly full).
+/// The segment's key, built in the scratch value (the stack is nearly full).
 #[inline(always)]
 fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
@@ -72,11 +74,14 @@ fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
     write_addrs(p, f, &mut key.saddr, &mut key.daddr)?;
     key.sport = f.sport;
     key.dport = f.dport;
-    key._pad = 0;
+    // Copied by the helper rather than through a packet pointer: a new bounds check here
+    // would give the verifier one more packet range to tell apart on every path after it.
+    p.load(f.l4_off + 4, &mut key.seq as *mut u32 as *mut u8, 4)?;
     Ok(key)
 }
 
-/// Was this connection's server side reset by us recently?
+/// Did this very segment (same 4-tuple and sequence number) recently make us reset the
+/// connection's server side?
 #[inline(always)]
 fn recently_reset(key: &FlowKey, now: u64) -> bool {
     match RESET_FLOWS.get_ptr(key) {
@@ -86,7 +91,7 @@ fn recently_reset(key: &FlowKey, now: u64) -> bool {
     }
 }
 
-/// True for a segment of a connection whose server side we already reset.
+/// True for a retransmission of a segment we already turned into an RST to the server.
 #[inline(always)]
 pub fn already_reset(p: &impl Packet, f: &Flow) -> bool {
     match flow_key(p, f) {
