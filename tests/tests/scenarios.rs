@@ -192,18 +192,20 @@ fn paced(
         .command("curl")
         .args(["-sk", "--http1.1", "--max-time", "5", "--rate"])
         .arg(format!("{rate}/s"))
-        .args(["-o", "/dev/null", "-w", "%{http_code}\\n", "-H"])
+        // The statuses go to stderr, which stdio leaves unbuffered: on stdout (a pipe,
+        // block-buffered) the last 4 KiB of them die with curl when a test kills it.
+        .args(["-o", "/dev/null", "-w", "%{stderr}%{http_code}\\n", "-H"])
         .arg(format!("@{}", headers.display()))
         .arg(format!(
             "{}{path_prefix}[1-{count}]",
             gw.route_url(Side::Veth)
         ))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("starting curl");
-    let out = child.stdout.take().expect("curl stdout");
+    let out = child.stderr.take().expect("curl stderr");
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
