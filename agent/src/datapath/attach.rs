@@ -28,6 +28,7 @@ use aya::{
         LinkOrder, TcAttachType, XdpMode,
     },
     sys::SyscallError,
+    util::KernelVersion,
 };
 
 use super::{error::prog_err, sys, Datapath, DatapathError, TC_PROGRAM, XDP_PROGRAM};
@@ -57,7 +58,15 @@ pub enum AttachError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "TC listeners are attached as TCX links, which need Linux 6.6 or later (this kernel \
+         is {kernel}); use an XDP listener (hook = \"xdp\") on this interface"
+    )]
+    NoTcx { kernel: KernelVersion },
 }
+
+/// The first kernel with TCX (`BPF_TCX_INGRESS` links).
+const TCX_SINCE: KernelVersion = KernelVersion::new(6, 6, 0);
 
 /// Where a listener's program hooks in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +238,12 @@ impl Datapath {
                 FdLink::try_from(link).map_err(link_err(&pin))?
             }
             AttachHook::TcIngress => {
+                // Say why up front: without TCX the attach fails with a bare EINVAL.
+                if let Ok(kernel) = KernelVersion::current() {
+                    if kernel < TCX_SINCE {
+                        return Err(AttachError::NoTcx { kernel });
+                    }
+                }
                 let prog = self.tc_program()?;
                 let id = match existing {
                     Some(fd) => {
