@@ -26,13 +26,9 @@ fn build(builder: rampart_tests::topology::TopologyBuilder) -> Topology {
     let topo = builder
         .build()
         .unwrap_or_else(|e| panic!("cannot build the test topology: {e}"));
-    let took = start.elapsed();
-    // Budget is < 2 s; the assert leaves slack for a loaded CI machine.
-    assert!(
-        took < Duration::from_secs(5),
-        "topology took {took:?} to come up"
-    );
-    eprintln!("topology up in {took:?}");
+    // Reported, not asserted: speed belongs in benchmarks, and the emulated 6.1 VM is
+    // several times slower than the host.
+    eprintln!("topology up in {:?}", start.elapsed());
     topo
 }
 
