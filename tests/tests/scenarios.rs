@@ -827,12 +827,21 @@ fn s5_ramp_accuracy_and_penalty() {
         "demote: stage after the cooldown: {v}"
     );
 
-    // Every admitted request the upstream answered must reach the client as a 200.
-    assert_eq!(
-        c200,
-        arrivals.len(),
+    // Every admitted request the upstream answered must reach the client as a 200, but
+    // for at most one per client still on its way back when the clients were stopped.
+    assert!(
+        c200 <= arrivals.len() && arrivals.len() <= c200 + 2,
         "the upstream answered {} admitted requests but the clients got {c200} × 200 ({by_status:?})",
         arrivals.len()
+    );
+    // Every answered request was judged: a response Rampart never counted means a request
+    // was turned away unjudged (as the 4-tuple-only reset memory once did to new
+    // connections reusing a reset connection's port). One request per client may have
+    // been judged but not answered when the clients were stopped.
+    assert!(
+        statuses.len() as u64 <= offered + 2,
+        "the clients got {} responses but Rampart judged only {offered} requests of the token",
+        statuses.len()
     );
 }
 
