@@ -945,8 +945,9 @@ fn is_header_file(p: &Path) -> bool {
         .is_some_and(|n| n.starts_with("h-"))
 }
 
-/// Every file under `dir` (recursively), as (path, bytes).
-fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+/// Every file under `dir` (recursively), as (path, bytes): what the plaintext-token
+/// scans read.
+pub fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };

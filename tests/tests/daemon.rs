@@ -343,21 +343,6 @@ fn counter(status: &serde_json::Value, verdict: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {verdict} counter in status"))
 }
 
-/// Every file under `dir` (recursively), as (path, bytes).
-fn files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            files(&p, out);
-        } else if let Ok(bytes) = fs::read(&p) {
-            out.push((p, bytes));
-        }
-    }
-}
-
 #[test]
 fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
     let mut fx = Fixture::new("daemon");
@@ -523,7 +508,7 @@ fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
     fs::write(fx.dir.path().join("metrics-1.txt"), metrics_before).expect("save metrics");
     fs::write(fx.dir.path().join("metrics-2.txt"), metrics_after).expect("save metrics");
     let mut all = Vec::new();
-    files(fx.dir.path(), &mut all);
+    rampart_tests::gateway::walk(fx.dir.path(), &mut all);
     let names: Vec<String> = all
         .iter()
         .map(|(p, _)| {
@@ -946,16 +931,7 @@ fn tokens_near_expiry_are_announced_once_on_the_event_stream() {
 /// A bad policy stops `rampart run` before it touches the kernel, with every location.
 #[test]
 fn run_refuses_an_invalid_policy_with_its_location() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("rampart.toml");
-    fs::write(&config, config_text(dir.path(), &dir.path().join("bpffs"))).expect("config");
-    fs::write(dir.path().join("policy.toml"), BROKEN_POLICY).expect("policy");
-    let out = Command::new(binary())
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .output()
-        .expect("run");
+    let (dir, out) = run_with_policy(BROKEN_POLICY);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -971,17 +947,23 @@ fn run_refuses_an_invalid_policy_with_its_location() {
 /// Without a key the daemon says how to make one.
 #[test]
 fn run_without_a_key_says_to_run_keygen() {
+    let (_dir, out) = run_with_policy(POLICY);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rampart keygen"), "{stderr}");
+}
+
+/// `rampart run` in a fresh directory (no key) with `policy`, to its exit.
+fn run_with_policy(policy: &str) -> (tempfile::TempDir, Output) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("rampart.toml");
     fs::write(&config, config_text(dir.path(), &dir.path().join("bpffs"))).expect("config");
-    fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+    fs::write(dir.path().join("policy.toml"), policy).expect("policy");
     let out = Command::new(binary())
         .arg("--config")
         .arg(&config)
         .arg("run")
         .output()
         .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("rampart keygen"), "{stderr}");
+    (dir, out)
 }
