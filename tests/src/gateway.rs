@@ -793,6 +793,11 @@ on_incomplete = "deny"
 
     /// `/metrics` of `side`'s daemon (scraped inside its namespace), redacted.
     pub fn metrics(&self, side: Side) -> Result<String> {
+        Ok(self.redact(&self.scrape(side)?))
+    }
+
+    /// Raw `/metrics` body of `side`'s daemon, scraped inside its namespace.
+    fn scrape(&self, side: Side) -> Result<Vec<u8>> {
         let d = self.d(side);
         let out = self
             .topo
@@ -803,24 +808,14 @@ on_incomplete = "deny"
             .stdin(Stdio::null())
             .output()
             .map_err(io_err("scraping /metrics"))?;
-        Ok(self.redact(&out.stdout))
+        Ok(out.stdout)
     }
 
     /// Raw `/metrics` text saved as a file in the temp dir, so the plaintext scan covers it.
     pub fn save_metrics(&self, side: Side, name: &str) -> Result<String> {
-        let d = self.d(side);
-        let out = self
-            .topo
-            .ns(d.role)
-            .command("curl")
-            .args(["-s", "-m", "5"])
-            .arg(format!("http://127.0.0.1:{}/metrics", d.metrics_port))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io_err("scraping /metrics"))?;
-        fs::write(self.dir.path().join(name), &out.stdout)
-            .map_err(io_err("saving a metrics scrape"))?;
-        Ok(self.redact(&out.stdout))
+        let body = self.scrape(side)?;
+        fs::write(self.dir.path().join(name), &body).map_err(io_err("saving a metrics scrape"))?;
+        Ok(self.redact(&body))
     }
 
     /// One request through the TLS route to `side`; did the upstream see it? The request

@@ -542,17 +542,7 @@ fn restart_with_a_changed_listener_lets_the_old_one_go() {
     let mut fx = Fixture::new("relisten");
     fx.start();
     fx.assert_denied(None, "no token on the first listener");
-    let pins = |fx: &Fixture| -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(fx.bpffs.join("rampart"))
-            .expect("pin dir")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("link_"))
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(pins(&fx), ["link_0_if1_tc"]);
+    assert_eq!(link_pins(&fx), ["link_0_if1_tc"]);
     fx.signal(libc::SIGKILL);
     fx.wait_exit();
 
@@ -571,7 +561,7 @@ fn restart_with_a_changed_listener_lets_the_old_one_go() {
         );
     fs::write(&fx.config, text).expect("config");
     fx.start();
-    assert_eq!(pins(&fx), ["link_0_if1_xdpskb"], "old link pruned");
+    assert_eq!(link_pins(&fx), ["link_0_if1_xdpskb"], "old link pruned");
     fx.assert_allowed(None, "the old port is no longer judged");
     let before = other.count();
     let status = Curl::new(&fx.ns, &format!("http://127.0.0.1:{}", PORT + 1))
