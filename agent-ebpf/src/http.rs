@@ -146,69 +146,7 @@ fn eq_bytes(w: u64, c: u8) -> u64 {
     zero_bytes(w ^ (ONES * c as u64))
 }
 
-/// First-LF search state, in the scratch map value (see `HeaderScan`).
-#[repr(C)]
-pub struct LfScan {
-    pub len: u64,
-    /// Next word to look at.
-    pub pos: u64,
-    /// The LF's index, or `NOT_FOUND`.
-    pub found: u64,
-}
-
 const NOT_FOUND: u64 = u64::MAX;
-
-/// One word per call (bpf_loop callback). A loop inlined into the program would leave it
-/// with a different position per iteration, and the verifier would check the rest of the
-/// program once for each.
-extern "C" fn lf_word(_index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
-    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
-    let buf = Buf::new(scratch);
-    // SAFETY: the per-CPU scratch map value.
-    let s = unsafe { &mut (*scratch).lf };
-    let len = s.len as usize;
-    let o = s.pos as usize;
-    if o >= len || len > SCAN_BYTES {
-        return 1;
-    }
-    let m = eq_bytes(buf.word(o), b'\n');
-    if m != 0 {
-        let pos = o + (m.trailing_zeros() / 8) as usize;
-        if pos < len {
-            s.found = pos as u64;
-        }
-        return 1;
-    }
-    s.pos = (o + 8) as u64;
-    0
-}
-
-/// Index of the first LF in `[0, len)`.
-#[inline(always)]
-fn find_lf(buf: Buf, len: usize) -> Option<usize> {
-    let scratch = buf.scratch();
-    // SAFETY: the per-CPU scratch map value, valid for this program run.
-    let s = unsafe { &mut (*scratch).lf };
-    s.len = len as u64;
-    clear(&mut s.pos);
-    s.found = NOT_FOUND;
-    let mut ctx = LoopCtx { scratch };
-    // SAFETY: the callback only touches the scratch value `ctx` points to.
-    unsafe {
-        bpf_loop(
-            (SCAN_BYTES / 8) as u32,
-            lf_word as *mut c_void,
-            &mut ctx as *mut LoopCtx as *mut c_void,
-            0,
-        );
-    }
-    let found = s.found;
-    if found == NOT_FOUND {
-        return None;
-    }
-    Some(buf.launder_within(found as usize, MASK))
-}
 
 pub enum LineError {
     /// Not the start of an HTTP/1.x request: pass.
@@ -222,8 +160,6 @@ pub struct RequestLine {
     pub method: u32,
     pub target_off: usize,
     pub target_len: usize,
-    /// Where the header block starts.
-    pub headers_off: usize,
 }
 
 /// An extension method: 1..=16 tchars then SP. Returns the length including the SP.
@@ -253,26 +189,25 @@ const HTTP_1_1: u64 = u64::from_le_bytes(*b"HTTP/1.1");
 const HTTP_1_0: u64 = u64::from_le_bytes(*b"HTTP/1.0");
 
 /// `method SP request-target SP HTTP/1.x CRLF` with the method already recognised
-/// (`method_len` includes its SP). `known`: a standard method, whose broken request line
-/// is malformed rather than "not a request".
+/// (`method_len` includes its SP), ending at the first LF the header scan found.
+/// `known`: a standard method, whose broken request line is malformed rather than "not a
+/// request".
 #[inline(always)]
 pub fn request_line(
     buf: Buf,
-    len: usize,
+    scan: &HeaderScan,
     method: u32,
     method_len: usize,
     known: bool,
 ) -> Result<RequestLine, LineError> {
-    let lf = match find_lf(buf, len) {
-        Some(lf) => lf,
-        None => {
-            return Err(if known {
-                LineError::Incomplete
-            } else {
-                LineError::NotRequest
-            })
-        }
-    };
+    if scan.first_lf == NOT_FOUND {
+        return Err(if known {
+            LineError::Incomplete
+        } else {
+            LineError::NotRequest
+        });
+    }
+    let lf = buf.launder_within(scan.first_lf as usize, MASK);
     let bad = if known {
         LineError::Malformed
     } else {
@@ -299,7 +234,6 @@ pub fn request_line(
         method,
         target_off: method_len,
         target_len: buf.launder(target_len),
-        headers_off: lf + 1,
     })
 }
 
@@ -324,6 +258,8 @@ pub struct HeaderScan {
     pub in_auth: u64,
     /// LFs of the word at `pos` not handled yet.
     pub mask: u64,
+    /// The request line's LF (the first of the data), or `NOT_FOUND`.
+    pub first_lf: u64,
 }
 
 /// What bpf_loop hands the callback (it must live on the stack).
@@ -426,6 +362,9 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
         }
         let lf = o + (m.trailing_zeros() / 8) as usize;
         m &= m - 1;
+        if s.first_lf == NOT_FOUND {
+            s.first_lf = lf as u64;
+        }
         if s.in_auth != 0 {
             s.auth_lf = lf as u64;
             s.in_auth = 0;
@@ -445,10 +384,11 @@ fn is_authorization(buf: Buf, i: usize) -> bool {
     buf.word(i) | LOWER == AUTHORIZ && (buf.word(i + 8) | LOWER) & 0xff_ffff_ffff == ATION
 }
 
-/// Scans the header block, which starts at `from` (just after the request line's LF);
-/// the result is in the scratch's `scan`.
+/// Scans the request from its first byte: the first LF ends the request line (checked
+/// afterwards by `request_line`), every later one starts a header line. One pass over the
+/// bytes; the result is in the scratch's `scan`.
 #[inline(always)]
-pub fn scan_headers(buf: Buf, len: usize, from: usize) -> &'static HeaderScan {
+pub fn scan_headers(buf: Buf, len: usize) -> &'static HeaderScan {
     let scratch = buf.scratch();
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let s = unsafe { &mut (*scratch).scan };
@@ -458,9 +398,9 @@ pub fn scan_headers(buf: Buf, len: usize, from: usize) -> &'static HeaderScan {
     clear(&mut s.auths);
     clear(&mut s.in_auth);
     s.end = SCAN_RUNNING;
-    // The first step loads the word at pos + 8 = from - 1, which starts with the request
-    // line's LF: every header line, the first included, is checked by the callback.
-    s.pos = (from as u64).wrapping_sub(9);
+    s.first_lf = NOT_FOUND;
+    // The first step looks at the word at pos + 8 = 0.
+    s.pos = 0u64.wrapping_sub(8);
     clear(&mut s.mask);
     let mut ctx = LoopCtx { scratch };
     // SAFETY: the callback only touches the scratch value `ctx` points to.
@@ -544,9 +484,27 @@ pub struct TokenScan {
     pub seen_eq: u64,
 }
 
-/// One 8-byte word of the token per call (bpf_loop callback): check its characters and
-/// absorb it into the hash. A per-byte loop over 4 KiB would exceed the verifier's jump
-/// history, and an inline word loop would be re-verified for every caller state.
+/// Folds the b64token check of the bytes of `w` marked in `valid` (0x80 per byte) into
+/// `bad` and `seen_eq`. Branch-free: every branch in the word loop multiplies the paths
+/// the verifier walks.
+#[inline(always)]
+fn check_word(w: u64, valid: u64, bad: &mut u64, seen_eq: &mut u64) {
+    // b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+    let eqs = eq_bytes(w, b'=') & valid;
+    let ok = b64_bytes(w) & valid;
+    // Padding only at the end: no token character at or after the first '='.
+    // (Bit tricks, not ctz/clz: BPF lowers those to table lookups.)
+    let first_eq = eqs & eqs.wrapping_neg();
+    let after_eq = !first_eq.wrapping_sub(1) | *seen_eq;
+    *bad |= (valid & !(ok | eqs)) | (ok & after_eq);
+    // All ones once any '=' was seen ((x | -x) has its top bit set iff x != 0).
+    *seen_eq |= 0u64.wrapping_sub((eqs | eqs.wrapping_neg()) >> 63);
+}
+
+/// Up to TOKEN_WORDS_PER_CALL whole 8-byte words of the token per call (bpf_loop
+/// callback): check their characters and absorb them into the hash. The last, partial
+/// word is left to `hash_region`. A per-byte loop over 4 KiB would exceed the verifier's
+/// jump history, and an inline word loop would be re-verified for every caller state.
 extern "C" fn token_word(_index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
     let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
@@ -563,39 +521,22 @@ extern "C" fn token_word(_index: u32, ctx: *mut c_void) -> i64 {
     let mut seen_eq = t.seen_eq;
     let mut word = t.word as usize;
     // Several words per call: the call and the state kept in map memory cost more than a
-    // word's worth of work.
+    // word's worth of work. The loop exit is each word's only branch.
     for _ in 0..TOKEN_WORDS_PER_CALL {
         let o = word * 8;
-        if o >= len {
+        if o + 8 > len {
             break;
         }
-        let rest = len - o;
-        let valid = if rest >= 8 {
-            HIGHS
-        } else {
-            low_bytes_mask(rest) & HIGHS
-        };
         let w = buf.word(off + o);
-        // b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-        let eqs = eq_bytes(w, b'=') & valid;
-        let ok = b64_bytes(w) & valid;
-        // Padding only at the end: no token character at or after the first '='.
-        // (Bit tricks, not ctz/clz: BPF lowers those to table lookups.)
-        let first_eq = eqs & eqs.wrapping_neg();
-        let after_eq = !first_eq.wrapping_sub(1) | seen_eq;
-        bad |= (valid & !(ok | eqs)) | (ok & after_eq);
-        // All ones once any '=' was seen ((x | -x) has its top bit set iff x != 0).
-        seen_eq |= 0u64.wrapping_sub((eqs | eqs.wrapping_neg()) >> 63);
-        if rest >= 8 {
-            sip.write_word(w);
-        }
+        check_word(w, HIGHS, &mut bad, &mut seen_eq);
+        sip.write_word(w);
         word += 1;
     }
     t.sip = sip;
     t.bad = bad;
     t.seen_eq = seen_eq;
     t.word = word as u64;
-    if word * 8 >= len {
+    if word * 8 + 8 > len {
         1
     } else {
         0
@@ -639,11 +580,19 @@ fn hash_region(key: &FingerprintKey, buf: Buf, off: usize, len: usize) -> (Finge
             0,
         );
     }
-    let len = buf.launder(t.len as usize);
-    let bad = t.bad != 0 || len == 0 || len > MAX_TOKEN_LEN;
-    let len = len & (MAX_TOKEN_LEN * 2 - 1);
+    let raw_len = buf.launder(t.len as usize);
+    let len = raw_len & (MAX_TOKEN_LEN * 2 - 1);
     let full = len / 8;
     let tail = buf.word(off + full * 8) & low_bytes_mask(len % 8);
+    let mut bad = t.bad;
+    let mut seen_eq = t.seen_eq;
+    check_word(
+        tail,
+        low_bytes_mask(len % 8) & HIGHS,
+        &mut bad,
+        &mut seen_eq,
+    );
+    let bad = bad != 0 || raw_len == 0 || raw_len > MAX_TOKEN_LEN;
     (t.sip.finish(tail, len), bad)
 }
 

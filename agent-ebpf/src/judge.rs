@@ -194,7 +194,8 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     {
         return Verdict::Malformed;
     }
-    let line = match http::request_line(buf, n, method, mlen, known) {
+    let scan = http::scan_headers(buf, n);
+    let line = match http::request_line(buf, scan, method, mlen, known) {
         Ok(l) => l,
         Err(LineError::NotRequest) => return Verdict::Pass,
         Err(LineError::Malformed) => return Verdict::Malformed,
@@ -204,7 +205,6 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     seen.target_off = line.target_off as u64;
     seen.target_len = line.target_len as u64;
 
-    let scan = http::scan_headers(buf, n, line.headers_off);
     if scan.end == SCAN_MALFORMED {
         return Verdict::Malformed;
     }

@@ -75,7 +75,6 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 pub struct Scratch {
     pub launder: u64,
-    pub lf: crate::http::LfScan,
     pub scan: crate::http::HeaderScan,
     pub token: crate::http::TokenScan,
     pub path: crate::http::PathScan,

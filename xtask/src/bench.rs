@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// BPF_PROG_TEST_RUN repetitions per case.
     #[arg(long, default_value_t = 1_000_000)]
     pub repeat: u32,
+    /// Only the cases whose name contains this (e.g. for profiling one path); their
+    /// figures go to datapath-filtered.json.
+    #[arg(long)]
+    pub case: Option<String>,
 }
 
 /// Runs the selected benchmark.
@@ -36,6 +40,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ]))?;
     exec(
         std::process::Command::new(root.join("target/release/bench-datapath"))
-            .arg(args.repeat.to_string()),
+            .arg(args.repeat.to_string())
+            .args(args.case),
     )
 }

@@ -49,6 +49,8 @@ fn main() -> anyhow::Result<()> {
         .transpose()
         .context("repeat count")?
         .unwrap_or(1_000_000);
+    // Optional: only the cases whose name contains this (for profiling one path).
+    let only = std::env::args().nth(2);
     let mut dp = Datapath::load(LoadOptions {
         max_tokens: 1 << 16,
         max_revoked: 1 << 16,
@@ -190,7 +192,10 @@ fn main() -> anyhow::Result<()> {
     );
     let mut baselines = Vec::new();
     let mut missed = Vec::new();
-    for case in &cases {
+    for case in cases
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
+    {
         let base = time(|| dp.test_run_pass(&case.frame, repeat).map(|r| r.duration))?;
         let before = dp.verdict_counts(0)?;
         let mut out = vec![0u8; case.frame.len() + 256];
@@ -237,11 +242,18 @@ fn main() -> anyhow::Result<()> {
         results.insert(case.name.to_string(), took);
         baselines.push(base);
     }
+    if baselines.is_empty() {
+        bail!("no case matches {only:?}");
+    }
     let baseline = baselines.iter().sum::<f64>() / baselines.len() as f64;
     results.insert("baseline_xdp_pass".into(), baseline);
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&dir)?;
-    let path = dir.join("datapath.json");
+    // A filtered run writes its own file: datapath.json always holds every case.
+    let path = match &only {
+        None => dir.join("datapath.json"),
+        Some(_) => dir.join("datapath-filtered.json"),
+    };
     let json = format!(
         "{{{}}}\n",
         results
