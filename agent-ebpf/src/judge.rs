@@ -222,14 +222,17 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     let Ok(token) = http::bearer_token(buf, scan.auth_start as usize, scan.auth_lf as usize) else {
         return Verdict::Malformed;
     };
-    let Ok(fp) = http::token_fingerprint(&cfg.key, buf, &token) else {
-        return Verdict::Malformed;
-    };
-    seen.fingerprint = fp;
-
+    let fp = http::token_fingerprint(&cfg.key, buf, &token);
     let Some(info) = TOKENS.get_ptr(fp) else {
+        // Only now is the grammar checked (see `token_fingerprint`); a malformed token
+        // gets no fingerprint in its event.
+        if !http::token_is_valid(buf, &token) {
+            return Verdict::Malformed;
+        }
+        seen.fingerprint = fp;
         return Verdict::Unknown;
     };
+    seen.fingerprint = fp;
     // SAFETY: map value pointer valid for this run.
     let info: TokenInfo = unsafe { *info };
     let v = known_token(cfg, &fp, &info, buf, &line, method);

@@ -115,6 +115,10 @@ pub enum TokenFormatError {
 
 /// Checks `token` is what the datapath would accept as a Bearer credential:
 /// `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`, at most 4096 bytes.
+///
+/// Every fingerprint the daemon installs must come through here (or from `issue`, whose
+/// tokens are valid by construction): the datapath checks the grammar of unknown tokens
+/// only, since a known fingerprint implies the bytes of a token accepted here.
 pub fn validate_token(token: &[u8]) -> Result<(), TokenFormatError> {
     if token.is_empty() {
         return Err(TokenFormatError::Empty);
