@@ -357,9 +357,17 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
                 o += 32;
                 continue;
             }
-            if o + 24 <= len && (lf_hint(buf.word(o + 8)) | lf_hint(buf.word(o + 16))) & HIGHS == 0
-            {
+            if o + 24 <= len {
+                // The next two words: the first LF's word becomes the current one, so
+                // no word is loaded twice.
+                let a = zero_bytes(buf.word(o + 8) ^ LFS);
+                if a != 0 {
+                    o += 8;
+                    m = a;
+                    continue;
+                }
                 o += 16;
+                m = zero_bytes(buf.word(o) ^ LFS);
                 continue;
             }
             o += 8;

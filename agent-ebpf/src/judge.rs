@@ -15,7 +15,7 @@ use aya_ebpf::helpers::generated::{bpf_ktime_get_tai_ns, bpf_loop};
 use crate::{
     events,
     http::{self, Buf, LineError, LoopCtx, SCAN_COMPLETE, SCAN_MALFORMED},
-    maps::{CONFIG, LISTENERS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
+    maps::{CONFIG, LISTENERS, PORTS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
     packet::Packet,
     parse::{self, Flow},
     ramp,
@@ -68,7 +68,7 @@ pub fn judge(p: &impl Packet) -> Decision {
         // Not TCP, or headers the stack will reject itself: none of our business.
         Ok(None) | Err(()) => return Decision::untouched(),
     };
-    if flow.payload_len == 0 {
+    if flow.payload_len == 0 || !port_judged(flow.dport) {
         return Decision::untouched();
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -127,6 +127,15 @@ pub fn judge(p: &impl Packet) -> Decision {
         deny,
         flow: Some(flow),
         rebound: false,
+    }
+}
+
+/// Whether some listener judges TCP port `port` (see `PORTS`).
+#[inline(always)]
+fn port_judged(port: u16) -> bool {
+    match PORTS.get(port as u32 / 64) {
+        Some(w) => w >> (port % 64) & 1 != 0,
+        None => false,
     }
 }
 

@@ -15,6 +15,11 @@ use aya_ebpf::{
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
+/// Bit `p % 64` of word `p / 64`: some listener judges TCP port `p` (on any interface).
+/// One array read sends every other segment on its way before any hash lookup. Written by
+/// userspace, derived from LISTENERS.
+#[map]
+pub static PORTS: Array<u64> = Array::with_max_entries(1024, 0);
 /// (ifindex, TCP port) → how that listener judges. Written by userspace.
 #[map]
 pub static LISTENERS: HashMap<ListenerKey, ListenerConfig> = HashMap::with_max_entries(256, 0);

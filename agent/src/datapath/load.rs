@@ -24,9 +24,11 @@ pub const TC_PROGRAM: &str = "rampart_tc";
 /// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
 pub const PASS_PROGRAM: &str = "rampart_pass";
 
-/// Every map of the object (pinned under the bpffs dir by these names).
+/// The maps pinned under the bpffs dir, by these names: everything a restarted daemon
+/// adopts (policy, runtime state, counters, the event ring).
 pub const MAP_NAMES: [&str; 13] = [
     "CONFIG",
+    "PORTS",
     "LISTENERS",
     "TOKENS",
     "REVOKED",
@@ -38,8 +40,12 @@ pub const MAP_NAMES: [&str; 13] = [
     "EVENTS",
     "EVENT_BUDGET",
     "RESET_FLOWS",
-    "SCRATCH",
 ];
+
+/// Maps of earlier versions' pins that are no longer pinned: removed at load, so an
+/// upgraded daemon does not adopt a map whose layout changed. SCRATCH is the parser's
+/// per-run working memory; each loaded program set has its own.
+const UNPINNED: [&str; 1] = ["SCRATCH"];
 
 /// Map sizes and pinning, from the daemon's configuration.
 #[derive(Clone, Debug)]
@@ -70,6 +76,7 @@ impl Default for LoadOptions {
 pub struct Datapath {
     pub(super) ebpf: Ebpf,
     pub(super) config: Array<MapData, GlobalConfig>,
+    pub(super) ports: Array<MapData, u64>,
     pub(super) listeners: HashMap<MapData, ListenerKey, ListenerConfig>,
     pub(super) tokens: HashMap<MapData, Fingerprint, TokenInfo>,
     pub(super) revoked: HashMap<MapData, Fingerprint, u64>,
@@ -108,6 +115,15 @@ impl Datapath {
                     path: dir.clone(),
                     source,
                 })?;
+                for name in UNPINNED {
+                    let path = dir.join(name);
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(DatapathError::Io { path, source: e });
+                        }
+                        _ => {}
+                    }
+                }
                 MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
             }
             None => Vec::new(),
@@ -127,8 +143,9 @@ impl Datapath {
         let tc_prog: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc_prog.load().map_err(prog_err(TC_PROGRAM))?;
 
-        Ok(Datapath {
+        let mut dp = Datapath {
             config: take(&mut ebpf, "CONFIG")?,
+            ports: take(&mut ebpf, "PORTS")?,
             listeners: take(&mut ebpf, "LISTENERS")?,
             tokens: take(&mut ebpf, "TOKENS")?,
             revoked: take(&mut ebpf, "REVOKED")?,
@@ -141,7 +158,11 @@ impl Datapath {
             events: Some(take(&mut ebpf, "EVENTS")?),
             ebpf,
             options,
-        })
+        };
+        // Adopted listeners (or a pin dir from before PORTS existed) must be judged by
+        // the new programs from their first packet.
+        dp.sync_ports()?;
+        Ok(dp)
     }
 
     pub fn options(&self) -> &LoadOptions {

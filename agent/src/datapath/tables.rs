@@ -78,11 +78,46 @@ impl Datapath {
         }
         self.listeners
             .insert(key, cfg, 0)
-            .map_err(map_err("LISTENERS"))
+            .map_err(map_err("LISTENERS"))?;
+        self.sync_port(key.port)
     }
 
     pub fn remove_listener(&mut self, key: &ListenerKey) -> Result<(), DatapathError> {
-        absent_ok(self.listeners.remove(key)).map_err(map_err("LISTENERS"))
+        absent_ok(self.listeners.remove(key)).map_err(map_err("LISTENERS"))?;
+        self.sync_port(key.port)
+    }
+
+    /// Sets or clears `port`'s bit in PORTS (the datapath's pre-filter) from LISTENERS.
+    fn sync_port(&mut self, port: u16) -> Result<(), DatapathError> {
+        let judged = self
+            .listeners
+            .keys()
+            .filter_map(Result::ok)
+            .any(|k| k.port == port);
+        let index = u32::from(port / 64);
+        let word = self.ports.get(&index, 0).map_err(map_err("PORTS"))?;
+        let bit = 1u64 << (port % 64);
+        let want = if judged { word | bit } else { word & !bit };
+        if want != word {
+            self.ports.set(index, want, 0).map_err(map_err("PORTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites PORTS from LISTENERS.
+    pub(super) fn sync_ports(&mut self) -> Result<(), DatapathError> {
+        let mut want = vec![0u64; self.ports.len() as usize];
+        for k in self.listeners.keys().filter_map(Result::ok) {
+            if let Some(w) = want.get_mut(usize::from(k.port / 64)) {
+                *w |= 1 << (k.port % 64);
+            }
+        }
+        for (index, want) in (0u32..).zip(want) {
+            if self.ports.get(&index, 0).map_err(map_err("PORTS"))? != want {
+                self.ports.set(index, want, 0).map_err(map_err("PORTS"))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn listeners(&self) -> Vec<(ListenerKey, ListenerConfig)> {

@@ -16,6 +16,7 @@ use rampart::datapath::{Datapath, LoadOptions};
 use rampart_tests::packet::{typical_request, Frame, Http};
 
 const PORT: u16 = 8080;
+const LOOPBACK_IFINDEX: u32 = 1;
 const KEY: FingerprintKey = FingerprintKey([0x1111_2222_3333_4444, 0x5555_6666_7777_8888]);
 
 struct Case {
@@ -66,7 +67,9 @@ fn main() -> anyhow::Result<()> {
     })?;
     dp.set_listener(
         ListenerKey {
-            ifindex: 0,
+            // As the daemon keys listeners: by interface. BPF_PROG_TEST_RUN runs XDP as if
+            // received on the namespace's loopback device.
+            ifindex: LOOPBACK_IFINDEX,
             port: PORT,
             _pad: 0,
         },
