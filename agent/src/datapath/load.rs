@@ -99,8 +99,8 @@ where
 }
 
 impl Datapath {
-    /// Loads the object, creating its maps (or adopting pinned ones) and loading every
-    /// program into the kernel. Nothing is attached yet.
+    /// Loads the object, creating its maps (or adopting pinned ones). Programs are
+    /// loaded into the kernel when first used; nothing is attached yet.
     pub fn load(options: LoadOptions) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
         loader
@@ -135,14 +135,8 @@ impl Datapath {
         // after crossing the ring. Absent until the programs log anything: not an error.
         let log_level = ebpf_log_level();
         loader.override_global(aya_log::LEVEL, &log_level, false);
+        // Programs are verified when first used (see `xdp_program`), not here.
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [XDP_PROGRAM, PASS_PROGRAM] {
-            let prog: &mut Xdp = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
-        }
-        let tc_prog: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
-        tc_prog.load().map_err(prog_err(TC_PROGRAM))?;
-
         let mut dp = Datapath {
             config: take(&mut ebpf, "CONFIG")?,
             ports: take(&mut ebpf, "PORTS")?,
@@ -169,16 +163,34 @@ impl Datapath {
         &self.options
     }
 
+    /// The enforcing XDP program, loaded into the kernel on first use. Each program is
+    /// verified only when something needs it: a daemon with XDP listeners only never
+    /// pays for the TC program's verification (about 0.4 s on this class of machine,
+    /// several seconds on a small or emulated one).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program(&mut self.ebpf, XDP_PROGRAM)
+        let p: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+        if p.fd().is_err() {
+            p.load().map_err(prog_err(XDP_PROGRAM))?;
+        }
+        Ok(p)
     }
 
+    /// The enforcing TC program, loaded on first use (see `xdp_program`).
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        program(&mut self.ebpf, TC_PROGRAM)
+        let p: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+        if p.fd().is_err() {
+            p.load().map_err(prog_err(TC_PROGRAM))?;
+        }
+        Ok(p)
     }
 
+    /// The pass-through XDP program, loaded on first use.
     pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program(&mut self.ebpf, PASS_PROGRAM)
+        let p: &mut Xdp = program(&mut self.ebpf, PASS_PROGRAM)?;
+        if p.fd().is_err() {
+            p.load().map_err(prog_err(PASS_PROGRAM))?;
+        }
+        Ok(p)
     }
 
     /// Attaches the enforcing XDP program to `iface`.
