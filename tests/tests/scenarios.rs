@@ -126,7 +126,8 @@ fn rfc3339(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
-/// Merges `value` under `key` into `target/bench/scenarios.json`.
+/// Merges `value` under `key` into `target/bench/scenarios.json`. (In the 6.1 VM the file
+/// lands in the guest's tmpfs overlay; the figures are in the run's console output.)
 fn record(key: &str, value: Value) {
     let exe = std::env::current_exe().expect("test executable");
     // target/<profile>/deps/scenarios-… → target/
@@ -146,7 +147,7 @@ fn record(key: &str, value: Value) {
         &path,
         serde_json::to_vec_pretty(&Value::Object(all)).expect("JSON"),
     )
-    .expect("writing target/bench/scenarios.json");
+    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     println!("(recorded under \"{key}\" in {})", path.display());
 }
 
@@ -663,7 +664,15 @@ fn s5_ramp_accuracy_and_penalty() {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    thread::sleep(Duration::from_millis(20_300).saturating_sub(load_start.elapsed()));
+    // Run the load 20.3 s past the ramp start (the first admitted request), which comes
+    // a while after the clients start (TLS handshakes; most of a second in the VM).
+    let first_arrival = up
+        .requests_with_test_id("s5-ramp")
+        .iter()
+        .map(|r| r.received)
+        .min()
+        .unwrap_or(load_start);
+    thread::sleep(Duration::from_millis(20_300).saturating_sub(first_arrival.elapsed()));
     let mut statuses = Vec::new();
     for (mut child, rx) in loads {
         let _ = child.kill();
@@ -737,20 +746,24 @@ fn s5_ramp_accuracy_and_penalty() {
             "rampart_allowed": allowed,
         }),
     );
-    // Saturation is what the per-stage counts need: demand at every instant the GCRA
-    // would admit. Three times the top stage's rate leaves no idle gap.
+    // Saturation is what the per-stage counts need: a request waiting whenever the GCRA
+    // would admit one. A late arrival costs nothing while it is later than the burst
+    // tolerance allows (5 × 25 ms at 40/s): the TAT, not the arrival, sets the next
+    // admission. So demand must exceed the top rate, with arrivals far closer than
+    // 125 ms: 50/s (20 ms apart, 1.25 × 40/s) is the floor. The host offers ~130/s, the
+    // emulated 6.1 VM, whose TLS gateway is the bottleneck, 65–85/s.
     assert!(
-        offered_rps > 120.0,
+        offered_rps > 50.0,
         "offered load only {offered_rps:.0}/s: the clients did not saturate the contract"
     );
     assert!(w > 19.5, "the load ran only {w:.1} s past the ramp start");
     assert!(
         err1.abs() <= 3.0,
-        "stage 0 admitted {measured1}, expected {expected1}"
+        "stage 0 admitted {measured1}, expected {expected1} (offered {offered_rps:.0}/s)"
     );
     assert!(
         err2.abs() <= 3.0,
-        "stage 1 admitted {measured2}, expected {expected2}"
+        "stage 1 admitted {measured2}, expected {expected2} (offered {offered_rps:.0}/s)"
     );
     assert_eq!(
         allowed as usize,
