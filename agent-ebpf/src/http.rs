@@ -264,8 +264,36 @@ pub struct HeaderScan {
 
 /// What bpf_loop hands the callback (it must live on the stack).
 #[repr(C)]
-pub struct LoopCtx {
-    pub scratch: *mut Scratch,
+struct LoopCtx {
+    scratch: *mut Scratch,
+}
+
+/// A bpf_loop callback: gets the scratch value back through `ctx` (`loop_scratch`);
+/// returns 0 to go on, 1 to stop.
+pub type LoopStep = extern "C" fn(u32, *mut c_void) -> i64;
+
+/// Calls `step` up to `iterations` times with the scratch value, where every loop keeps
+/// its state: map memory the verifier does not track, so it checks the callback once
+/// rather than once per distinct position, and the caller's state stays one state.
+#[inline(always)]
+pub fn run_loop(scratch: *mut Scratch, iterations: u32, step: LoopStep) {
+    let mut ctx = LoopCtx { scratch };
+    // SAFETY: the callbacks only touch the scratch value `ctx` points to.
+    unsafe {
+        bpf_loop(
+            iterations,
+            step as *mut c_void,
+            &mut ctx as *mut LoopCtx as *mut c_void,
+            0,
+        );
+    }
+}
+
+/// The scratch value inside a `run_loop` callback.
+#[inline(always)]
+pub fn loop_scratch(ctx: *mut c_void) -> *mut Scratch {
+    // SAFETY: bpf_loop hands back the LoopCtx `run_loop` passed.
+    unsafe { (*(ctx as *mut LoopCtx)).scratch }
 }
 
 const AUTHORIZ: u64 = u64::from_le_bytes(*b"authoriz");
@@ -328,8 +356,7 @@ fn line_start(buf: Buf, s: &mut HeaderScan, start: usize, len: usize) -> bool {
 /// the next word (a load and a few ALU operations when it holds no LF) or handles one LF,
 /// which starts a line check. One flat loop keeps the verifier's work small.
 extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
-    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let scratch = loop_scratch(ctx);
     let buf = Buf::new(scratch);
     // SAFETY: the per-CPU scratch map value.
     let s = unsafe { &mut (*scratch).scan };
@@ -431,16 +458,11 @@ pub fn scan_headers(buf: Buf, len: usize) -> &'static HeaderScan {
     // The first step looks at the word at pos + 8 = 0.
     s.pos = 0u64.wrapping_sub(8);
     clear(&mut s.mask);
-    let mut ctx = LoopCtx { scratch };
-    // SAFETY: the callback only touches the scratch value `ctx` points to.
-    unsafe {
-        bpf_loop(
-            (2 * SCAN_BYTES / SCAN_STEPS_PER_CALL) as u32,
-            scan_words as *mut c_void,
-            &mut ctx as *mut LoopCtx as *mut c_void,
-            0,
-        );
-    }
+    run_loop(
+        scratch,
+        (2 * SCAN_BYTES / SCAN_STEPS_PER_CALL) as u32,
+        scan_words,
+    );
     s
 }
 
@@ -539,8 +561,7 @@ fn check_word(w: u64, valid: u64, bad: &mut u64, seen_eq: &mut u64) {
 /// exceed the verifier's jump history, and an inline word loop would be re-verified for
 /// every caller state.
 extern "C" fn token_word(_index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
-    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let scratch = loop_scratch(ctx);
     let buf = Buf::new(scratch);
     // SAFETY: the per-CPU scratch map value.
     let t = unsafe { &mut (*scratch).token };
@@ -599,16 +620,11 @@ fn token_words(buf: Buf, off: usize, len: usize, check: u64) -> (&'static TokenS
     t.len = len as u64;
     t.check = check;
     clear(&mut t.word);
-    let mut ctx = LoopCtx { scratch };
-    // SAFETY: the callback only touches the scratch value `ctx` points to.
-    unsafe {
-        bpf_loop(
-            (MAX_TOKEN_LEN / 8 / TOKEN_WORDS_PER_CALL) as u32,
-            token_word as *mut c_void,
-            &mut ctx as *mut LoopCtx as *mut c_void,
-            0,
-        );
-    }
+    run_loop(
+        scratch,
+        (MAX_TOKEN_LEN / 8 / TOKEN_WORDS_PER_CALL) as u32,
+        token_word,
+    );
     (t, buf.launder(t.len as usize))
 }
 
@@ -671,8 +687,7 @@ pub struct PathScan {
 /// and flag what an upstream might normalise: dot segments, `//`, backslashes and
 /// percent-encoded dots, slashes, backslashes or percents.
 extern "C" fn path_word(_index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
-    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let scratch = loop_scratch(ctx);
     let buf = Buf::new(scratch);
     // SAFETY: the per-CPU scratch map value.
     let s = unsafe { &mut (*scratch).path };
@@ -729,16 +744,7 @@ pub fn scoped_path(buf: Buf, off: usize, len: usize) -> Option<usize> {
     clear(&mut s.word);
     clear(&mut s.done);
     s.ambiguous = if len > MAX_SCOPED_PATH { 1 } else { 0 };
-    let mut ctx = LoopCtx { scratch };
-    // SAFETY: the callback only touches the scratch value `ctx` points to.
-    unsafe {
-        bpf_loop(
-            (MAX_SCOPED_PATH / 8) as u32,
-            path_word as *mut c_void,
-            &mut ctx as *mut LoopCtx as *mut c_void,
-            0,
-        );
-    }
+    run_loop(scratch, (MAX_SCOPED_PATH / 8) as u32, path_word);
     let plen = buf.launder(s.len as usize);
     if s.ambiguous != 0 || plen > MAX_SCOPED_PATH {
         return None;

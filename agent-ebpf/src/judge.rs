@@ -10,11 +10,11 @@ use agent_common::{
     mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, MAX_SCOPES,
     SCAN_BYTES, TOKEN_ANY_SCOPE,
 };
-use aya_ebpf::helpers::generated::{bpf_ktime_get_tai_ns, bpf_loop};
+use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
 use crate::{
     events,
-    http::{self, Buf, LineError, LoopCtx, SCAN_COMPLETE, SCAN_MALFORMED},
+    http::{self, Buf, LineError, SCAN_COMPLETE, SCAN_MALFORMED},
     maps::{CONFIG, LISTENERS, PORTS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
     packet::Packet,
     parse::{self, Flow},
@@ -290,8 +290,7 @@ pub struct ScopeScan {
 
 /// One scope per call (bpf_loop callback, index = scope number).
 extern "C" fn scope_step(index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the LoopCtx the caller passed.
-    let scratch = unsafe { (*(ctx as *mut LoopCtx)).scratch };
+    let scratch = http::loop_scratch(ctx);
     // SAFETY: the per-CPU scratch map value.
     let s = unsafe { &mut (*scratch).scope };
     let i = index & 63;
@@ -332,16 +331,7 @@ fn in_scope(scopes: u64, buf: Buf, line: &http::RequestLine, method: u32) -> boo
     s.path_off = line.target_off as u64;
     s.path_len = path as u64;
     s.hit = 0;
-    let mut ctx = LoopCtx { scratch };
-    // SAFETY: the callback only touches the scratch value `ctx` points to.
-    unsafe {
-        bpf_loop(
-            MAX_SCOPES as u32,
-            scope_step as *mut c_void,
-            &mut ctx as *mut LoopCtx as *mut c_void,
-            0,
-        );
-    }
+    http::run_loop(scratch, MAX_SCOPES as u32, scope_step);
     s.hit != 0
 }
 
