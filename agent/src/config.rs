@@ -127,6 +127,8 @@ pub struct Listener {
     pub name: String,
     pub interface: String,
     pub hook: Hook,
+    /// How a tc listener attaches (xdp listeners: always `Auto`, unused).
+    pub tc_attach: TcAttach,
     pub ports: Vec<u16>,
     pub mode: Mode,
     pub action: DenyAction,
@@ -164,6 +166,30 @@ impl fmt::Display for Hook {
             Hook::Xdp(XdpMode::Native) => f.write_str("xdp (native)"),
             Hook::Xdp(XdpMode::Generic) => f.write_str("xdp (generic)"),
             Hook::Tc => f.write_str("tc"),
+        }
+    }
+}
+
+/// The kernel mechanism a tc listener attaches through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttach {
+    /// TCX where the kernel has it (Linux >= 6.6), netlink otherwise.
+    #[default]
+    Auto,
+    /// A TCX link; refused on kernels older than 6.6.
+    Tcx,
+    /// A `cls_bpf` filter on the `clsact` qdisc, through netlink (any kernel).
+    Netlink,
+}
+
+impl TcAttach {
+    /// The value as written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcAttach::Auto => "auto",
+            TcAttach::Tcx => "tcx",
+            TcAttach::Netlink => "netlink",
         }
     }
 }
@@ -358,6 +384,7 @@ struct ListenerEntry {
     interface: Spanned<String>,
     hook: HookKind,
     xdp_mode: Option<Spanned<XdpMode>>,
+    tc_attach: Option<Spanned<TcAttach>>,
     ports: Spanned<Vec<Spanned<u16>>>,
     #[serde(default)]
     mode: Mode,
@@ -379,9 +406,9 @@ fn validate_listeners(
     let at = |span: std::ops::Range<usize>, message: String| src.at(Some(span), message);
     let here = |span: &std::ops::Range<usize>| src.location(span.start);
     let mut names: HashMap<String, String> = HashMap::new();
-    // (interface, port) → listener name; interface → (hook, listener name).
+    // (interface, port) → listener name; interface → (hook, tc_attach, listener name).
     let mut claimed: HashMap<(String, u16), String> = HashMap::new();
-    let mut hooks: HashMap<String, (Hook, String)> = HashMap::new();
+    let mut hooks: HashMap<String, (Hook, TcAttach, String)> = HashMap::new();
     let mut listeners = Vec::new();
     for (i, spanned) in entries.into_iter().enumerate() {
         let entry_span = spanned.span();
@@ -427,9 +454,19 @@ fn validate_listeners(
                 ))
             }
         };
+        let tc_attach = match (hook, &e.tc_attach) {
+            (_, None) => TcAttach::default(),
+            (Hook::Tc, Some(t)) => *t.get_ref(),
+            (Hook::Xdp(_), Some(t)) => {
+                return Err(at(
+                    t.span(),
+                    format!("`tc_attach` applies to tc listeners only; listener `{name}` uses xdp"),
+                ))
+            }
+        };
         // One program per interface: two hooks would judge (and rate-limit) requests twice.
         match hooks.get(&interface) {
-            Some((other, owner)) if *other != hook => {
+            Some((other, _, owner)) if *other != hook => {
                 return Err(at(
                     entry_span,
                     format!(
@@ -438,9 +475,20 @@ fn validate_listeners(
                     ),
                 ))
             }
+            Some((_, other, owner)) if *other != tc_attach => {
+                return Err(at(
+                    entry_span,
+                    format!(
+                        "interface `{interface}` is attached with tc_attach = \"{}\" by \
+                         listener `{owner}`; every listener on an interface must use the same \
+                         tc_attach",
+                        other.name()
+                    ),
+                ))
+            }
             Some(_) => {}
             None => {
-                hooks.insert(interface.clone(), (hook, name.clone()));
+                hooks.insert(interface.clone(), (hook, tc_attach, name.clone()));
             }
         }
 
@@ -471,6 +519,7 @@ fn validate_listeners(
             name,
             interface,
             hook,
+            tc_attach,
             ports: port_list,
             mode: e.mode,
             action: e.action,
@@ -703,6 +752,44 @@ ports = [8080]
         assert!(parse(&format!("{a}{}", listener("b", "lo", "tc", "[80]"))).is_ok());
         let missing = error("[[listener]]\nname = \"a\"\ninterface = \"eth0\"\nports = [80]\n");
         assert!(missing.contains("missing field `hook`"), "{missing}");
+    }
+
+    #[test]
+    fn tc_attach_key() {
+        let tc = |extra: &str| {
+            format!("[[listener]]\nname = \"a\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [80]\n{extra}")
+        };
+        let attach = |text: &str| parse(text).expect("config").listeners[0].tc_attach;
+        assert_eq!(attach(&tc("")), TcAttach::Auto);
+        assert_eq!(attach(&tc("tc_attach = \"netlink\"\n")), TcAttach::Netlink);
+        assert_eq!(attach(&tc("tc_attach = \"tcx\"\n")), TcAttach::Tcx);
+        let bad = error(&tc("tc_attach = \"ioctl\"\n"));
+        assert!(
+            bad.starts_with("/etc/rampart/rampart.toml:6:13: ") && bad.contains("unknown variant"),
+            "{bad}"
+        );
+        assert_eq!(
+            error(
+                "[[listener]]\nname = \"a\"\ninterface = \"lo\"\nhook = \"xdp\"\nports = [80]\n\
+                 tc_attach = \"tcx\"\n"
+            ),
+            "/etc/rampart/rampart.toml:6:13: `tc_attach` applies to tc listeners only; listener \
+             `a` uses xdp"
+        );
+        let two = format!(
+            "{}{}",
+            tc("tc_attach = \"netlink\"\n"),
+            tc("").replace("\"a\"", "\"b\"").replace("[80]", "[81]")
+        );
+        let mixed = error(&two);
+        assert!(
+            mixed.starts_with("/etc/rampart/rampart.toml:7:1: ")
+                && mixed.ends_with(
+                    "interface `lo` is attached with tc_attach = \"netlink\" by listener `a`; \
+                     every listener on an interface must use the same tc_attach"
+                ),
+            "{mixed}"
+        );
     }
 
     #[test]

@@ -156,8 +156,11 @@ impl Fixture {
         self.show(&fs::read(self.log_path()).unwrap_or_default())
     }
 
+    /// `rampart <args>` in the daemon's network namespace (where `detach` finds netlink
+    /// filters; control socket and pins are files, reachable from anywhere).
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary())
+        self.ns
+            .command(binary())
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -542,7 +545,7 @@ fn restart_with_a_changed_listener_lets_the_old_one_go() {
     let mut fx = Fixture::new("relisten");
     fx.start();
     fx.assert_denied(None, "no token on the first listener");
-    assert_eq!(link_pins(&fx), ["link_0_if1_tc"]);
+    assert_eq!(link_pins(&fx), [format!("link_0_if1_{}", auto_tc_tag())]);
     fx.signal(libc::SIGKILL);
     fx.wait_exit();
 
@@ -571,6 +574,144 @@ fn restart_with_a_changed_listener_lets_the_old_one_go() {
         .status;
     assert_ne!(status, 200, "no token on the new listener");
     assert_eq!(other.count(), before, "denied request reached the upstream");
+}
+
+/// The pin tag of a tc listener with `tc_attach = "auto"`: a TCX link from Linux 6.6 on,
+/// a netlink filter before.
+fn auto_tc_tag() -> &'static str {
+    let tcx = aya::util::KernelVersion::current()
+        .map_or(true, |k| k >= aya::util::KernelVersion::new(6, 6, 0));
+    if tcx {
+        "tc"
+    } else {
+        "tcnl"
+    }
+}
+
+/// `tc filter show dev lo ingress` in the test's namespace.
+fn lo_filters(fx: &Fixture) -> String {
+    let out = fx
+        .ns
+        .exec(&["tc", "filter", "show", "dev", "lo", "ingress"])
+        .expect("tc filter show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The ids of the programs in rampart's netlink filters on lo (priority 0x7261 = 29281,
+/// handle "ramp").
+fn rampart_filter_programs(fx: &Fixture) -> Vec<u64> {
+    lo_filters(fx)
+        .lines()
+        .filter(|l| l.contains("pref 29281") && l.contains("handle 0x72616d70"))
+        .filter_map(|l| {
+            let rest = l.split(" id ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// A tc listener forced onto netlink (what kernels before 6.6 get): the cls_bpf filter
+/// enforces, outlives kill -9 and SIGTERM, a restart swaps its program in place with no
+/// request slipping through, and `rampart detach` deletes it.
+#[test]
+fn netlink_tc_filter_enforces_across_crash_restart_and_detach() {
+    let mut fx = Fixture::new("tcnl");
+    let text = config_text(fx.dir.path(), &fx.bpffs)
+        .replace("hook = \"tc\"", "hook = \"tc\"\ntc_attach = \"netlink\"");
+    fs::write(&fx.config, text).expect("config");
+    fx.start();
+    let (token, _fp) = fx.issue();
+    fx.assert_denied(None, "no token");
+    fx.assert_allowed(Some(&token), "valid token");
+    assert_eq!(link_pins(&fx), ["link_0_if1_tcnl"]);
+    let first = fx.status_json();
+    assert_eq!(first["listeners"][0]["adopted"], false);
+    let program_first = first["listeners"][0]["program_id"]
+        .as_u64()
+        .expect("program id");
+    assert_eq!(
+        rampart_filter_programs(&fx),
+        [program_first],
+        "our filter runs the daemon's program:\n{}",
+        lo_filters(&fx)
+    );
+
+    // kill -9: the filter holds its program; the pinned maps keep the tokens.
+    fx.signal(libc::SIGKILL);
+    fx.wait_exit();
+    fx.assert_denied(None, "no token with the daemon dead");
+    fx.assert_allowed(Some(&token), "valid token with the daemon dead");
+
+    // Restart while requests without a token keep coming: not one may reach the upstream.
+    let before = fx.upstream.count();
+    let load = fx
+        .ns
+        .command("sh")
+        .args([
+            "-c",
+            &format!(
+                "while :; do curl -s -o /dev/null -m 1 -w '%{{http_code}}\\n' \
+                 http://127.0.0.1:{PORT}/v1/items; done"
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("request loop");
+    fx.start();
+    // SAFETY: kill(2) on the loop's shell, our child; then reap it.
+    unsafe { libc::kill(load.id() as libc::pid_t, libc::SIGKILL) };
+    let out = load.wait_with_output().expect("request loop output");
+    let tried = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(tried > 0, "the request loop sent nothing");
+    assert_eq!(
+        fx.upstream.count(),
+        before,
+        "a request without a token reached the upstream during the restart ({tried} sent)"
+    );
+    let after = fx.status_json();
+    assert_eq!(after["listeners"][0]["adopted"], true, "filter adopted");
+    let program_after = after["listeners"][0]["program_id"]
+        .as_u64()
+        .expect("program id");
+    assert_ne!(
+        program_after, program_first,
+        "the new daemon's program judges"
+    );
+    assert_eq!(
+        rampart_filter_programs(&fx),
+        [program_after],
+        "the same filter, its program replaced:\n{}",
+        lo_filters(&fx)
+    );
+    assert_eq!(link_pins(&fx), ["link_0_if1_tcnl"]);
+    fx.assert_denied(None, "no token after restart");
+    fx.assert_allowed(Some(&token), "valid token after restart");
+
+    // SIGTERM: a clean stop that leaves the filter in place.
+    fx.signal(libc::SIGTERM);
+    let st = fx.wait_exit();
+    assert!(
+        st.success(),
+        "rampart run after SIGTERM: {st}\n{}",
+        fx.log()
+    );
+    fx.assert_denied(None, "no token after SIGTERM");
+    fx.assert_allowed(Some(&token), "valid token after SIGTERM");
+    assert_eq!(rampart_filter_programs(&fx), [program_after]);
+
+    let out = fx.cli(&["detach"]);
+    assert!(out.status.success(), "detach: {}", fx.show(&out.stderr));
+    let filters = lo_filters(&fx);
+    assert!(
+        !filters.contains("pref 29281") && !filters.contains("0x72616d70"),
+        "rampart's filter left on lo:\n{filters}"
+    );
+    assert!(
+        !fx.bpffs.join("rampart").exists(),
+        "pin dir left after detach"
+    );
+    fx.assert_allowed(None, "no token after detach (nothing judges)");
 }
 
 /// Names of the link pins, sorted.

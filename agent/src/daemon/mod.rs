@@ -28,10 +28,11 @@ pub use status::{ListenerStatus, StatusBody, TokenCountsView};
 use tokio::sync::broadcast;
 
 use crate::{
-    config::{self, Config, Hook, XdpMode},
+    config::{self, Config, Hook, TcAttach, XdpMode},
     control::{self, ControlError, ServerOptions},
     datapath::{
-        prune_links, AttachError, AttachHook, Attached, Datapath, DatapathError, LoadOptions,
+        prune_links, tcx_available, AttachError, AttachHook, Attached, Datapath, DatapathError,
+        LoadOptions,
     },
     policy::{CompiledPolicy, Diagnostic},
     store::{AuditAction, Store, StoreError},
@@ -278,7 +279,12 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
             let hook = match l.hook {
                 Hook::Xdp(XdpMode::Native) => AttachHook::Xdp(aya::programs::XdpMode::Driver),
                 Hook::Xdp(XdpMode::Generic) => AttachHook::Xdp(aya::programs::XdpMode::Skb),
-                Hook::Tc => AttachHook::TcIngress,
+                Hook::Tc => match l.tc_attach {
+                    TcAttach::Tcx => AttachHook::TcIngress,
+                    TcAttach::Netlink => AttachHook::TcNetlink,
+                    TcAttach::Auto if tcx_available() => AttachHook::TcIngress,
+                    TcAttach::Auto => AttachHook::TcNetlink,
+                },
             };
             let attached = dp
                 .attach_pinned(id, &l.interface, ifindex, hook)
@@ -304,6 +310,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
                 listener = %l.name,
                 interface = %l.interface,
                 hook = %l.hook,
+                attach = ?hook,
                 program_id = attached.program_id,
                 adopted = attached.adopted,
                 pin = %attached.pin.display(),

@@ -5,6 +5,18 @@
 //! link with `bpf_link_update`: the interface is never without a program, not even for one
 //! packet. `detach_pinned` is the only way enforcement stops.
 //!
+//! TC on kernels without TCX (< 6.6), or when a listener asks for it (`tc_attach =
+//! "netlink"`), goes through netlink instead: a `cls_bpf` filter on the interface's `clsact`
+//! ingress at a fixed priority and handle (`TC_NL_PRIORITY`, `TC_NL_HANDLE`). A filter is
+//! no bpf link and has no pin, and it holds its program itself, so it outlives the daemon
+//! as it is. What is pinned, under the same link-shaped name (hook tag `tcnl`), is the
+//! program judging in it: the record that the interface is ours. A restarted daemon
+//! replaces the filter's program in place (RTM_NEWTFILTER without NLM_F_CREATE: cls_bpf
+//! swaps it atomically, no gap) and creates the filter only when it is missing, so a crash
+//! between steps or a filter deleted by hand heals itself. Removing a `tcnl` pin deletes
+//! the filter first. Netlink speaks to the caller's network namespace: `rampart detach`
+//! must run in the daemon's.
+//!
 //! When the configuration changed between runs:
 //! - same interface and hook under another listener id (listeners reordered): the old link
 //!   is taken over and re-pinned under the new name — no gap;
@@ -23,9 +35,11 @@ use std::{
 use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{
+            qdisc_add_clsact, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle,
+        },
         xdp::XdpLink,
-        LinkOrder, TcAttachType, XdpMode,
+        Link as _, LinkOrder, ProgramError, TcAttachType, XdpMode,
     },
     sys::SyscallError,
     util::KernelVersion,
@@ -59,10 +73,40 @@ pub enum AttachError {
         source: io::Error,
     },
     #[error(
-        "TC listeners are attached as TCX links, which need Linux 6.6 or later (this kernel \
-         is {kernel}); use an XDP listener (hook = \"xdp\") on this interface"
+        "tc_attach = \"tcx\" needs Linux 6.6 or later (this kernel is {kernel}); use \
+         tc_attach = \"auto\" or \"netlink\""
     )]
     NoTcx { kernel: KernelVersion },
+    #[error("adding the clsact qdisc to {interface}: {source}")]
+    Clsact {
+        interface: String,
+        #[source]
+        source: TcError,
+    },
+    #[error("deleting rampart's tc filter on interface {interface} (pin {pin}): {source}")]
+    Filter {
+        interface: String,
+        pin: PathBuf,
+        #[source]
+        source: Box<ProgramError>,
+    },
+}
+
+/// Our `cls_bpf` filter's place on an interface's clsact ingress: one per interface. tc
+/// picks priorities from 49152 down and handle 1 when not told, so these are found again
+/// without a record and never meet a filter someone else added by default. A priority
+/// below 49152 also runs ours before such filters. 0x7261 6d70 is "ramp" in ASCII.
+pub const TC_NL_PRIORITY: u16 = 0x7261;
+pub const TC_NL_HANDLE: TcHandle = TcHandle::new(0x7261, 0x6d70);
+// Ahead of (and apart from) tc's own picks, 49152 down.
+const _: () = assert!(TC_NL_PRIORITY < 0xC000 - 0x1000);
+
+/// The hook tag of netlink-attached TC filters in pin names.
+const TCNL_TAG: &str = "tcnl";
+
+/// Whether this kernel has TCX links (when it cannot be told, assume a current kernel).
+pub fn tcx_available() -> bool {
+    KernelVersion::current().map_or(true, |k| k >= TCX_SINCE)
 }
 
 /// The first kernel with TCX (`BPF_TCX_INGRESS` links).
@@ -74,13 +118,16 @@ pub enum AttachHook {
     Xdp(XdpMode),
     /// TC ingress, through a TCX link (kernel >= 6.6: no qdisc or filter to manage).
     TcIngress,
+    /// TC ingress, through a netlink `cls_bpf` filter on a `clsact` qdisc (any kernel).
+    TcNetlink,
 }
 
 /// What `attach_pinned` did.
 #[derive(Debug)]
 pub struct Attached {
     /// The pinned link, held so the daemon can report on it; dropping it keeps the pin.
-    pub link: FdLink,
+    /// `None` for a netlink filter, which is no link (its program is pinned instead).
+    pub link: Option<FdLink>,
     pub pin: PathBuf,
     /// True when an existing pinned link was taken over (program swapped in place).
     pub adopted: bool,
@@ -101,6 +148,7 @@ impl AttachHook {
             AttachHook::Xdp(XdpMode::Hardware) => "xdphw",
             AttachHook::Xdp(_) => "xdpdrv",
             AttachHook::TcIngress => "tc",
+            AttachHook::TcNetlink => TCNL_TAG,
         }
     }
 }
@@ -195,6 +243,9 @@ impl Datapath {
     ) -> Result<Attached, AttachError> {
         let dir = self.pin_dir().ok_or(AttachError::NoPinDir)?.to_path_buf();
         let pin = link_pin_path(&dir, id, ifindex, hook);
+        if hook == AttachHook::TcNetlink {
+            return self.attach_tc_netlink(&dir, pin, iface, ifindex);
+        }
         let open = |pin: &Path| match PinnedLink::from_pin(pin) {
             Ok(p) => Ok(Some(FdLink::from(p))),
             Err(e) if not_found(&e) => Ok(None),
@@ -264,6 +315,7 @@ impl Datapath {
                     .map_err(AttachError::from)?;
                 FdLink::try_from(link).map_err(link_err(&pin))?
             }
+            AttachHook::TcNetlink => unreachable!("handled by attach_tc_netlink above"),
         };
         let link = if adopted && moved_from.is_none() {
             link
@@ -282,13 +334,151 @@ impl Datapath {
         };
         let program_id = link.info().map_err(link_err(&pin))?.program_id();
         Ok(Attached {
-            link,
+            link: Some(link),
             pin,
             adopted,
             program_id,
             displaced,
             moved_from,
         })
+    }
+
+    /// `attach_pinned` for `AttachHook::TcNetlink`: replace the program of our filter in
+    /// place, create the filter if it is missing, then (re)pin the program now judging.
+    fn attach_tc_netlink(
+        &mut self,
+        dir: &Path,
+        pin: PathBuf,
+        iface: &str,
+        ifindex: u32,
+    ) -> Result<Attached, AttachError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AttachError::Io { path, source }
+        };
+        // The filter is per interface: a pin of another listener id on it is this one's,
+        // renamed (listeners reordered).
+        let mut moved_from = None;
+        if !pin.exists() {
+            moved_from = pins_on(dir, ifindex, &pin)?
+                .into_iter()
+                .find(|(_, tag)| tag == TCNL_TAG)
+                .map(|(p, _)| p);
+        }
+        match qdisc_add_clsact(iface) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(AttachError::Clsact {
+                    interface: iface.to_owned(),
+                    source,
+                })
+            }
+        }
+        let prog = self.tc_program()?;
+        let ours = SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Ingress,
+            TC_NL_PRIORITY,
+            TC_NL_HANDLE,
+            None,
+        )
+        .map_err(|_| DatapathError::NoInterface(iface.to_owned()))?;
+        let (link_id, adopted) = match prog.attach_to_link(ours) {
+            Ok(id) => (id, true),
+            Err(e) if netlink_errno(&e) == Some(libc::ENOENT) => {
+                let id = prog
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: TC_NL_PRIORITY,
+                            handle: TC_NL_HANDLE,
+                            classid: None,
+                        }),
+                    )
+                    .map_err(prog_err(TC_PROGRAM))?;
+                (id, false)
+            }
+            Err(e) => return Err(prog_err(TC_PROGRAM)(e).into()),
+        };
+        let link = prog.take_link(link_id).map_err(prog_err(TC_PROGRAM))?;
+        // Dropping a netlink link deletes the filter, and the filter must outlive this
+        // daemon. The link holds no fd or memory worth freeing.
+        std::mem::forget(link);
+        let program_id = prog.info().map_err(prog_err(TC_PROGRAM))?.id();
+        // Pinned under a temporary name and renamed over the old pin, so the pin always
+        // names a program (bpffs refuses dots; the name is no link pin for `prune_links`).
+        let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let tmp = dir.join(format!("new_{name}"));
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+            _ => {}
+        }
+        prog.pin(&tmp).map_err(pin_err(&tmp))?;
+        std::fs::rename(&tmp, &pin).map_err(io_err(&pin))?;
+        if let Some(old) = &moved_from {
+            std::fs::remove_file(old).map_err(io_err(old))?;
+        }
+        Ok(Attached {
+            link: None,
+            pin,
+            adopted,
+            program_id,
+            displaced: Vec::new(),
+            moved_from,
+        })
+    }
+}
+
+/// The errno of a failed netlink request, if that is what `e` is.
+fn netlink_errno(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::TcError(TcError::NetlinkError(e)) | ProgramError::NetlinkError(e) => {
+            e.raw_os_error()
+        }
+        _ => None,
+    }
+}
+
+/// The name of interface `ifindex` in this network namespace; `None` if there is none.
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Deletes our netlink filter on interface `ifindex` (the one `pin` records). A filter, a
+/// clsact qdisc or an interface that is gone is already detached.
+fn delete_tc_filter(pin: &Path, ifindex: u32) -> Result<(), AttachError> {
+    let Some(iface) = interface_name(ifindex) else {
+        return Ok(());
+    };
+    let Ok(ours) = SchedClassifierLink::attached(
+        &iface,
+        TcAttachType::Ingress,
+        TC_NL_PRIORITY,
+        TC_NL_HANDLE,
+        None,
+    ) else {
+        // The interface went in between.
+        return Ok(());
+    };
+    match ours.detach() {
+        Ok(()) => Ok(()),
+        // ENOENT: no filter there; EINVAL: no clsact qdisc (so no filter either).
+        Err(e) if matches!(netlink_errno(&e), Some(libc::ENOENT | libc::EINVAL)) => Ok(()),
+        Err(source) => Err(AttachError::Filter {
+            interface: iface,
+            pin: pin.to_path_buf(),
+            source: Box::new(source),
+        }),
     }
 }
 
@@ -299,10 +489,22 @@ pub fn prune_links(dir: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, AttachE
         let path = path.to_path_buf();
         move |source| AttachError::Io { path, source }
     };
+    // A netlink filter belongs to the interface, not the pin: one still kept keeps it.
+    let kept_filters: Vec<u32> = keep
+        .iter()
+        .filter_map(|p| pin_target(p))
+        .filter(|(_, tag)| *tag == TCNL_TAG)
+        .map(|(ifindex, _)| ifindex)
+        .collect();
     let mut removed = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let p = e.map_err(io_err(dir))?.path();
         if is_link_pin(&p) && !keep.contains(&p) {
+            if let Some((ifindex, TCNL_TAG)) = pin_target(&p) {
+                if !kept_filters.contains(&ifindex) {
+                    delete_tc_filter(&p, ifindex)?;
+                }
+            }
             std::fs::remove_file(&p).map_err(io_err(&p))?;
             removed.push(p);
         }
@@ -311,7 +513,8 @@ pub fn prune_links(dir: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, AttachE
 }
 
 /// Removes every pinned link (which detaches its program: the pin was its last reference
-/// once the daemon is gone) and every pinned map under `dir`, then `dir` itself.
+/// once the daemon is gone; a netlink filter is deleted first) and every pinned map under
+/// `dir`, then `dir` itself.
 /// Returns the pins removed.
 pub fn detach_pinned(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
     let io_err = |path: &Path| {
@@ -329,6 +532,9 @@ pub fn detach_pinned(dir: &Path) -> Result<Vec<PathBuf>, AttachError> {
     // Links first: the programs stop judging before their maps disappear.
     paths.sort_by_key(|p| !is_link_pin(p));
     for p in &paths {
+        if let Some((ifindex, TCNL_TAG)) = pin_target(p) {
+            delete_tc_filter(p, ifindex)?;
+        }
         std::fs::remove_file(p).map_err(io_err(p))?;
     }
     std::fs::remove_dir(dir).map_err(io_err(dir))?;
@@ -346,11 +552,21 @@ mod tests {
             (AttachHook::Xdp(XdpMode::Skb), "xdpskb"),
             (AttachHook::Xdp(XdpMode::Driver), "xdpdrv"),
             (AttachHook::TcIngress, "tc"),
+            (AttachHook::TcNetlink, "tcnl"),
         ] {
             let p = link_pin_path(dir, 12, 345, hook);
             assert_eq!(pin_target(&p), Some((345, tag)), "{}", p.display());
         }
         assert_eq!(pin_target(Path::new("/x/TOKENS")), None);
         assert_eq!(pin_target(Path::new("/x/link_0_ifzz_tc")), None);
+        // The temporary name a program is pinned under before the rename is no link pin.
+        assert!(!is_link_pin(Path::new("/x/new_link_0_if1_tcnl")));
+        assert_eq!(pin_target(Path::new("/x/new_link_0_if1_tcnl")), None);
+    }
+
+    #[test]
+    fn a_missing_interface_has_no_name() {
+        assert_eq!(interface_name(1).as_deref(), Some("lo"));
+        assert_eq!(interface_name(u32::MAX), None);
     }
 }

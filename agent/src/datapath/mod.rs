@@ -10,7 +10,10 @@ mod load;
 mod sys;
 mod tables;
 
-pub use attach::{detach_pinned, link_pin_path, prune_links, AttachError, AttachHook, Attached};
+pub use attach::{
+    detach_pinned, link_pin_path, prune_links, tcx_available, AttachError, AttachHook, Attached,
+    TC_NL_HANDLE, TC_NL_PRIORITY,
+};
 pub use error::DatapathError;
 pub use load::{
     Datapath, EbpfLogForwarder, LoadOptions, EBPF_LOG_TARGET, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM,
