@@ -542,10 +542,35 @@ fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
 /// (its LISTENERS entry and its pinned link removed).
 #[test]
 fn restart_with_a_changed_listener_lets_the_old_one_go() {
-    let mut fx = Fixture::new("relisten");
+    relisten("relisten", None);
+}
+
+/// The same with the tc listener attached through netlink: pruning its pin deletes its
+/// cls_bpf filter.
+#[test]
+fn restart_with_a_changed_listener_deletes_the_old_netlink_filter() {
+    relisten("relisten-nl", Some("netlink"));
+}
+
+fn relisten(name: &str, tc_attach: Option<&str>) {
+    let mut fx = Fixture::new(name);
+    let base = match tc_attach {
+        Some(t) => config_text(fx.dir.path(), &fx.bpffs).replace(
+            "hook = \"tc\"",
+            &format!("hook = \"tc\"\ntc_attach = \"{t}\""),
+        ),
+        None => config_text(fx.dir.path(), &fx.bpffs),
+    };
+    fs::write(&fx.config, &base).expect("config");
     fx.start();
     fx.assert_denied(None, "no token on the first listener");
-    assert_eq!(link_pins(&fx), [format!("link_0_if1_{}", auto_tc_tag())]);
+    let tag = match tc_attach {
+        Some(_) => "tcnl",
+        None => auto_tc_tag(),
+    };
+    assert_eq!(link_pins(&fx), [format!("link_0_if1_{tag}")]);
+    let filters = rampart_filter_programs(&fx).len();
+    assert_eq!(filters, usize::from(tag == "tcnl"), "{}", lo_filters(&fx));
     fx.signal(libc::SIGKILL);
     fx.wait_exit();
 
@@ -565,6 +590,12 @@ fn restart_with_a_changed_listener_lets_the_old_one_go() {
     fs::write(&fx.config, text).expect("config");
     fx.start();
     assert_eq!(link_pins(&fx), ["link_0_if1_xdpskb"], "old link pruned");
+    assert_eq!(
+        rampart_filter_programs(&fx),
+        [0u64; 0],
+        "old filter deleted:\n{}",
+        lo_filters(&fx)
+    );
     fx.assert_allowed(None, "the old port is no longer judged");
     let before = other.count();
     let status = Curl::new(&fx.ns, &format!("http://127.0.0.1:{}", PORT + 1))

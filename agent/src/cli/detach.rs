@@ -1,5 +1,8 @@
-//! `rampart detach`: stop enforcing. Removes the pinned links (which detaches the programs)
-//! and the pinned maps, so nothing of rampart stays in the kernel.
+//! `rampart detach`: stop enforcing. Removes the pinned links (which detaches the programs),
+//! deletes the netlink tc filters of `tc_attach = "netlink"` listeners (and of tc listeners
+//! on kernels without TCX), and removes the pinned maps, so nothing of rampart stays in the
+//! kernel. Netlink filters are found in the caller's network namespace: run it where the
+//! daemon runs.
 
 use std::path::Path;
 
