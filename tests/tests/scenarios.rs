@@ -356,12 +356,19 @@ fn s1_valid_served_invalid_never_arrive_and_reset_is_prompt() {
 
 /// 2. Revocation on a live keep-alive connection: the next request after `rampart token
 ///    revoke` returns is denied. Latency from the revoke call's return to the kernel's
-///    first denial (the event time) over 100 runs.
+///    first denial (the event time) over 100 runs (30 in the 6.1 VM).
 #[test]
 fn s2_revocation_on_a_live_connection() {
-    const RUNS: usize = 100;
+    // 100 runs for the percentiles; in the emulated 6.1 VM (each run takes ~1.4 s there
+    // instead of ~0.3 s) 30, which still checks every run and keeps the VM step within
+    // its 10 minutes. The printed figures say how many runs they are over.
+    let runs: usize = if std::env::var_os("RAMPART_IN_VM").is_some() {
+        30
+    } else {
+        100
+    };
     let mut gw = gateway(Gateway::builder().loopback(false));
-    let tokens: Vec<Issued> = (0..RUNS)
+    let tokens: Vec<Issued> = (0..runs)
         .map(|_| {
             gw.issue(Side::Veth, "standard", &["all"])
                 .unwrap_or_else(|e| panic!("{e}"))
@@ -379,8 +386,8 @@ fn s2_revocation_on_a_live_connection() {
     )
     .expect("openssl s_client");
     let up = gw.upstream(Side::Veth);
-    let mut returned_at = Vec::with_capacity(RUNS);
-    let mut client_ms = Vec::with_capacity(RUNS);
+    let mut returned_at = Vec::with_capacity(runs);
+    let mut client_ms = Vec::with_capacity(runs);
     for (i, t) in tokens.iter().enumerate() {
         let before = format!("s2-{i}-before");
         let r = s
@@ -413,7 +420,7 @@ fn s2_revocation_on_a_live_connection() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let judged_ms: Vec<f64> = loop {
         let events = gw
-            .events(Side::Veth, 10 * RUNS)
+            .events(Side::Veth, 10 * runs)
             .unwrap_or_else(|e| panic!("{e}"));
         let firsts: Vec<Option<f64>> = tokens
             .iter()
@@ -434,7 +441,7 @@ fn s2_revocation_on_a_live_connection() {
         }
         assert!(
             Instant::now() < deadline,
-            "{} of {RUNS} revocations have no `revoked` event",
+            "{} of {runs} revocations have no `revoked` event",
             firsts.iter().filter(|f| f.is_none()).count()
         );
         thread::sleep(Duration::from_millis(200));
@@ -446,7 +453,7 @@ fn s2_revocation_on_a_live_connection() {
     let (p50, p99) = (percentile(&j, 0.5), percentile(&j, 0.99));
     let (c50, c99) = (percentile(&c, 0.5), percentile(&c, 0.99));
     println!(
-        "revocation, {RUNS} runs on one keep-alive TLS connection: revoke returned → kernel denied the next request: p50 {p50:.2} ms, p99 {p99:.2} ms (max {:.2} ms)",
+        "revocation, {runs} runs on one keep-alive TLS connection: revoke returned → kernel denied the next request: p50 {p50:.2} ms, p99 {p99:.2} ms (max {:.2} ms)",
         j[j.len() - 1]
     );
     println!(
@@ -461,7 +468,7 @@ fn s2_revocation_on_a_live_connection() {
     record(
         "s2_revocation",
         json!({
-            "runs": RUNS,
+            "runs": runs,
             "revoke_return_to_kernel_denial_ms": { "p50": p50, "p99": p99, "max": j[j.len() - 1] },
             "revoke_return_to_client_denial_ms": { "p50": c50, "p99": c99 },
         }),
@@ -800,13 +807,30 @@ fn s5_ramp_accuracy_and_penalty() {
     );
     let v = gw.token_show(side, &p.fp).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(v["runtime"]["stage"], 1, "demote: stage after 1.3 s: {v}");
-    let (child, rx) = paced(&gw, "demote", &p.token, None, "/v1/x", 100, 150);
-    let flood = finish(child, rx);
+    // Three connections at up to 100/s each: one alone cannot outrun 40/s where the TLS
+    // gateway is slow (the emulated 6.1 VM serves ~40/s per connection).
+    let floods: Vec<_> = (0..3)
+        .map(|c| {
+            paced(
+                &gw,
+                &format!("demote-{c}"),
+                &p.token,
+                None,
+                "/v1/x",
+                100,
+                60,
+            )
+        })
+        .collect();
+    let flood: Vec<u16> = floods
+        .into_iter()
+        .flat_map(|(child, rx)| finish(child, rx))
+        .collect();
     let flood_end = now_unix();
     let v = gw.token_show(side, &p.fp).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         v["runtime"]["breaches"].as_u64().unwrap_or(0) > 0,
-        "no breach under a 100/s flood of a 40/s stage: {v}"
+        "no breach under a flood of 3 × 100/s on a 40/s stage: {v}"
     );
     assert_eq!(
         v["runtime"]["stage"], 0,
