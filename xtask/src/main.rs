@@ -34,10 +34,17 @@ enum Command {
     Bench(bench::BenchArgs),
     /// A guided run of Rampart against a local upstream.
     Demo,
-    /// Run commands inside the 6.1 test VM: `cargo xtask vm-test -- <program> [args]`.
+    /// The kernel-facing tests in the 6.1 VM (the VM step of `test`), or with
+    /// `-- <program> [args]` one command inside the VM.
     VmTest {
+        /// Also run the daemon target (host only in `test`).
+        #[arg(long)]
+        vm_daemon: bool,
+        /// Test name filter, passed to every test binary.
+        #[arg(long)]
+        filter: Option<String>,
         /// Program and arguments, run from the workspace root inside the guest.
-        #[arg(trailing_var_arg = true, required = true)]
+        #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
 }
@@ -52,7 +59,14 @@ fn main() -> Result<ExitCode> {
         Command::Test(args) => return test::run(&args),
         Command::Bench(args) => bench::run(args)?,
         Command::Demo => demo::run()?,
-        Command::VmTest { command } => {
+        Command::VmTest {
+            vm_daemon,
+            filter,
+            command,
+        } => {
+            if command.is_empty() {
+                return test::run(&test::TestArgs::vm_only(vm_daemon, filter));
+            }
             vm::run(vm::VmOptions::new(&workspace_root(), vec![command]))?
         }
     }

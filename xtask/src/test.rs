@@ -51,6 +51,18 @@ pub struct TestArgs {
     filter: Option<String>,
 }
 
+impl TestArgs {
+    /// `cargo xtask vm-test` without a command: the build and the VM step only.
+    pub fn vm_only(vm_daemon: bool, filter: Option<String>) -> Self {
+        TestArgs {
+            no_vm: false,
+            only_vm: true,
+            vm_daemon,
+            filter,
+        }
+    }
+}
+
 /// One step's outcome.
 struct Outcome {
     name: String,
