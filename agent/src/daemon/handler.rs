@@ -14,7 +14,7 @@ use crate::{
     config::Mode,
     control::{ops::token_op, Handler, Peer, Request, Response, StreamEvent},
     datapath::clock::tai_offset_ns,
-    store::{fingerprint_hex, unix_now, ListFilter, TokenStatus},
+    store::{fingerprint_hex, unix_now},
     telemetry::{event::rfc3339_from_tai, TopRow, TopSnapshot},
     token::error_chain,
 };
@@ -60,22 +60,14 @@ impl Handler for ControlHandler {
 
 pub(super) fn token_counts(d: &Daemon) -> TokenCountsView {
     let mut out = TokenCountsView::default();
-    let filter = ListFilter {
-        include_inactive: true,
-        ..ListFilter::default()
-    };
-    let now = unix_now();
-    if let Ok(records) = d.lifecycle.store().list(&filter, now, None) {
-        for r in records {
-            match r.status_at(now) {
-                TokenStatus::Active if r.not_before.is_some_and(|nb| nb > now) => {
-                    out.not_yet_valid += 1
-                }
-                TokenStatus::Active => out.active += 1,
-                TokenStatus::Revoked => out.revoked += 1,
-                TokenStatus::Expired => out.expired += 1,
-            }
+    match d.lifecycle.store().count_by_state(unix_now()) {
+        Ok(c) => {
+            out.active = c.active;
+            out.not_yet_valid = c.not_yet_valid;
+            out.revoked = c.revoked;
+            out.expired = c.expired;
         }
+        Err(e) => tracing::warn!("counting tokens by state: {}", error_chain(&e)),
     }
     out.in_kernel = d.enforcer.lock().token_count() as u64;
     out
