@@ -199,14 +199,25 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
     {
-        let base = time(|| dp.test_run_pass(&case.frame, repeat).map(|r| r.duration))?;
+        // ROUNDS alternating runs of the baseline and the case, repeat / ROUNDS each, and
+        // the median of each: a burst of other work on the machine lands in one round,
+        // and both sides of the difference see the same conditions.
+        let per_round = (repeat / ROUNDS).max(1);
         let before = dp.verdict_counts(0)?;
         let mut out = vec![0u8; case.frame.len() + 256];
-        let took = time(|| {
-            dp.test_run_xdp(&case.frame, &mut out, repeat)
-                .map(|r| r.duration)
-        })?;
+        let (mut bases, mut tooks) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            bases.push(time(|| {
+                dp.test_run_pass(&case.frame, per_round).map(|r| r.duration)
+            })?);
+            tooks.push(time(|| {
+                dp.test_run_xdp(&case.frame, &mut out, per_round)
+                    .map(|r| r.duration)
+            })?);
+        }
+        let (base, took) = (median(bases), median(tooks));
         let after = dp.verdict_counts(0)?;
+        let repeat = per_round * ROUNDS;
         let counted: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
         match case.verdict {
             Some(v) => {
@@ -266,12 +277,20 @@ fn main() -> anyhow::Result<()> {
             .join(", ")
     );
     fs::write(&path, json)?;
-    println!("\nrepeat {repeat} per case; baseline = rampart_pass (XDP_PASS) on the same frame, same run");
+    println!("\nrepeat {repeat} per case, as {ROUNDS} alternating rounds of baseline and case (medians); baseline = rampart_pass (XDP_PASS) on the same frame, same run");
     println!("wrote {}", path.display());
     if !missed.is_empty() {
         println!("targets missed: {}", missed.join(", "));
     }
     Ok(())
+}
+
+/// Rounds per case (see the loop in `main`).
+const ROUNDS: u32 = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn time(
