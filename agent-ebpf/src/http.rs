@@ -213,17 +213,10 @@ pub fn request_line(
     } else {
         LineError::NotRequest
     };
-    // Bare LF is accepted, as nginx does.
-    let vend = if lf > 0 && buf.byte(lf - 1) == b'\r' {
-        lf - 1
-    } else {
-        lf
-    };
-    if vend < method_len + 1 + 9 {
+    let Some(vend) = version_end(buf, lf) else {
         return Err(bad);
-    }
-    let v = buf.word(vend - 8);
-    if (v != HTTP_1_1 && v != HTTP_1_0) || buf.byte(vend - 9) != b' ' {
+    };
+    if vend < method_len + 1 + 9 || buf.byte(vend - 9) != b' ' {
         return Err(bad);
     }
     let target_len = vend - 9 - method_len;
@@ -235,6 +228,22 @@ pub fn request_line(
         target_off: method_len,
         target_len: buf.launder(target_len),
     })
+}
+
+/// Where the version of a request line ending at `lf` ends (its CR, or the LF itself: a
+/// bare LF is accepted, as nginx does), if the line ends in `HTTP/1.1` or `HTTP/1.0`.
+#[inline(always)]
+fn version_end(buf: Buf, lf: usize) -> Option<usize> {
+    let vend = if lf > 0 && buf.byte(lf - 1) == b'\r' {
+        lf - 1
+    } else {
+        lf
+    };
+    if vend < 8 {
+        return None;
+    }
+    let v = buf.word(vend - 8);
+    (v == HTTP_1_1 || v == HTTP_1_0).then_some(vend)
 }
 
 /// How the header scan ended.
@@ -412,6 +421,12 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
         m &= m - 1;
         if s.first_lf == NOT_FOUND {
             s.first_lf = lf as u64;
+            // No request line: `request_line` decides without the header block, and a
+            // body segment that merely starts like a method is not scanned to its end.
+            if version_end(buf, lf).is_none() {
+                s.end = SCAN_TRUNCATED;
+                return 1;
+            }
         }
         if s.in_auth != 0 {
             s.auth_lf = lf as u64;

@@ -35,6 +35,12 @@ fn token(len: usize, seed: usize) -> String {
         .collect()
 }
 
+/// `len` bytes of prose in 60-byte lines.
+fn text_body(len: usize) -> Vec<u8> {
+    let line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit sed.\n";
+    line.iter().copied().cycle().take(len).collect()
+}
+
 /// A JWT-shaped token (header.payload.signature) of `len` bytes.
 fn jwt(len: usize) -> String {
     let mut t = token(len, 3).into_bytes();
@@ -144,6 +150,14 @@ fn main() -> anyhow::Result<()> {
             name: "missing_token",
             frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").bytes()).build(),
             verdict: Some(Verdict::Missing),
+            target_ns: None,
+        },
+        Case {
+            // A full-size body segment of a text upload that happens to start like an
+            // extension method ("Lorem "): passed once its first line is no request line.
+            name: "body_segment_text",
+            frame: Frame::tcp(PORT, &text_body(1400)).build(),
+            verdict: Some(Verdict::Pass),
             target_ns: None,
         },
         Case {
