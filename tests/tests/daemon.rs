@@ -108,6 +108,13 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Writes the configuration file: the fixture's default (`config_text`) as `edit`
+    /// leaves it.
+    fn write_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = edit(config_text(self.dir.path(), &self.bpffs));
+        fs::write(&self.config, text).expect("config");
+    }
+
     fn new(name: &str) -> Fixture {
         let ns = Netns::new(name).expect("network namespace");
         let dir = tempfile::Builder::new()
@@ -554,14 +561,13 @@ fn restart_with_a_changed_listener_deletes_the_old_netlink_filter() {
 
 fn relisten(name: &str, tc_attach: Option<&str>) {
     let mut fx = Fixture::new(name);
-    let base = match tc_attach {
-        Some(t) => config_text(fx.dir.path(), &fx.bpffs).replace(
+    fx.write_config(|text| match tc_attach {
+        Some(t) => text.replace(
             "hook = \"tc\"",
             &format!("hook = \"tc\"\ntc_attach = \"{t}\""),
         ),
-        None => config_text(fx.dir.path(), &fx.bpffs),
-    };
-    fs::write(&fx.config, &base).expect("config");
+        None => text,
+    });
     fx.start();
     fx.assert_denied(None, "no token on the first listener");
     let tag = match tc_attach {
@@ -581,13 +587,13 @@ fn relisten(name: &str, tc_attach: Option<&str>) {
         SocketAddr::from(([127, 0, 0, 1], PORT + 1)),
     )
     .expect("second upstream");
-    let text = config_text(fx.dir.path(), &fx.bpffs)
-        .replace("hook = \"tc\"", "hook = \"xdp\"\nxdp_mode = \"generic\"")
-        .replace(
-            &format!("ports = [{PORT}]"),
-            &format!("ports = [{}]", PORT + 1),
-        );
-    fs::write(&fx.config, text).expect("config");
+    fx.write_config(|text| {
+        text.replace("hook = \"tc\"", "hook = \"xdp\"\nxdp_mode = \"generic\"")
+            .replace(
+                &format!("ports = [{PORT}]"),
+                &format!("ports = [{}]", PORT + 1),
+            )
+    });
     fx.start();
     assert_eq!(link_pins(&fx), ["link_0_if1_xdpskb"], "old link pruned");
     assert_eq!(
@@ -647,9 +653,7 @@ fn rampart_filter_programs(fx: &Fixture) -> Vec<u64> {
 #[test]
 fn netlink_tc_filter_enforces_across_crash_restart_and_detach() {
     let mut fx = Fixture::new("tcnl");
-    let text = config_text(fx.dir.path(), &fx.bpffs)
-        .replace("hook = \"tc\"", "hook = \"tc\"\ntc_attach = \"netlink\"");
-    fs::write(&fx.config, text).expect("config");
+    fx.write_config(|text| text.replace("hook = \"tc\"", "hook = \"tc\"\ntc_attach = \"netlink\""));
     fx.start();
     let (token, _fp) = fx.issue();
     fx.assert_denied(None, "no token");
@@ -782,16 +786,16 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
     .expect("veth between client and daemon");
     let upstream = UpstreamServer::start(&fx.ns, "veth-upstream", SocketAddr::from((SERVER, PORT)))
         .expect("upstream on the veth address");
-    let base = config_text(fx.dir.path(), &fx.bpffs);
-    let config = |mode: &str| {
-        base.clone()
-            .replace("interface = \"lo\"", "interface = \"rmpsrv\"")
-            .replace(
-                "hook = \"tc\"",
-                &format!("hook = \"xdp\"\nxdp_mode = \"{mode}\""),
-            )
-            // XDP_TX back into a veth needs a program on the peer; a drop needs nothing.
-            .replace("action = \"reset\"", "action = \"drop\"")
+    let config = |mode: &'static str| {
+        move |text: String| {
+            text.replace("interface = \"lo\"", "interface = \"rmpsrv\"")
+                .replace(
+                    "hook = \"tc\"",
+                    &format!("hook = \"xdp\"\nxdp_mode = \"{mode}\""),
+                )
+                // XDP_TX back into a veth needs a program on the peer; a drop needs nothing.
+                .replace("action = \"reset\"", "action = \"drop\"")
+        }
     };
     let request = |token: Option<&BearerToken>| {
         let mut req = Request::get("/v1/items");
@@ -815,7 +819,7 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
     };
     let tag = |t: &str| format!("link_0_if{}_{t}", veth.a.ifindex);
 
-    fs::write(&fx.config, config("native")).expect("config");
+    fx.write_config(config("native"));
     fx.start();
     let (token, _fp) = fx.issue();
     assert_eq!(link_pins(&fx), [tag("xdpdrv")]);
@@ -832,7 +836,7 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
 
     fx.signal(libc::SIGKILL);
     fx.wait_exit();
-    fs::write(&fx.config, config("generic")).expect("config");
+    fx.write_config(config("generic"));
     fx.start();
     assert_eq!(link_pins(&fx), [tag("xdpskb")], "one link, in the new mode");
     let link = xdp_of(&fx);
@@ -941,9 +945,7 @@ fn metrics_over_100k_tokens_cost_milliseconds() {
 #[test]
 fn ebpf_log_records_are_forwarded_into_the_daemon_log() {
     let mut fx = Fixture::new("ebpflog");
-    let text = config_text(fx.dir.path(), &fx.bpffs)
-        .replace("[events]\n", "[events]\nper_cpu_per_sec = 2\n");
-    fs::write(&fx.config, text).expect("config");
+    fx.write_config(|text| text.replace("[events]\n", "[events]\nper_cpu_per_sec = 2\n"));
     fx.start();
     let dropped = |fx: &Fixture| -> u64 {
         fx.metrics()
