@@ -223,6 +223,17 @@ impl Fixture {
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
     }
 
+    /// SIGTERM, and the clean exit it must lead to.
+    fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit();
+        assert!(
+            st.success(),
+            "rampart run after SIGTERM: {st}\n{}",
+            self.log()
+        );
+    }
+
     fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.daemon.take().expect("daemon running");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -485,13 +496,7 @@ fn daemon_enforces_across_revoke_crash_restart_reload_and_detach() {
     let metrics_after = fx.metrics();
 
     // SIGTERM: a clean stop that leaves enforcement in place.
-    fx.signal(libc::SIGTERM);
-    let st = fx.wait_exit();
-    assert!(
-        st.success(),
-        "rampart run after SIGTERM: {st}\n{}",
-        fx.log()
-    );
+    fx.stop();
     fx.assert_denied(Some(&a), "revoked token after SIGTERM");
     fx.assert_allowed(Some(&b), "valid token after SIGTERM");
 
@@ -724,13 +729,7 @@ fn netlink_tc_filter_enforces_across_crash_restart_and_detach() {
     fx.assert_allowed(Some(&token), "valid token after restart");
 
     // SIGTERM: a clean stop that leaves the filter in place.
-    fx.signal(libc::SIGTERM);
-    let st = fx.wait_exit();
-    assert!(
-        st.success(),
-        "rampart run after SIGTERM: {st}\n{}",
-        fx.log()
-    );
+    fx.stop();
     fx.assert_denied(None, "no token after SIGTERM");
     fx.assert_allowed(Some(&token), "valid token after SIGTERM");
     assert_eq!(rampart_filter_programs(&fx), [program_after]);
