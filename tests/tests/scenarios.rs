@@ -29,7 +29,8 @@ use rampart_tests::{
 };
 use serde_json::{json, Value};
 
-/// `standard` never throttles a test; `ramp` is scenario 5's contract; `demote` is the
+/// `standard` never throttles a test; `ramp` is scenario 5's contract (`ramp-vm`, at half
+/// the rates, in the emulated 6.1 VM, whose TLS gateway cannot saturate 40/s); `demote` is the
 /// same shape compressed to 1 s, with a breach penalty of one stage for 3 s.
 const POLICY: &str = r#"[[contract]]
 name = "standard"
@@ -40,6 +41,13 @@ name = "ramp"
 stages = [
   { after = "0s", rate = 20, burst = 5 },
   { after = "10s", rate = 40, burst = 5 },
+]
+
+[[contract]]
+name = "ramp-vm"
+stages = [
+  { after = "0s", rate = 10, burst = 5 },
+  { after = "10s", rate = 20, burst = 5 },
 ]
 
 [[contract]]
@@ -630,16 +638,24 @@ fn gcra_expected(rate1: f64, burst1: f64, d1: f64, rate2: f64, burst2: f64, w: f
     (k1, k2.max(0.0))
 }
 
-/// 5. Ramp accuracy: contract 20/s burst 5 for 10 s, then 40/s; offered 200 rps for 20 s
+/// 5. Ramp accuracy: contract 20/s burst 5 for 10 s, then 40/s (half in the VM); offered 200 rps for 20 s
 ///    from 2 connections. Admitted per stage within ±3 % of the contract, the stage
 ///    advances on time, and a breach penalty demotes as configured.
 #[test]
 fn s5_ramp_accuracy_and_penalty() {
+    // The counts need demand above the top rate at every instant (see the saturation
+    // check). The emulated VM's TLS gateway offers 50–85/s: half the rates there.
+    let (contract, rate1, rate2) = if std::env::var_os("RAMPART_IN_VM").is_some() {
+        ("ramp-vm", 10.0, 20.0)
+    } else {
+        ("ramp", 20.0, 40.0)
+    };
+    const BURST: f64 = 5.0;
     let mut gw = gateway(Gateway::builder().loopback(false));
     fast_retransmit(&gw);
     let side = Side::Veth;
     let t = gw
-        .issue(side, "ramp", &["all"])
+        .issue(side, contract, &["all"])
         .unwrap_or_else(|e| panic!("{e}"));
     let up = gw.upstream(side);
     let load_start = Instant::now();
@@ -658,14 +674,17 @@ fn s5_ramp_accuracy_and_penalty() {
         })
         .collect();
     // Watch the stage while the load runs: when does Rampart report stage 1?
+    // A query reports the stage at some instant between its start and its end (the CLI
+    // takes most of a second in the VM): the switch lies between the start of the last
+    // query that saw stage 0 and the end of the first that saw stage 1.
     let mut stage1_seen: Option<Instant> = None;
     let mut stage0_last: Option<Instant> = None;
     while load_start.elapsed() < Duration::from_secs(14) {
         let asked = Instant::now();
         if let Ok(v) = gw.token_show(side, &t.fp) {
             match v["runtime"]["stage"].as_u64() {
-                Some(0) => stage0_last = Some(asked),
-                Some(1) if stage1_seen.is_none() => stage1_seen = Some(asked),
+                Some(0) if stage1_seen.is_none() => stage0_last = Some(asked),
+                Some(1) if stage1_seen.is_none() => stage1_seen = Some(Instant::now()),
                 _ => {}
             }
         }
@@ -711,11 +730,12 @@ fn s5_ramp_accuracy_and_penalty() {
         .iter()
         .filter(|&&a| (10.0..w).contains(&secs(a)))
         .count() as f64;
-    let (expected1, expected2) = gcra_expected(20.0, 5.0, 10.0, 40.0, 5.0, w);
+    let (expected1, expected2) = gcra_expected(rate1, BURST, 10.0, rate2, BURST, w);
     let offered_rps = offered as f64 / secs(load_end).max(1e-3);
     let err1 = (measured1 - expected1) / expected1 * 100.0;
     let err2 = (measured2 - expected2) / expected2 * 100.0;
-    println!("ramp: 20/s burst 5 for 10 s, then 40/s burst 5; offered {offered} requests ({offered_rps:.0}/s) from 2 connections over {:.1} s", secs(load_end));
+    let shape = format!("{rate1}/s burst {BURST} for 10 s, then {rate2}/s burst {BURST}");
+    println!("ramp ({contract}): {shape}; offered {offered} requests ({offered_rps:.0}/s) from 2 connections over {:.1} s", secs(load_end));
     println!("  stage  window          expected  measured  error");
     println!("  0      0–10 s          {expected1:>8.0}  {measured1:>8.0}  {err1:+.2} %");
     println!("  1      10–{w:.2} s      {expected2:>8.0}  {measured2:>8.0}  {err2:+.2} %");
@@ -730,24 +750,23 @@ fn s5_ramp_accuracy_and_penalty() {
         arrivals.len()
     );
     let stage_at = stage1_seen.map(secs);
+    let stage0_at = stage0_last.map(secs);
     println!(
-        "  `token show` first reported stage 1 at {} s (last stage 0 at {} s)",
+        "  `token show`: stage 0 in a query started at {} s, stage 1 in one that ended at {} s",
+        stage0_at.map_or("never".into(), |s| format!("{s:.2}")),
         stage_at.map_or("never".into(), |s| format!("{s:.2}")),
-        stage0_last
-            .map(secs)
-            .map_or("never".into(), |s| format!("{s:.2}"))
     );
     record(
         "s5_ramp",
         json!({
-            "contract": "20/s burst 5 for 10 s, then 40/s burst 5",
+            "contract": shape,
             "offered_requests": offered,
             "offered_rps": offered_rps,
             "stages": [
                 { "window_s": [0.0, 10.0], "expected": expected1, "measured": measured1, "error_pct": err1 },
                 { "window_s": [10.0, w], "expected": expected2, "measured": measured2, "error_pct": err2 },
             ],
-            "stage1_reported_at_s": stage_at,
+            "stage_switch_between_s": [stage0_at, stage_at],
             "client_200": c200,
             "upstream_requests": arrivals.len(),
             "rampart_allowed": allowed,
@@ -755,12 +774,12 @@ fn s5_ramp_accuracy_and_penalty() {
     );
     // Saturation is what the per-stage counts need: a request waiting whenever the GCRA
     // would admit one. A late arrival costs nothing while it is later than the burst
-    // tolerance allows (5 × 25 ms at 40/s): the TAT, not the arrival, sets the next
-    // admission. So demand must exceed the top rate, with arrivals far closer than
-    // 125 ms: 50/s (20 ms apart, 1.25 × 40/s) is the floor. The host offers ~130/s, the
-    // emulated 6.1 VM, whose TLS gateway is the bottleneck, 65–85/s.
+    // tolerance allows (5 intervals): the TAT, not the arrival, sets the next admission.
+    // So demand must stay well above the top rate: 2× is the floor. The host offers
+    // ~130/s against 40/s; the emulated 6.1 VM, whose TLS gateway is the bottleneck,
+    // 50–85/s, against 20/s there.
     assert!(
-        offered_rps > 50.0,
+        offered_rps > 2.0 * rate2,
         "offered load only {offered_rps:.0}/s: the clients did not saturate the contract"
     );
     assert!(w > 19.5, "the load ran only {w:.1} s past the ramp start");
@@ -778,13 +797,17 @@ fn s5_ramp_accuracy_and_penalty() {
         "Rampart's allow count and what reached the upstream differ"
     );
     let stage_at = stage_at.expect("stage 1 was never reported");
+    let stage0_at = stage0_at.expect("stage 0 was never reported");
     assert!(
-        (9.9..10.5).contains(&stage_at),
-        "stage 1 first reported {stage_at:.2} s after the ramp start"
+        stage0_at < 10.1 && stage_at > 9.9,
+        "the switch to stage 1 lies between {stage0_at:.2} s and {stage_at:.2} s, not at 10 s"
     );
+    // (The stage-1 count already pins the switch to about ±0.3 s: at 40/s, 3 % of it is
+    // 12 admissions. This checks what `token show` reports; its queries take most of a
+    // second in the VM.)
     assert!(
-        stage0_last.map(secs).is_some_and(|s| s < 10.05),
-        "stage 0 reported after 10 s"
+        stage_at - stage0_at < 3.0,
+        "the queries bracket the switch only to {stage0_at:.2}–{stage_at:.2} s"
     );
 
     // Penalty: `demote` reaches its 40/s stage after 1 s; a breach demotes it one stage
