@@ -69,6 +69,12 @@ methods = ["GET"]
 prefix = "/v1/reports/"
 "#;
 
+/// Inside the emulated 6.1 VM (xtask's VM runner sets `RAMPART_IN_VM`): TCG runs the
+/// TLS gateway and the CLI several times slower, so two scenarios scale their load.
+fn in_emulated_vm() -> bool {
+    std::env::var_os("RAMPART_IN_VM").is_some()
+}
+
 fn gateway(b: GatewayBuilder) -> Gateway {
     b.policy(POLICY)
         .build()
@@ -370,11 +376,7 @@ fn s2_revocation_on_a_live_connection() {
     // 100 runs for the percentiles; in the emulated 6.1 VM (each run takes ~1.4 s there
     // instead of ~0.3 s) 30, which still checks every run and keeps the VM step within
     // its 10 minutes. The printed figures say how many runs they are over.
-    let runs: usize = if std::env::var_os("RAMPART_IN_VM").is_some() {
-        30
-    } else {
-        100
-    };
+    let runs: usize = if in_emulated_vm() { 30 } else { 100 };
     let mut gw = gateway(Gateway::builder().loopback(false));
     let tokens: Vec<Issued> = (0..runs)
         .map(|_| {
@@ -645,7 +647,7 @@ fn gcra_expected(rate1: f64, burst1: f64, d1: f64, rate2: f64, burst2: f64, w: f
 fn s5_ramp_accuracy_and_penalty() {
     // The counts need demand above the top rate at every instant (see the saturation
     // check). The emulated VM's TLS gateway offers 50–85/s: half the rates there.
-    let (contract, rate1, rate2) = if std::env::var_os("RAMPART_IN_VM").is_some() {
+    let (contract, rate1, rate2) = if in_emulated_vm() {
         ("ramp-vm", 10.0, 20.0)
     } else {
         ("ramp", 20.0, 40.0)
