@@ -9,6 +9,7 @@
 )]
 
 mod events;
+mod floor;
 mod http;
 mod judge;
 mod maps;
@@ -65,6 +66,12 @@ pub fn rampart_tc(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn rampart_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The benchmark's floor (see `floor`); never attached.
+#[xdp]
+pub fn rampart_floor(ctx: XdpContext) -> u32 {
+    floor::run(&ctx)
 }
 
 #[inline(always)]

@@ -23,6 +23,8 @@ pub const XDP_PROGRAM: &str = "rampart_xdp";
 pub const TC_PROGRAM: &str = "rampart_tc";
 /// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
 pub const PASS_PROGRAM: &str = "rampart_pass";
+/// The benchmark's floor: never attached.
+pub const FLOOR_PROGRAM: &str = "rampart_floor";
 
 /// The maps pinned under the bpffs dir, by these names: everything a restarted daemon
 /// adopts (policy, runtime state, counters, the event ring).
@@ -168,11 +170,7 @@ impl Datapath {
     /// pays for the TC program's verification (about 0.4 s on this class of machine,
     /// several seconds on a small or emulated one).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let p: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-        if p.fd().is_err() {
-            p.load().map_err(prog_err(XDP_PROGRAM))?;
-        }
-        Ok(p)
+        loaded_xdp(&mut self.ebpf, XDP_PROGRAM)
     }
 
     /// The enforcing TC program, loaded on first use (see `xdp_program`).
@@ -186,11 +184,7 @@ impl Datapath {
 
     /// The pass-through XDP program, loaded on first use.
     pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let p: &mut Xdp = program(&mut self.ebpf, PASS_PROGRAM)?;
-        if p.fd().is_err() {
-            p.load().map_err(prog_err(PASS_PROGRAM))?;
-        }
-        Ok(p)
+        loaded_xdp(&mut self.ebpf, PASS_PROGRAM)
     }
 
     /// Attaches the enforcing XDP program to `iface`.
@@ -243,6 +237,18 @@ impl Datapath {
     ) -> Result<TestRunResult, DatapathError> {
         let mut out = vec![0u8; frame.len() + 256];
         test_run(self.pass_program()?, PASS_PROGRAM, frame, &mut out, repeat)
+    }
+
+    /// Runs the benchmark's floor program (the least work any implementation of an
+    /// allowed request must do; see agent-ebpf's `floor`) once over `frame`.
+    pub fn test_run_floor(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DatapathError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let p = loaded_xdp(&mut self.ebpf, FLOOR_PROGRAM)?;
+        test_run(p, FLOOR_PROGRAM, frame, &mut out, repeat)
     }
 
     pub fn pin_dir(&self) -> Option<&Path> {
@@ -308,6 +314,15 @@ fn ebpf_log_level() -> u8 {
         LevelFilter::DEBUG => aya_log::Level::Debug as u8,
         _ => aya_log::Level::Trace as u8,
     }
+}
+
+/// The XDP program `name`, loaded into the kernel on first use.
+fn loaded_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+    let p: &mut Xdp = program(ebpf, name)?;
+    if p.fd().is_err() {
+        p.load().map_err(prog_err(name))?;
+    }
+    Ok(p)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
