@@ -80,7 +80,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if lfs == 0 {
         return xdp_action::XDP_ABORTED;
     }
-    if TOKENS.get_ptr(&fp).is_some() {
+    if TOKENS.get_ptr(fp).is_some() {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP

@@ -7,7 +7,7 @@
 use core::ffi::c_void;
 
 use agent_common::{
-    http::{CLASS, TCHAR},
+    http::{first_marked_byte, CLASS, TCHAR},
     siphash::{low_bytes_mask, Sip128},
     Fingerprint, FingerprintKey, MAX_TOKEN_LEN, SCAN_BYTES,
 };
@@ -379,8 +379,8 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
     for _ in 0..SCAN_STEPS_PER_CALL {
         if m == 0 {
             // Most words hold no LF: skip two at a time while both are inside the data,
-            // four in an Authorization field (a JWT is a 1 KiB line; shorter lines lose
-            // more to failed four-word looks than they gain).
+            // four or eight in an Authorization field (a JWT is a 1 KiB line; shorter
+            // lines lose more to failed four-word looks than they gain).
             if s.in_auth != 0
                 && o + 40 <= len
                 && (lf_hint(buf.word(o + 8))
@@ -390,7 +390,18 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
                     & HIGHS
                     == 0
             {
-                o += 32;
+                o += if o + 72 <= len
+                    && (lf_hint(buf.word(o + 40))
+                        | lf_hint(buf.word(o + 48))
+                        | lf_hint(buf.word(o + 56))
+                        | lf_hint(buf.word(o + 64)))
+                        & HIGHS
+                        == 0
+                {
+                    64
+                } else {
+                    32
+                };
                 continue;
             }
             if o + 24 <= len {
@@ -417,7 +428,7 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
             }
             continue;
         }
-        let lf = o + (m.trailing_zeros() / 8) as usize;
+        let lf = o + first_marked_byte(m);
         m &= m - 1;
         if s.first_lf == NOT_FOUND {
             s.first_lf = lf as u64;
@@ -621,7 +632,7 @@ extern "C" fn token_word(_index: u32, ctx: *mut c_void) -> i64 {
     }
 }
 
-const TOKEN_WORDS_PER_CALL: usize = 8;
+const TOKEN_WORDS_PER_CALL: usize = 16;
 
 /// Runs `token_word` over the `len` (1..=MAX_TOKEN_LEN) bytes at `off`, hashing
 /// (`check` 0) or checking them. One bpf_loop, which the verifier checks once, whoever
@@ -725,7 +736,7 @@ extern "C" fn path_word(_index: u32, ctx: *mut c_void) -> i64 {
     if stop != 0 {
         let first = stop & stop.wrapping_neg();
         valid &= first.wrapping_sub(1);
-        s.len = (o + (first.trailing_zeros() / 8) as usize) as u64;
+        s.len = (o + first_marked_byte(first)) as u64;
         s.done = 1;
     }
     let slash = eq_bytes(w0, b'/');

@@ -8,14 +8,14 @@ use agent_common::{
     default_policy,
     http::{known_method, method},
     mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, MAX_SCOPES,
-    SCAN_BYTES, TOKEN_ANY_SCOPE,
+    SCAN_BYTES, TOKEN_ANY_SCOPE, TOKEN_REVOKED,
 };
 use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
 use crate::{
     events,
     http::{self, Buf, LineError, SCAN_COMPLETE, SCAN_MALFORMED},
-    maps::{CONFIG, LISTENERS, PORTS, REVOKED, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
+    maps::{CONFIG, LISTENERS, PORTS, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
     packet::Packet,
     parse::{self, Flow},
     ramp,
@@ -258,7 +258,8 @@ fn known_token(
     line: &http::RequestLine,
     method: u32,
 ) -> Verdict {
-    if REVOKED.get_ptr(fp).is_some() {
+    // Kept in step with REVOKED by userspace (see `TOKEN_REVOKED`).
+    if info.flags & TOKEN_REVOKED != 0 {
         return Verdict::Revoked;
     }
     let now = now(cfg);

@@ -30,6 +30,8 @@ pub static TOKENS: HashMap<Fingerprint, TokenInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
 
 /// Revoked fingerprints → revocation time. Written by userspace; never cleared by a reload.
+/// The programs read a known token's revocation from its `TOKEN_REVOKED` flag, which
+/// userspace derives from this map.
 #[map]
 pub static REVOKED: HashMap<Fingerprint, u64> = HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
 

@@ -8,7 +8,7 @@
 use agent_common::{
     default_policy, deny_action, gcra::NANOS_PER_SEC, mode, siphash::fingerprint, Contract,
     FingerprintKey, GlobalConfig, ListenerConfig, ListenerKey, Scope, Stage, TokenInfo, TokenState,
-    Verdict, CLOCK_FIXED, TOKEN_ANY_SCOPE, VERDICT_COUNT,
+    Verdict, CLOCK_FIXED, TOKEN_ANY_SCOPE, TOKEN_REVOKED, VERDICT_COUNT,
 };
 use rampart::datapath::{parse_event, Datapath, LoadOptions};
 use rampart_tests::packet::{tcp_checksum_ok, typical_request, Frame, Http, TCP_RST};
@@ -905,4 +905,90 @@ fn fingerprint_parity_kernel_vs_userspace() {
         f.dp.remove_token(&fp(&tok)).unwrap();
     }
     assert_eq!(mismatches, 0);
+}
+
+/// The programs read a known token's revocation from its `TOKEN_REVOKED` flag. A policy
+/// reload re-installs the token without it and must not un-revoke it; maps pinned by a
+/// daemon that predates the flag must be flagged when a new daemon adopts them.
+#[test]
+fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
+    require_root();
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/rampart-test-{}-revflag",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&pins);
+    let load = || {
+        let mut dp = Datapath::load(LoadOptions {
+            max_tokens: 4096,
+            max_revoked: 4096,
+            token_stats: 4096,
+            ring_bytes: 1 << 20,
+            pin_dir: Some(pins.clone()),
+        })
+        .expect("load the datapath with pins");
+        dp.set_config(&GlobalConfig {
+            key: KEY,
+            events_per_sec: 1_000_000,
+            clock_mode: CLOCK_FIXED,
+            fixed_now_ns: NOW,
+        })
+        .unwrap();
+        dp
+    };
+    let verdict = |dp: &mut Datapath| {
+        let before = dp.verdict_counts(0).unwrap();
+        let frame = req(Http::get("/v1/x").bearer(GOOD));
+        let mut out = vec![0u8; frame.len() + 512];
+        let r = dp.test_run_xdp(&frame, &mut out, 1).unwrap();
+        let after = dp.verdict_counts(0).unwrap();
+        let v = Verdict::ALL
+            .into_iter()
+            .find(|v| after[*v as usize] != before[*v as usize]);
+        (r.return_value, v)
+    };
+    let any = TokenInfo {
+        contract: 0,
+        flags: TOKEN_ANY_SCOPE,
+        ..Default::default()
+    };
+
+    let mut dp = load();
+    dp.set_listener(
+        ListenerKey {
+            ifindex: 0,
+            port: PORT,
+            _pad: 0,
+        },
+        listener(mode::ENFORCE, deny_action::DROP),
+    )
+    .unwrap();
+    dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
+        .unwrap();
+    dp.install_token(fp(GOOD), any).unwrap();
+    assert_eq!(verdict(&mut dp), (XDP_PASS, Some(Verdict::Allow)));
+    dp.revoke(fp(GOOD), NOW).unwrap();
+    assert_eq!(verdict(&mut dp), (XDP_DROP, Some(Verdict::Revoked)));
+    // A reload writes the policy's TokenInfo, which knows nothing of revocations.
+    dp.install_token(fp(GOOD), any).unwrap();
+    assert_eq!(verdict(&mut dp), (XDP_DROP, Some(Verdict::Revoked)));
+
+    // What an older daemon leaves behind: the entry without the flag, written straight
+    // into the pinned map. These programs would serve the token...
+    {
+        let map = aya::maps::MapData::from_pin(pins.join("TOKENS")).expect("open pinned TOKENS");
+        let mut tokens: aya::maps::HashMap<_, agent_common::Fingerprint, TokenInfo> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+        tokens.insert(fp(GOOD), any, 0).unwrap();
+    }
+    assert_eq!(verdict(&mut dp), (XDP_PASS, Some(Verdict::Allow)));
+    drop(dp);
+    // ...and a daemon of this version adopting the maps flags it before anything runs.
+    let mut dp = load();
+    assert!(dp
+        .token(&fp(GOOD))
+        .is_some_and(|i| i.flags & TOKEN_REVOKED != 0));
+    assert_eq!(verdict(&mut dp), (XDP_DROP, Some(Verdict::Revoked)));
+    drop(dp);
+    std::fs::remove_dir_all(&pins).unwrap();
 }

@@ -43,8 +43,8 @@ impl Enforcer for DatapathEnforcer {
             .map_err(|e| EnforceError(Box::new(e)))
     }
 
-    /// The REVOKED insert is a synchronous bpf syscall: when this returns, the next packet
-    /// on every CPU sees the revocation.
+    /// The REVOKED insert and the TOKENS flag are synchronous bpf syscalls: when this
+    /// returns, the next packet on every CPU sees the revocation.
     fn revoke(&self, fp: Fingerprint) -> Result<(), EnforceError> {
         self.lock()
             .revoke(fp, tai_now_ns())

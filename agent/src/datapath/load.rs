@@ -158,6 +158,13 @@ impl Datapath {
         // Adopted listeners (or a pin dir from before PORTS existed) must be judged by
         // the new programs from their first packet.
         dp.sync_ports()?;
+        let flagged = dp.flag_all_revoked()?;
+        if flagged > 0 {
+            tracing::info!(
+                flagged,
+                "marked revoked tokens in adopted maps for the revocation flag"
+            );
+        }
         Ok(dp)
     }
 

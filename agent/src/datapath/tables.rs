@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 use agent_common::{
     Contract, Event, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, Verdict, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
-    VERDICT_COUNT,
+    TOKEN_REVOKED, VERDICT_COUNT,
 };
 use aya::{
     maps::{HashMap, IterableMap, MapData, MapError, RingBuf},
@@ -152,8 +152,16 @@ impl Datapath {
         self.scopes.set(index, s, 0).map_err(map_err("SCOPES"))
     }
 
-    /// Adds or replaces what a token may do. Its runtime state is kept.
-    pub fn install_token(&mut self, fp: Fingerprint, info: TokenInfo) -> Result<(), DatapathError> {
+    /// Adds or replaces what a token may do. Its runtime state is kept. A revoked
+    /// fingerprint stays revoked: the entry carries `TOKEN_REVOKED` whatever `info` says.
+    pub fn install_token(
+        &mut self,
+        fp: Fingerprint,
+        mut info: TokenInfo,
+    ) -> Result<(), DatapathError> {
+        if self.is_revoked(&fp) {
+            info.flags |= TOKEN_REVOKED;
+        }
         self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))
     }
 
@@ -170,12 +178,43 @@ impl Datapath {
         self.tokens.iter().filter_map(Result::ok).collect()
     }
 
-    /// Denies the token from the next packet on. The map update is a synchronous syscall:
-    /// when this returns, every CPU sees it.
+    /// Denies the token from the next packet on: REVOKED records it (for good), and the
+    /// installed entry, which the programs read, gets `TOKEN_REVOKED`. Both updates are
+    /// synchronous syscalls: when this returns, every CPU sees the revocation.
     pub fn revoke(&mut self, fp: Fingerprint, at_ns: u64) -> Result<(), DatapathError> {
         self.revoked
             .insert(fp, at_ns, 0)
-            .map_err(map_err("REVOKED"))
+            .map_err(map_err("REVOKED"))?;
+        self.flag_revoked(&fp)
+    }
+
+    /// Sets `TOKEN_REVOKED` on `fp`'s TOKENS entry, if it has one without it.
+    fn flag_revoked(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+        let Ok(mut info) = self.tokens.get(fp, 0) else {
+            return Ok(());
+        };
+        if info.flags & TOKEN_REVOKED != 0 {
+            return Ok(());
+        }
+        info.flags |= TOKEN_REVOKED;
+        self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))
+    }
+
+    /// Brings adopted maps up to `TOKEN_REVOKED`: a daemon that predates the flag left
+    /// revoked tokens' entries without it. Runs at load, before any program of this
+    /// version can be attached.
+    pub(super) fn flag_all_revoked(&mut self) -> Result<usize, DatapathError> {
+        let mut flagged = 0;
+        for fp in self.revoked() {
+            if self
+                .token(&fp)
+                .is_some_and(|i| i.flags & TOKEN_REVOKED == 0)
+            {
+                self.flag_revoked(&fp)?;
+                flagged += 1;
+            }
+        }
+        Ok(flagged)
     }
 
     pub fn is_revoked(&self, fp: &Fingerprint) -> bool {
