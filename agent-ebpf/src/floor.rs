@@ -5,6 +5,8 @@
 //! packet memory, and looks the fingerprint up in TOKENS: no copy, no request-line or
 //! header grammar, no revocation, expiry, scope or ramp, no counters.
 //!
+//! Host-only, like the bench: Linux 6.1's verifier rejects its packet-pointer arithmetic.
+//!
 //! The bench frame is an IPv4/TCP frame without options whose TCP window field holds the
 //! token's offset in the payload and whose urgent pointer holds its length.
 

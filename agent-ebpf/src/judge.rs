@@ -22,6 +22,9 @@ use crate::{
     reply::{self, write_addrs},
 };
 
+/// Segments up to this size are copied in one helper call (see `decide`).
+const ONE_COPY: usize = 1024;
+
 /// Covers every header offset the parser accepts (≤ MAX_HEADER_OFFSET + 60).
 const HEADER_OFF_MASK: usize = 4095;
 const _: () = assert!(crate::packet::MAX_HEADER_OFFSET + 60 <= HEADER_OFF_MASK);
@@ -182,9 +185,10 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     // (live until the verdict is acted on) would carry one verifier state per range.
     let plen = buf.launder_within(flow.payload_len, 0xffff);
     let n = if plen > SCAN_BYTES { SCAN_BYTES } else { plen };
-    // A cheap first look: most non-request segments are told apart by 24 bytes.
-    let first = if n < 24 { n } else { 24 };
-    if p.load(flow.payload_off, buf.ptr(), copy_len(first, 32))
+    // A segment of up to ONE_COPY bytes (most requests) is copied at once. A larger one,
+    // most often a body, gets a cheap first look: 24 bytes tell most non-requests apart.
+    let first = if n <= ONE_COPY { n } else { 24 };
+    if p.load(flow.payload_off, buf.ptr(), copy_len(first, SCAN_BYTES))
         .is_err()
     {
         return Verdict::Malformed;
@@ -245,7 +249,10 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     // SAFETY: map value pointer valid for this run.
     let info: TokenInfo = unsafe { *info };
     let v = known_token(cfg, &fp, &info, buf, &line, method);
-    count_token(&fp, v);
+    // An admission is counted in TOKEN_STATE by `ramp::admit_request`.
+    if v != Verdict::Allow {
+        count_token(&fp, v);
+    }
     v
 }
 

@@ -54,7 +54,8 @@ pub static TOKEN_STATE: HashMap<Fingerprint, TokenState> =
 pub static VERDICT_STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries((MAX_LISTENERS + 1) * VERDICT_COUNT as u32, 0);
 
-/// Per-CPU requests by verdict for known tokens (LRU: the busiest stay). Datapath. Set at load.
+/// Per-CPU requests by verdict for known tokens (LRU: the busiest stay), but for allow,
+/// which `TokenState::allowed` counts. Datapath. Set at load.
 #[map]
 pub static TOKEN_STATS: LruPerCpuHashMap<Fingerprint, TokenStats> =
     LruPerCpuHashMap::with_max_entries(65536, 0);

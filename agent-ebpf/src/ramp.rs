@@ -74,6 +74,10 @@ pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
                     )
                 };
                 if ok {
+                    // SAFETY: aligned u64 inside the map value; the BPF atomic add.
+                    unsafe {
+                        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&mut st.allowed, 1)
+                    };
                     return true;
                 }
             }

@@ -992,3 +992,116 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
     drop(dp);
     std::fs::remove_dir_all(&pins).unwrap();
 }
+
+/// Admissions are counted in the token's runtime state (not TOKEN_STATS); `token_stats`
+/// reports them, and a ramp restart (contract change) keeps them.
+#[test]
+fn allowed_counts_live_in_the_state_and_survive_a_ramp_restart() {
+    let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
+    let frame = req(Http::get("/v1/x").bearer(GOOD));
+    let allowed = |f: &Fixture| f.dp.token_stats(&fp(GOOD)).by_verdict[Verdict::Allow as usize];
+    for hook in [Hook::Xdp, Hook::Tc, Hook::Xdp] {
+        assert_eq!(f.fate(hook, &frame), (Fate::Passes, Some(Verdict::Allow)));
+    }
+    assert_eq!(f.dp.token_state(&fp(GOOD)).unwrap().allowed, 3);
+    assert_eq!(allowed(&f), 3);
+    f.dp.reset_token_state(&fp(GOOD)).unwrap();
+    assert!(f.dp.token_state(&fp(GOOD)).is_none());
+    assert_eq!(
+        allowed(&f),
+        3,
+        "a ramp restart must not lose the token's counts"
+    );
+    assert_eq!(
+        f.fate(Hook::Tc, &frame),
+        (Fate::Passes, Some(Verdict::Allow))
+    );
+    assert_eq!(allowed(&f), 4);
+    // Other verdicts of known tokens are still per-CPU TOKEN_STATS counters.
+    let revoked = req(Http::get("/v1/x").bearer(REVOKED));
+    f.fate(Hook::Xdp, &revoked);
+    assert_eq!(
+        f.dp.token_stats(&fp(REVOKED)).by_verdict[Verdict::Revoked as usize],
+        1
+    );
+}
+
+/// A TOKEN_STATE pinned by a daemon from before `TokenState::allowed` (56-byte values,
+/// pinned as `TOKEN_STATE`) is moved into this version's map at load, and its pin removed.
+#[test]
+fn earlier_token_state_pin_is_moved_into_the_new_layout() {
+    require_root();
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/rampart-test-{}-statev1",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&pins);
+    std::fs::create_dir_all(&pins).unwrap();
+    let legacy = pins.join("TOKEN_STATE");
+    pin_hash_map(&legacy, 16, 56, 64);
+    {
+        let map = aya::maps::MapData::from_pin(&legacy).expect("open the v1 pin");
+        let mut old: aya::maps::HashMap<_, agent_common::Fingerprint, [u64; 7]> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+        // tat, ramp start, penalty until, first seen, last seen, breaches, contract|stage<<32
+        old.insert(
+            fp(GOOD),
+            [NOW + 5, NOW - 100, 0, NOW - 100, NOW - 1, 7, 2 << 32],
+            0,
+        )
+        .unwrap();
+    }
+    let dp = Datapath::load(LoadOptions {
+        max_tokens: 4096,
+        max_revoked: 4096,
+        token_stats: 4096,
+        ring_bytes: 1 << 20,
+        pin_dir: Some(pins.clone()),
+    })
+    .expect("load over an earlier version's pins");
+    assert_eq!(
+        dp.token_state(&fp(GOOD)),
+        Some(TokenState {
+            tat_ns: NOW + 5,
+            ramp_start_ns: NOW - 100,
+            first_seen_ns: NOW - 100,
+            last_seen_ns: NOW - 1,
+            breaches: 7,
+            contract: 0,
+            stage: 2,
+            ..Default::default()
+        })
+    );
+    assert!(!legacy.exists(), "the v1 pin must be gone");
+    drop(dp);
+    std::fs::remove_dir_all(&pins).unwrap();
+}
+
+/// Creates a BPF hash map and pins it at `path` (what an earlier daemon left).
+fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32, max_entries: u32) {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_MAP_TYPE_HASH.to_ne_bytes());
+    attr[4..8].copy_from_slice(&key_size.to_ne_bytes());
+    attr[8..12].copy_from_slice(&value_size.to_ne_bytes());
+    attr[12..16].copy_from_slice(&max_entries.to_ne_bytes());
+    // SAFETY: bpf(2) with a zero-padded attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: as above; `cpath` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), attr.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own fd; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}

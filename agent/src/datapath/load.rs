@@ -16,7 +16,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use super::error::{map_err, prog_err, DatapathError};
+use super::{
+    error::{map_err, prog_err, DatapathError},
+    migrate,
+};
 use crate::EBPF_OBJECT;
 
 pub const XDP_PROGRAM: &str = "rampart_xdp";
@@ -26,8 +29,8 @@ pub const PASS_PROGRAM: &str = "rampart_pass";
 /// The benchmark's floor: never attached.
 pub const FLOOR_PROGRAM: &str = "rampart_floor";
 
-/// The maps pinned under the bpffs dir, by these names: everything a restarted daemon
-/// adopts (policy, runtime state, counters, the event ring).
+/// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
+/// everything a restarted daemon adopts (policy, runtime state, counters, the event ring).
 pub const MAP_NAMES: [&str; 13] = [
     "CONFIG",
     "PORTS",
@@ -126,7 +129,10 @@ impl Datapath {
                         _ => {}
                     }
                 }
-                MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
+                MAP_NAMES
+                    .iter()
+                    .map(|n| (*n, dir.join(migrate::pin_file(n))))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -158,6 +164,15 @@ impl Datapath {
         // Adopted listeners (or a pin dir from before PORTS existed) must be judged by
         // the new programs from their first packet.
         dp.sync_ports()?;
+        if let Some(dir) = &dp.options.pin_dir {
+            let moved = migrate::token_state_v1(dir, &mut dp.token_state)?;
+            if moved > 0 {
+                tracing::info!(
+                    moved,
+                    "moved token runtime state from an earlier version's pin"
+                );
+            }
+        }
         let flagged = dp.flag_all_revoked()?;
         if flagged > 0 {
             tracing::info!(

@@ -7,6 +7,7 @@ mod attach;
 pub mod clock;
 mod error;
 mod load;
+mod migrate;
 mod sys;
 mod tables;
 

@@ -8,7 +8,7 @@ use agent_common::{
     TOKEN_REVOKED, VERDICT_COUNT,
 };
 use aya::{
-    maps::{HashMap, IterableMap, MapData, MapError, RingBuf},
+    maps::{HashMap, IterableMap, MapData, MapError, PerCpuValues, RingBuf},
     Pod,
 };
 
@@ -241,8 +241,46 @@ impl Datapath {
             .map_err(map_err("TOKEN_STATE"))
     }
 
+    /// Restarts a token's ramp (its contract changed). Its admissions so far, counted in
+    /// the state, move to TOKEN_STATS, so the token's counts carry on.
     pub fn reset_token_state(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
-        absent_ok(self.token_state.remove(fp)).map_err(map_err("TOKEN_STATE"))
+        let Ok(st) = self.token_state.get(fp, 0) else {
+            return Ok(());
+        };
+        absent_ok(self.token_state.remove(fp)).map_err(map_err("TOKEN_STATE"))?;
+        if st.allowed != 0 {
+            self.add_token_stat(fp, Verdict::Allow, st.allowed)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `n` to one of a token's TOKEN_STATS counters (on the first CPU's row).
+    fn add_token_stat(
+        &mut self,
+        fp: &Fingerprint,
+        v: Verdict,
+        n: u64,
+    ) -> Result<(), DatapathError> {
+        let mut rows: Vec<TokenStats> = match self.token_stats.get(fp, 0) {
+            Ok(per_cpu) => per_cpu.to_vec(),
+            Err(_) => {
+                let cpus = aya::util::nr_cpus().map_err(|(path, source)| DatapathError::Io {
+                    path: path.into(),
+                    source,
+                })?;
+                vec![TokenStats::default(); cpus]
+            }
+        };
+        rows[0].by_verdict[v as usize] += n;
+        // One row per possible CPU, as the map holds them: only a row count that is not
+        // the CPU count fails, which `rows` cannot have.
+        let values = PerCpuValues::try_from(rows).map_err(|source| DatapathError::Io {
+            path: "TOKEN_STATS".into(),
+            source,
+        })?;
+        self.token_stats
+            .insert(fp, values, 0)
+            .map_err(map_err("TOKEN_STATS"))
     }
 
     /// Requests by verdict for one listener, summed over CPUs.
@@ -259,9 +297,13 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Requests by verdict for one token, summed over CPUs (zero when never seen).
+    /// Requests by verdict for one token, summed over CPUs (zero when never seen); allow
+    /// is counted in its runtime state (`TokenState::allowed`) too.
     pub fn token_stats(&self, fp: &Fingerprint) -> TokenStats {
         let mut out = TokenStats::default();
+        if let Some(st) = self.token_state(fp) {
+            out.by_verdict[Verdict::Allow as usize] = st.allowed;
+        }
         if let Ok(per_cpu) = self.token_stats.get(fp, 0) {
             for s in per_cpu.iter() {
                 for (o, v) in out.by_verdict.iter_mut().zip(s.by_verdict) {
