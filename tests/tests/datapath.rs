@@ -1000,8 +1000,12 @@ fn allowed_counts_live_in_the_state_and_survive_a_ramp_restart() {
     let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
     let frame = req(Http::get("/v1/x").bearer(GOOD));
     let allowed = |f: &Fixture| f.dp.token_stats(&fp(GOOD)).by_verdict[Verdict::Allow as usize];
-    for hook in [Hook::Xdp, Hook::Tc, Hook::Xdp] {
-        assert_eq!(f.fate(hook, &frame), (Fate::Passes, Some(Verdict::Allow)));
+    // XDP only: TC shares the judge, and each program verified costs seconds in the VM.
+    for _ in 0..3 {
+        assert_eq!(
+            f.fate(Hook::Xdp, &frame),
+            (Fate::Passes, Some(Verdict::Allow))
+        );
     }
     assert_eq!(f.dp.token_state(&fp(GOOD)).unwrap().allowed, 3);
     assert_eq!(allowed(&f), 3);
