@@ -452,6 +452,19 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Fate, Option<Verdict>)> {
             Some(Malformed),
         ),
         (
+            "tab before colon",
+            req(get().header(&format!("Authorization\t: Bearer {GOOD}"))),
+            Drops,
+            Some(Malformed),
+        ),
+        (
+            // A field whose name only starts like Authorization is another field.
+            "authorization-prefixed field name",
+            req(get().header("Authorization-Hint: none").bearer(GOOD)),
+            Passes,
+            Some(Allow),
+        ),
+        (
             "obs-fold",
             req(get().header("X-Long: a").header(" continued")),
             Drops,
