@@ -660,9 +660,25 @@ pub fn token_fingerprint(key: &FingerprintKey, buf: Buf, tok: &Token) -> Fingerp
     hash_region(key, buf, tok.off, tok.len)
 }
 
+/// Regions shorter than this are hashed inline (see `hash_region`).
+const SHORT_REGION: usize = 64;
+
 /// Keyed SipHash-2-4-128 of `len` (1..=MAX_TOKEN_LEN) bytes at `off`.
 #[inline(always)]
 fn hash_region(key: &FingerprintKey, buf: Buf, off: usize, len: usize) -> Fingerprint {
+    if len < SHORT_REGION {
+        // Most tokens: the words in registers here, not through a bpf_loop callback and
+        // the scratch value (a call, and the state stored and loaded around it).
+        let mut sip = Sip128::new(key);
+        for i in 0..SHORT_REGION / 8 - 1 {
+            if i * 8 + 8 > len {
+                break;
+            }
+            sip.write_word(buf.word(off + i * 8));
+        }
+        let tail = buf.word(off + (len / 8) * 8) & low_bytes_mask(len % 8);
+        return sip.finish(tail, len);
+    }
     let scratch = buf.scratch();
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     unsafe { (*scratch).token.sip = Sip128::new(key) };
