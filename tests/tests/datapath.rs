@@ -91,17 +91,31 @@ fn listener(mode: u8, action: u8) -> ListenerConfig {
     }
 }
 
+/// Small maps, pinned under `pin_dir` if given.
+fn load_options(pin_dir: Option<std::path::PathBuf>) -> LoadOptions {
+    LoadOptions {
+        max_tokens: 4096,
+        max_revoked: 4096,
+        token_stats: 4096,
+        ring_bytes: 1 << 20,
+        pin_dir,
+    }
+}
+
+/// An empty bpffs path of this test process for `tag`'s pins.
+fn fresh_pin_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/rampart-test-{}-{tag}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 impl Fixture {
     fn new(l: ListenerConfig) -> Fixture {
         require_root();
-        let mut dp = Datapath::load(LoadOptions {
-            max_tokens: 4096,
-            max_revoked: 4096,
-            token_stats: 4096,
-            ring_bytes: 1 << 20,
-            pin_dir: None,
-        })
-        .expect("load the datapath");
+        let mut dp = Datapath::load(load_options(None)).expect("load the datapath");
         dp.set_config(&GlobalConfig {
             key: KEY,
             events_per_sec: 1_000_000,
@@ -926,20 +940,10 @@ fn fingerprint_parity_kernel_vs_userspace() {
 #[test]
 fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
     require_root();
-    let pins = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/rampart-test-{}-revflag",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&pins);
+    let pins = fresh_pin_dir("revflag");
     let load = || {
-        let mut dp = Datapath::load(LoadOptions {
-            max_tokens: 4096,
-            max_revoked: 4096,
-            token_stats: 4096,
-            ring_bytes: 1 << 20,
-            pin_dir: Some(pins.clone()),
-        })
-        .expect("load the datapath with pins");
+        let mut dp =
+            Datapath::load(load_options(Some(pins.clone()))).expect("load the datapath with pins");
         dp.set_config(&GlobalConfig {
             key: KEY,
             events_per_sec: 1_000_000,
@@ -1048,11 +1052,7 @@ fn allowed_counts_live_in_the_state_and_survive_a_ramp_restart() {
 #[test]
 fn earlier_token_state_pin_is_moved_into_the_new_layout() {
     require_root();
-    let pins = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/rampart-test-{}-statev1",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&pins);
+    let pins = fresh_pin_dir("statev1");
     std::fs::create_dir_all(&pins).unwrap();
     let legacy = pins.join("TOKEN_STATE");
     pin_hash_map(&legacy, 16, 56, 64);
@@ -1068,14 +1068,8 @@ fn earlier_token_state_pin_is_moved_into_the_new_layout() {
         )
         .unwrap();
     }
-    let dp = Datapath::load(LoadOptions {
-        max_tokens: 4096,
-        max_revoked: 4096,
-        token_stats: 4096,
-        ring_bytes: 1 << 20,
-        pin_dir: Some(pins.clone()),
-    })
-    .expect("load over an earlier version's pins");
+    let dp = Datapath::load(load_options(Some(pins.clone())))
+        .expect("load over an earlier version's pins");
     assert_eq!(
         dp.token_state(&fp(GOOD)),
         Some(TokenState {
