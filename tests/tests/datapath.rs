@@ -102,6 +102,20 @@ fn load_options(pin_dir: Option<std::path::PathBuf>) -> LoadOptions {
     }
 }
 
+/// The datapath with small maps (pinned under `pin_dir` if given), the test key and the
+/// emulated clock at NOW; nothing else configured.
+fn loaded(pin_dir: Option<std::path::PathBuf>) -> Datapath {
+    let mut dp = Datapath::load(load_options(pin_dir)).expect("load the datapath");
+    dp.set_config(&GlobalConfig {
+        key: KEY,
+        events_per_sec: 1_000_000,
+        clock_mode: CLOCK_FIXED,
+        fixed_now_ns: NOW,
+    })
+    .unwrap();
+    dp
+}
+
 /// An empty bpffs path of this test process for `tag`'s pins.
 fn fresh_pin_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(format!(
@@ -115,14 +129,7 @@ fn fresh_pin_dir(tag: &str) -> std::path::PathBuf {
 impl Fixture {
     fn new(l: ListenerConfig) -> Fixture {
         require_root();
-        let mut dp = Datapath::load(load_options(None)).expect("load the datapath");
-        dp.set_config(&GlobalConfig {
-            key: KEY,
-            events_per_sec: 1_000_000,
-            clock_mode: CLOCK_FIXED,
-            fixed_now_ns: NOW,
-        })
-        .unwrap();
+        let mut dp = loaded(None);
         // ifindex 0: any interface (test runs happen on the loopback device).
         dp.set_listener(
             ListenerKey {
@@ -941,37 +948,17 @@ fn fingerprint_parity_kernel_vs_userspace() {
 fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
     require_root();
     let pins = fresh_pin_dir("revflag");
-    let load = || {
-        let mut dp =
-            Datapath::load(load_options(Some(pins.clone()))).expect("load the datapath with pins");
-        dp.set_config(&GlobalConfig {
-            key: KEY,
-            events_per_sec: 1_000_000,
-            clock_mode: CLOCK_FIXED,
-            fixed_now_ns: NOW,
-        })
-        .unwrap();
-        dp
-    };
-    let verdict = |dp: &mut Datapath| {
-        let before = dp.verdict_counts(0).unwrap();
-        let frame = req(Http::get("/v1/x").bearer(GOOD));
-        let mut out = vec![0u8; frame.len() + 512];
-        let r = dp.test_run_xdp(&frame, &mut out, 1).unwrap();
-        let after = dp.verdict_counts(0).unwrap();
-        let v = Verdict::ALL
-            .into_iter()
-            .find(|v| after[*v as usize] != before[*v as usize]);
-        (r.return_value, v)
-    };
+    let frame = req(Http::get("/v1/x").bearer(GOOD));
     let any = TokenInfo {
         contract: 0,
         flags: TOKEN_ANY_SCOPE,
         ..Default::default()
     };
 
-    let mut dp = load();
-    dp.set_listener(
+    let mut f = Fixture {
+        dp: loaded(Some(pins.clone())),
+    };
+    f.dp.set_listener(
         ListenerKey {
             ifindex: 0,
             port: PORT,
@@ -980,15 +967,24 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
         listener(mode::ENFORCE, deny_action::DROP),
     )
     .unwrap();
-    dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
+    f.dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
         .unwrap();
-    dp.install_token(fp(GOOD), any).unwrap();
-    assert_eq!(verdict(&mut dp), (XDP_PASS, Some(Verdict::Allow)));
-    dp.revoke(fp(GOOD), NOW).unwrap();
-    assert_eq!(verdict(&mut dp), (XDP_DROP, Some(Verdict::Revoked)));
+    f.dp.install_token(fp(GOOD), any).unwrap();
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame),
+        (Fate::Passes, Some(Verdict::Allow))
+    );
+    f.dp.revoke(fp(GOOD), NOW).unwrap();
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame),
+        (Fate::Drops, Some(Verdict::Revoked))
+    );
     // A reload writes the policy's TokenInfo, which knows nothing of revocations.
-    dp.install_token(fp(GOOD), any).unwrap();
-    assert_eq!(verdict(&mut dp), (XDP_DROP, Some(Verdict::Revoked)));
+    f.dp.install_token(fp(GOOD), any).unwrap();
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame),
+        (Fate::Drops, Some(Verdict::Revoked))
+    );
 
     // What an older daemon leaves behind: the entry without the flag, written straight
     // into the pinned map. These programs would serve the token...
@@ -998,15 +994,24 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
         tokens.insert(fp(GOOD), any, 0).unwrap();
     }
-    assert_eq!(verdict(&mut dp), (XDP_PASS, Some(Verdict::Allow)));
-    drop(dp);
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame),
+        (Fate::Passes, Some(Verdict::Allow))
+    );
+    drop(f);
     // ...and a daemon of this version adopting the maps flags it before anything runs.
-    let mut dp = load();
-    assert!(dp
+    let mut f = Fixture {
+        dp: loaded(Some(pins.clone())),
+    };
+    assert!(f
+        .dp
         .token(&fp(GOOD))
         .is_some_and(|i| i.flags & TOKEN_REVOKED != 0));
-    assert_eq!(verdict(&mut dp), (XDP_DROP, Some(Verdict::Revoked)));
-    drop(dp);
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame),
+        (Fate::Drops, Some(Verdict::Revoked))
+    );
+    drop(f);
     std::fs::remove_dir_all(&pins).unwrap();
 }
 
@@ -1068,8 +1073,7 @@ fn earlier_token_state_pin_is_moved_into_the_new_layout() {
         )
         .unwrap();
     }
-    let dp = Datapath::load(load_options(Some(pins.clone())))
-        .expect("load over an earlier version's pins");
+    let dp = loaded(Some(pins.clone()));
     assert_eq!(
         dp.token_state(&fp(GOOD)),
         Some(TokenState {

@@ -213,23 +213,12 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
     {
-        // ROUNDS alternating runs of the baseline and the case, repeat / ROUNDS each, and
-        // the median of each: a burst of other work on the machine lands in one round,
-        // and both sides of the difference see the same conditions.
         let per_round = (repeat / ROUNDS).max(1);
         let before = dp.verdict_counts(0)?;
         let mut out = vec![0u8; case.frame.len() + 256];
-        let (mut bases, mut tooks) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            bases.push(time(|| {
-                dp.test_run_pass(&case.frame, per_round).map(|r| r.duration)
-            })?);
-            tooks.push(time(|| {
-                dp.test_run_xdp(&case.frame, &mut out, per_round)
-                    .map(|r| r.duration)
-            })?);
-        }
-        let (base, took) = (median(bases), median(tooks));
+        let (base, took) = alternating(&mut dp, &case.frame, per_round, |dp| {
+            Ok(dp.test_run_xdp(&case.frame, &mut out, per_round)?.duration)
+        })?;
         let after = dp.verdict_counts(0)?;
         let repeat = per_round * ROUNDS;
         let counted: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
@@ -292,19 +281,14 @@ fn main() -> anyhow::Result<()> {
         }
         let frame = floor_frame(tok);
         let per_round = (repeat / ROUNDS).max(1);
-        let (mut bases, mut tooks) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            bases.push(time(|| {
-                dp.test_run_pass(&frame, per_round).map(|r| r.duration)
-            })?);
+        let (base, took) = alternating(&mut dp, &frame, per_round, |dp| {
             let r = dp.test_run_floor(&frame, per_round)?;
             // XDP_PASS: the fingerprint was found, so the hash covered the right bytes.
             if r.return_value != 2 {
                 bail!("{name}: the floor program answered {}", r.return_value);
             }
-            tooks.push(r.duration.as_nanos() as f64);
-        }
-        let (base, took) = (median(bases), median(tooks));
+            Ok(r.duration)
+        })?;
         println!(
             "{:<28} {:>10.1} {:>10.1} {:>12.1} {:>10} {:>8}",
             name,
@@ -361,13 +345,24 @@ fn floor_frame(token: &str) -> Vec<u8> {
 /// Rounds per case (see the loop in `main`).
 const ROUNDS: u32 = 5;
 
+/// ROUNDS alternating runs of the baseline and `run`, `per_round` repetitions each, and
+/// the median ns per run of each side: a burst of other work on the machine lands in
+/// one round, and both sides of the difference see the same conditions.
+fn alternating(
+    dp: &mut Datapath,
+    frame: &[u8],
+    per_round: u32,
+    mut run: impl FnMut(&mut Datapath) -> anyhow::Result<Duration>,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut bases, mut runs) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        bases.push(dp.test_run_pass(frame, per_round)?.duration.as_nanos() as f64);
+        runs.push(run(dp)?.as_nanos() as f64);
+    }
+    Ok((median(bases), median(runs)))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn time(
-    f: impl FnOnce() -> Result<Duration, rampart::datapath::DatapathError>,
-) -> anyhow::Result<f64> {
-    Ok(f()?.as_nanos() as f64)
 }
