@@ -7,6 +7,7 @@
 
 pub mod gcra;
 pub mod http;
+pub mod ports;
 pub mod siphash;
 pub mod types;
 

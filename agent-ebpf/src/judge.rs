@@ -7,7 +7,9 @@ use core::ffi::c_void;
 use agent_common::{
     default_policy,
     http::{known_method, method},
-    mode, GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, MAX_SCOPES,
+    mode,
+    ports::{self, PortListener},
+    GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, MAX_SCOPES,
     SCAN_BYTES, TOKEN_ANY_SCOPE, TOKEN_REVOKED,
 };
 use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
@@ -71,9 +73,13 @@ pub fn judge(p: &impl Packet) -> Decision {
         // Not TCP, or headers the stack will reject itself: none of our business.
         Ok(None) | Err(()) => return Decision::untouched(),
     };
-    if flow.payload_len == 0 || !port_judged(flow.dport) {
+    if flow.payload_len == 0 {
         return Decision::untouched();
     }
+    let port_word = match PORTS.get(flow.dport as u32) {
+        Some(w) if *w != 0 => *w,
+        _ => return Decision::untouched(),
+    };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Decision::untouched();
     };
@@ -86,20 +92,8 @@ pub fn judge(p: &impl Packet) -> Decision {
     flow.l4_off = buf.launder_within(flow.l4_off, HEADER_OFF_MASK);
     flow.payload_off = buf.launder_within(flow.payload_off, HEADER_OFF_MASK);
     flow.payload_len = buf.launder_within(flow.payload_len, 0xffff);
-    let ifindex = p.ifindex();
-    let key = ListenerKey {
-        ifindex,
-        port: flow.dport,
-        _pad: 0,
-    };
-    let wildcard = ListenerKey { ifindex: 0, ..key };
-    let listener = match LISTENERS
-        .get_ptr(key)
-        .or_else(|| LISTENERS.get_ptr(wildcard))
-    {
-        // SAFETY: map value pointer valid for this run.
-        Some(l) => unsafe { *l },
-        None => return Decision::untouched(),
+    let Some(listener) = listener(port_word, p.ifindex(), flow.dport) else {
+        return Decision::untouched();
     };
     if listener.mode == mode::ENFORCE
         && listener.action == agent_common::deny_action::RESET
@@ -133,12 +127,26 @@ pub fn judge(p: &impl Packet) -> Decision {
     }
 }
 
-/// Whether some listener judges TCP port `port` (see `PORTS`).
+/// The listener judging a packet to `port` received on `ifindex`: from the port's word
+/// when it holds it (one array load, the common case), else from LISTENERS.
 #[inline(always)]
-fn port_judged(port: u16) -> bool {
-    match PORTS.get(port as u32 / 64) {
-        Some(w) => w >> (port % 64) & 1 != 0,
-        None => false,
+fn listener(port_word: u64, ifindex: u32, port: u16) -> Option<ListenerConfig> {
+    match ports::resolve(port_word, ifindex) {
+        PortListener::Here(l) => Some(l),
+        PortListener::None => None,
+        PortListener::Lookup => {
+            let key = ListenerKey {
+                ifindex,
+                port,
+                _pad: 0,
+            };
+            let wildcard = ListenerKey { ifindex: 0, ..key };
+            LISTENERS
+                .get_ptr(key)
+                .or_else(|| LISTENERS.get_ptr(wildcard))
+                // SAFETY: map value pointer valid for this run.
+                .map(|l| unsafe { *l })
+        }
     }
 }
 

@@ -15,12 +15,15 @@ use aya_ebpf::{
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
-/// Bit `p % 64` of word `p / 64`: some listener judges TCP port `p` (on any interface).
-/// One array read sends every other segment on its way before any hash lookup. Written by
-/// userspace, derived from LISTENERS.
+/// TCP port → how it is judged (`agent_common::ports`): 0 sends the segment on its way
+/// before any hash lookup; a lone listener is read whole from here. Written by userspace
+/// with atomic stores into its mmap, derived from LISTENERS.
 #[map]
-pub static PORTS: Array<u64> = Array::with_max_entries(1024, 0);
-/// (ifindex, TCP port) → how that listener judges. Written by userspace.
+pub static PORTS: Array<u64> = Array::with_max_entries(1 << 16, BPF_F_MMAPABLE);
+/// linux/bpf.h: the array can be mmapped.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// (ifindex, TCP port) → how that listener judges, for ports whose `PORTS` word does not
+/// settle it. Written by userspace.
 #[map]
 pub static LISTENERS: HashMap<ListenerKey, ListenerConfig> = HashMap::with_max_entries(256, 0);
 

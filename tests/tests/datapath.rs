@@ -1120,3 +1120,95 @@ fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32, max_entr
     // SAFETY: our own fd; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
 }
+
+/// Which listener judges a packet, through the `PORTS` words: a listener alone on its
+/// port is read from the word, others from LISTENERS, with an interface's own listener
+/// before the every-interface one. Test runs happen on the loopback device (ifindex 1).
+#[test]
+fn listener_precedence_through_port_words() {
+    // Every network namespace's loopback device has ifindex 1.
+    const LOOPBACK: u32 = 1;
+    let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
+    let key = |ifindex| ListenerKey {
+        ifindex,
+        port: PORT,
+        _pad: 0,
+    };
+    // Listener 1 lets requests without a token through; listener 0 (every interface,
+    // set by the fixture) drops them.
+    let lenient = ListenerConfig {
+        id: 1,
+        on_missing: default_policy::ALLOW,
+        ..listener(mode::ENFORCE, deny_action::DROP)
+    };
+    let missing = req(Http::get("/"));
+    let judged_by = |f: &mut Fixture, hook| {
+        let before = [0, 1].map(|id| f.dp.verdict_counts(id).unwrap()[Verdict::Missing as usize]);
+        let (fate, _) = f.fate(hook, &missing);
+        let after = [0, 1].map(|id| f.dp.verdict_counts(id).unwrap()[Verdict::Missing as usize]);
+        let by: Vec<u32> = (0..2)
+            .filter(|&i| after[i] != before[i])
+            .map(|i| i as u32)
+            .collect();
+        (fate, by)
+    };
+    for hook in [Hook::Xdp, Hook::Tc] {
+        // The every-interface listener alone: from the word.
+        assert_eq!(judged_by(&mut f, hook), (Fate::Drops, vec![0]));
+        // Another interface's listener: the word holds it, this interface's packets are
+        // looked up in LISTENERS and find the every-interface listener.
+        f.dp.set_listener(key(999), lenient).unwrap();
+        assert_eq!(judged_by(&mut f, hook), (Fate::Drops, vec![0]));
+        // This interface's own listener comes first, wherever it is kept.
+        f.dp.set_listener(key(LOOPBACK), lenient).unwrap();
+        assert_eq!(judged_by(&mut f, hook), (Fate::Passes, vec![1]));
+        f.dp.remove_listener(&key(999)).unwrap();
+        assert_eq!(judged_by(&mut f, hook), (Fate::Passes, vec![1]));
+        // Only another interface's listener: nobody judges this packet.
+        f.dp.remove_listener(&key(LOOPBACK)).unwrap();
+        f.dp.remove_listener(&key(0)).unwrap();
+        f.dp.set_listener(key(999), lenient).unwrap();
+        assert_eq!(judged_by(&mut f, hook), (Fate::Passes, vec![]));
+        // Back to the fixture's listener alone.
+        f.dp.remove_listener(&key(999)).unwrap();
+        f.dp.set_listener(key(0), listener(mode::ENFORCE, deny_action::DROP))
+            .unwrap();
+    }
+}
+
+/// A restarted (or upgraded) daemon adopts LISTENERS and rebuilds the `PORTS` words
+/// from it before any program runs; an earlier version's `PORTS` pin (a bitmap) is
+/// removed rather than adopted.
+#[test]
+fn adopted_listeners_are_judged_through_rebuilt_port_words() {
+    require_root();
+    let pins = fresh_pin_dir("ports");
+    {
+        let mut dp = loaded(Some(pins.clone()));
+        dp.set_listener(
+            ListenerKey {
+                ifindex: 0,
+                port: PORT,
+                _pad: 0,
+            },
+            listener(mode::ENFORCE, deny_action::DROP),
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(pins.join("PORTS_V2")).unwrap();
+    let legacy = pins.join("PORTS");
+    pin_hash_map(&legacy, 4, 8, 1024);
+    let mut f = Fixture {
+        dp: loaded(Some(pins.clone())),
+    };
+    assert!(!legacy.exists(), "the earlier PORTS pin must be gone");
+    assert!(pins.join("PORTS_V2").exists());
+    for hook in [Hook::Xdp, Hook::Tc] {
+        assert_eq!(
+            f.fate(hook, &req(Http::get("/"))),
+            (Fate::Drops, Some(Verdict::Missing))
+        );
+    }
+    drop(f);
+    std::fs::remove_dir_all(&pins).unwrap();
+}

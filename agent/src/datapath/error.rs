@@ -22,6 +22,12 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("mapping eBPF map {name} into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("pinning {path}: {source}")]

@@ -1,13 +1,16 @@
 //! Loading the object, holding typed map handles, attaching programs.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use agent_common::{
     Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS,
 };
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         tc::{self, SchedClassifierLinkId, TcAttachType},
         xdp::XdpLinkId,
@@ -19,6 +22,7 @@ use aya::{
 use super::{
     error::{map_err, prog_err, DatapathError},
     migrate,
+    sys::MappedWords,
 };
 use crate::EBPF_OBJECT;
 
@@ -49,8 +53,10 @@ pub const MAP_NAMES: [&str; 13] = [
 
 /// Maps of earlier versions' pins that are no longer pinned: removed at load, so an
 /// upgraded daemon does not adopt a map whose layout changed. SCRATCH is the parser's
-/// per-run working memory; each loaded program set has its own.
-const UNPINNED: [&str; 1] = ["SCRATCH"];
+/// per-run working memory; each loaded program set has its own. PORTS was a bitmap
+/// before it held listener words (now pinned as PORTS_V2); it is derived from LISTENERS
+/// at every load, so nothing in it needs moving.
+const UNPINNED: [&str; 2] = ["SCRATCH", "PORTS"];
 
 /// Map sizes and pinning, from the daemon's configuration.
 #[derive(Clone, Debug)]
@@ -81,7 +87,10 @@ impl Default for LoadOptions {
 pub struct Datapath {
     pub(super) ebpf: Ebpf,
     pub(super) config: Array<MapData, GlobalConfig>,
-    pub(super) ports: Array<MapData, u64>,
+    /// `PORTS`, mmapped (see `agent_common::ports`).
+    pub(super) ports: MappedWords,
+    /// Keeps PORTS' fd open: programs loaded later were relocated against it.
+    _ports_map: Array<MapData, u64>,
     pub(super) listeners: HashMap<MapData, ListenerKey, ListenerConfig>,
     pub(super) tokens: HashMap<MapData, Fingerprint, TokenInfo>,
     pub(super) revoked: HashMap<MapData, Fingerprint, u64>,
@@ -145,9 +154,16 @@ impl Datapath {
         loader.override_global(aya_log::LEVEL, &log_level, false);
         // Programs are verified when first used (see `xdp_program`), not here.
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let ports_map: Array<MapData, u64> = take(&mut ebpf, "PORTS")?;
+        let ports = MappedWords::new(ports_map.map().fd().as_fd(), ports_map.len() as usize)
+            .map_err(|source| DatapathError::Mmap {
+                name: "PORTS",
+                source,
+            })?;
         let mut dp = Datapath {
             config: take(&mut ebpf, "CONFIG")?,
-            ports: take(&mut ebpf, "PORTS")?,
+            ports,
+            _ports_map: ports_map,
             listeners: take(&mut ebpf, "LISTENERS")?,
             tokens: take(&mut ebpf, "TOKENS")?,
             revoked: take(&mut ebpf, "REVOKED")?,

@@ -21,6 +21,8 @@ pub fn pin_file(name: &str) -> &str {
     match name {
         // v2: `TokenState::allowed` (56 → 64 bytes).
         "TOKEN_STATE" => "TOKEN_STATE_V2",
+        // v2: a listener word per port (was a bitmap of judged ports).
+        "PORTS" => "PORTS_V2",
         other => other,
     }
 }

@@ -104,3 +104,65 @@ pub(super) fn for_each_entry<K: Copy, V: Copy>(
         first = false;
     }
 }
+
+/// A BPF array of u64 words mapped into this process (the map was created with
+/// BPF_F_MMAPABLE): single-word atomic loads and stores, which `bpf(BPF_MAP_UPDATE_ELEM)`
+/// (a byte copy in the kernel) does not promise.
+pub struct MappedWords {
+    words: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics.
+unsafe impl Send for MappedWords {}
+// SAFETY: as above.
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    /// Maps the `len` words of the array behind `map`.
+    pub fn new(map: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of the map's value area; the kernel checks the
+        // length and the map's BPF_F_MMAPABLE flag.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let words = std::ptr::NonNull::new(p.cast()).ok_or_else(io::Error::last_os_error)?;
+        Ok(MappedWords { words, len })
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < self.len, "word {i} of {}", self.len);
+        // SAFETY: inside the mapping, which lives as long as `self`; page-aligned, so
+        // every word is 8-aligned.
+        unsafe { self.words.add(i).as_ref() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn load(&self, i: usize) -> u64 {
+        self.word(i).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn store(&self, i: usize, v: u64) {
+        self.word(i).store(v, std::sync::atomic::Ordering::Release)
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, unmapped once.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * 8) };
+    }
+}

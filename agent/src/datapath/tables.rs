@@ -3,8 +3,8 @@
 use std::os::fd::AsFd;
 
 use agent_common::{
-    Contract, Event, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
-    TokenInfo, TokenState, TokenStats, Verdict, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
+    ports, Contract, Event, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey,
+    Scope, TokenInfo, TokenState, TokenStats, Verdict, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
     TOKEN_REVOKED, VERDICT_COUNT,
 };
 use aya::{
@@ -87,34 +87,34 @@ impl Datapath {
         self.sync_port(key.port)
     }
 
-    /// Sets or clears `port`'s bit in PORTS (the datapath's pre-filter) from LISTENERS.
+    /// Rewrites `port`'s PORTS word (the datapath's pre-filter, and its lone listener:
+    /// `agent_common::ports`) from LISTENERS, with one atomic store.
     fn sync_port(&mut self, port: u16) -> Result<(), DatapathError> {
-        let judged = self
-            .listeners
-            .keys()
-            .filter_map(Result::ok)
-            .any(|k| k.port == port);
-        let index = u32::from(port / 64);
-        let word = self.ports.get(&index, 0).map_err(map_err("PORTS"))?;
-        let bit = 1u64 << (port % 64);
-        let want = if judged { word | bit } else { word & !bit };
-        if want != word {
-            self.ports.set(index, want, 0).map_err(map_err("PORTS"))?;
+        let mine: Vec<_> = self
+            .listeners()
+            .into_iter()
+            .filter(|(k, _)| k.port == port)
+            .collect();
+        let want = ports::word(mine.iter().map(|(k, c)| (k, c)));
+        if self.ports.load(usize::from(port)) != want {
+            self.ports.store(usize::from(port), want);
         }
         Ok(())
     }
 
-    /// Rewrites PORTS from LISTENERS.
+    /// Rewrites every PORTS word from LISTENERS.
     pub(super) fn sync_ports(&mut self) -> Result<(), DatapathError> {
-        let mut want = vec![0u64; self.ports.len() as usize];
-        for k in self.listeners.keys().filter_map(Result::ok) {
-            if let Some(w) = want.get_mut(usize::from(k.port / 64)) {
-                *w |= 1 << (k.port % 64);
-            }
+        let mut by_port: std::collections::BTreeMap<u16, Vec<_>> = Default::default();
+        for (k, c) in self.listeners() {
+            by_port.entry(k.port).or_default().push((k, c));
         }
-        for (index, want) in (0u32..).zip(want) {
-            if self.ports.get(&index, 0).map_err(map_err("PORTS"))? != want {
-                self.ports.set(index, want, 0).map_err(map_err("PORTS"))?;
+        for port in 0..self.ports.len() {
+            let want = u16::try_from(port)
+                .ok()
+                .and_then(|p| by_port.get(&p))
+                .map_or(0, |l| ports::word(l.iter().map(|(k, c)| (k, c))));
+            if self.ports.load(port) != want {
+                self.ports.store(port, want);
             }
         }
         Ok(())
