@@ -76,6 +76,13 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entrie
 #[map]
 pub static RESET_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
+/// When the programs last reset a server side (CLOCK_MONOTONIC_COARSE ns; set to the load
+/// time by userspace). While that is longer ago than RESET_FLOWS remembers a flow, no
+/// segment can be a reset flow's retransmission, and a `reset` listener's requests skip
+/// the RESET_FLOWS lookup. Datapath. Not pinned: each loaded program set has its own.
+#[map]
+pub static LAST_RESET: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Per-CPU copy of the request bytes the parser works on. Datapath.
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

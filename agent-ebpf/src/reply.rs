@@ -6,16 +6,19 @@
 //! judged like any other.
 
 use agent_common::SCAN_BYTES;
-use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
+use aya_ebpf::helpers::generated::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 
 use crate::{
-    maps::{FlowKey, RESET_FLOWS, SCRATCH},
+    maps::{FlowKey, LAST_RESET, RESET_FLOWS, SCRATCH},
     packet::{ptr_at, ptr_at_mut, Packet},
     parse::{EthHdr, Flow, Ipv4Hdr, Ipv6Hdr, TcpHdr, TCP_ACK, TCP_RST},
 };
 
 /// How long a reset flow is remembered.
 const RESET_MEMORY_NS: u64 = 30_000_000_000;
+/// `LAST_RESET` is read with a coarse clock (a tick or so behind): this much more keeps
+/// the lookup on for every flow still remembered.
+const COARSE_SLACK_NS: u64 = 1_000_000_000;
 
 pub enum Reset {
     /// The segment now carries an RST to the server: let it continue.
@@ -82,6 +85,19 @@ fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
 
 /// Did this very segment (same 4-tuple and sequence number) recently make us reset the
 /// connection's server side?
+/// Whether some flow reset may still be remembered (see `LAST_RESET`). Unknown: yes.
+#[inline(always)]
+fn resets_remembered() -> bool {
+    match LAST_RESET.get(0) {
+        // SAFETY: plain helper call. A `LAST_RESET` ahead of the clock counts as now.
+        Some(t) => {
+            unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(*t)
+                < RESET_MEMORY_NS + COARSE_SLACK_NS
+        }
+        None => true,
+    }
+}
+
 #[inline(always)]
 fn recently_reset(key: &FlowKey, now: u64) -> bool {
     match RESET_FLOWS.get_ptr(key) {
@@ -94,6 +110,10 @@ fn recently_reset(key: &FlowKey, now: u64) -> bool {
 /// True for a retransmission of a segment we already turned into an RST to the server.
 #[inline(always)]
 pub fn already_reset(p: &impl Packet, f: &Flow) -> bool {
+    if !resets_remembered() {
+        // Nothing reset for longer than a flow is remembered: no flow key, no lookup.
+        return false;
+    }
     match flow_key(p, f) {
         // SAFETY: plain helper call.
         Ok(key) => recently_reset(key, unsafe { bpf_ktime_get_boot_ns() }),
@@ -109,6 +129,11 @@ pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
     let to_client = recently_reset(key, now);
     if !to_client {
         RESET_FLOWS.insert(key, now, 0).map_err(|_| ())?;
+        if let Some(t) = LAST_RESET.get_ptr_mut(0) {
+            // SAFETY: map value pointer valid for this run. Racing CPUs each store a time
+            // of this moment; whichever lands keeps the lookups on.
+            unsafe { *t = bpf_ktime_get_coarse_ns() };
+        }
     }
     let hdr_end = f.payload_off;
     if hdr_end > SCAN_BYTES {

@@ -741,6 +741,9 @@ fn reset_action_resets_server_then_client() {
     for hook in [Hook::Xdp, Hook::Tc] {
         for v6 in [false, true] {
             let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::RESET));
+            // No reset for longer than a flow is remembered: the first reset must turn
+            // the retransmission check (skipped until then) back on.
+            f.dp.forget_last_reset().unwrap();
             let mut frame = Frame::tcp(PORT, &Http::get("/").bearer(UNKNOWN).bytes());
             frame.ipv6 = v6;
             let bytes = frame.build();
@@ -1209,6 +1212,43 @@ fn adopted_listeners_are_judged_through_rebuilt_port_words() {
             (Fate::Drops, Some(Verdict::Missing))
         );
     }
+    drop(f);
+    std::fs::remove_dir_all(&pins).unwrap();
+}
+
+/// A restarted daemon's programs still answer the retransmission of a segment that the
+/// earlier programs reset: RESET_FLOWS is adopted, and the new programs' `LAST_RESET`
+/// starts at their load, so they look it up.
+#[test]
+fn retransmission_of_a_segment_reset_before_a_restart_is_answered() {
+    require_root();
+    let pins = fresh_pin_dir("resets");
+    let bytes = Frame::tcp(PORT, &Http::get("/").bearer(UNKNOWN).bytes()).build();
+    {
+        let mut f = Fixture {
+            dp: loaded(Some(pins.clone())),
+        };
+        f.dp.set_listener(
+            ListenerKey {
+                ifindex: 0,
+                port: PORT,
+                _pad: 0,
+            },
+            listener(mode::ENFORCE, deny_action::RESET),
+        )
+        .unwrap();
+        let (ret, _, v) = f.run(Hook::Xdp, &bytes);
+        assert_eq!(
+            (ret, v),
+            (XDP_PASS, Some(Verdict::Unknown)),
+            "RST to the server"
+        );
+    }
+    let mut f = Fixture {
+        dp: loaded(Some(pins.clone())),
+    };
+    let (ret, _, v) = f.run(Hook::Xdp, &bytes);
+    assert_eq!((ret, v), (XDP_TX, None), "RST back to the client");
     drop(f);
     std::fs::remove_dir_all(&pins).unwrap();
 }

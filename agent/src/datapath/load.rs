@@ -112,6 +112,36 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
+/// Starts the programs' `LAST_RESET` at now: flows reset by an earlier program set (whose
+/// RESET_FLOWS entries are adopted) stay recognised for as long as they are remembered.
+fn set_last_reset(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    write_last_reset(ebpf, coarse_now()?)
+}
+
+pub(super) fn write_last_reset(ebpf: &mut Ebpf, ns: u64) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut("LAST_RESET")
+        .ok_or(DatapathError::MissingMap("LAST_RESET"))?;
+    let mut last: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_err("LAST_RESET"))?;
+    last.set(0, ns, 0).map_err(map_err("LAST_RESET"))
+}
+
+/// CLOCK_MONOTONIC_COARSE, the clock of the programs' `bpf_ktime_get_coarse_ns`.
+fn coarse_now() -> Result<u64, DatapathError> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
+        return Err(DatapathError::Io {
+            path: "CLOCK_MONOTONIC_COARSE".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 impl Datapath {
     /// Loads the object, creating its maps (or adopting pinned ones). Programs are
     /// loaded into the kernel when first used; nothing is attached yet.
@@ -155,6 +185,7 @@ impl Datapath {
         // Programs are verified when first used (see `xdp_program`), not here.
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let ports_map: Array<MapData, u64> = take(&mut ebpf, "PORTS")?;
+        set_last_reset(&mut ebpf)?;
         let ports = MappedWords::new(ports_map.map().fd().as_fd(), ports_map.len() as usize)
             .map_err(|source| DatapathError::Mmap {
                 name: "PORTS",

@@ -120,6 +120,14 @@ impl Datapath {
         Ok(())
     }
 
+    /// Test hook: the programs act as if they had reset nothing for longer than they
+    /// remember a flow (`LAST_RESET` 0), so a test sees the reset path turn the
+    /// retransmission check back on.
+    #[doc(hidden)]
+    pub fn forget_last_reset(&mut self) -> Result<(), DatapathError> {
+        super::load::write_last_reset(&mut self.ebpf, 0)
+    }
+
     pub fn listeners(&self) -> Vec<(ListenerKey, ListenerConfig)> {
         self.listeners.iter().filter_map(Result::ok).collect()
     }

@@ -16,6 +16,9 @@ use rampart::datapath::{Datapath, LoadOptions};
 use rampart_tests::packet::{typical_request, Frame, Http};
 
 const PORT: u16 = 8080;
+/// A second listener, whose action is `reset`: each of its requests also checks whether
+/// it retransmits a segment already reset.
+const RESET_PORT: u16 = 8081;
 const LOOPBACK_IFINDEX: u32 = 1;
 const KEY: FingerprintKey = FingerprintKey([0x1111_2222_3333_4444, 0x5555_6666_7777_8888]);
 
@@ -71,6 +74,16 @@ fn main() -> anyhow::Result<()> {
         clock_mode: CLOCK_FIXED,
         fixed_now_ns: 1_900_000_000 * NANOS_PER_SEC,
     })?;
+    // Both listeners count in row 0, which the bench checks.
+    let listener = ListenerConfig {
+        id: 0,
+        mode: mode::ENFORCE,
+        action: deny_action::DROP,
+        on_missing: default_policy::DENY,
+        on_unknown: default_policy::DENY,
+        on_incomplete: default_policy::DENY,
+        _pad: [0; 3],
+    };
     dp.set_listener(
         ListenerKey {
             // As the daemon keys listeners: by interface. BPF_PROG_TEST_RUN runs XDP as if
@@ -79,16 +92,23 @@ fn main() -> anyhow::Result<()> {
             port: PORT,
             _pad: 0,
         },
+        listener,
+    )?;
+    dp.set_listener(
+        ListenerKey {
+            ifindex: LOOPBACK_IFINDEX,
+            port: RESET_PORT,
+            _pad: 0,
+        },
         ListenerConfig {
             id: 0,
-            mode: mode::ENFORCE,
-            action: deny_action::DROP,
-            on_missing: default_policy::DENY,
-            on_unknown: default_policy::DENY,
-            on_incomplete: default_policy::DENY,
-            _pad: [0; 3],
+            action: deny_action::RESET,
+            ..listener
         },
     )?;
+    // The steady state of a gateway that has reset nothing in the last 30 s (a load
+    // starts as if it just had: flows an earlier program set reset stay recognised).
+    dp.forget_last_reset()?;
     // 1,000,000/s with a burst that covers every repetition at one emulated instant.
     let mut c = Contract {
         n_stages: 1,
@@ -133,6 +153,12 @@ fn main() -> anyhow::Result<()> {
             frame: Frame::tcp(PORT, &typical_request(&t43)).build(),
             verdict: Some(Verdict::Allow),
             target_ns: Some(250.0),
+        },
+        Case {
+            name: "allowed_typical_reset_listener",
+            frame: Frame::tcp(RESET_PORT, &typical_request(&t43)).build(),
+            verdict: Some(Verdict::Allow),
+            target_ns: None,
         },
         Case {
             name: "allowed_1k_jwt",
