@@ -92,6 +92,9 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// verifier, which is the point: see `http::Buf::launder`.
 #[repr(C)]
 pub struct Scratch {
+    /// First: its address is the value's, so the parser's loops need no register for it
+    /// (the scan's position stays in a register instead of the stack).
+    pub buf: [u8; SCAN_BYTES + 16],
     pub launder: u64,
     pub scan: crate::http::HeaderScan,
     pub token: crate::http::TokenScan,
@@ -101,7 +104,6 @@ pub struct Scratch {
     pub new_state: TokenState,
     pub seen: crate::judge::Seen,
     pub flow: FlowKey,
-    pub buf: [u8; SCAN_BYTES + 16],
 }
 
 /// A segment of a TCP connection as the client sent it (addresses IPv4-mapped for IPv4).
