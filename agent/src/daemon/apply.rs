@@ -95,43 +95,7 @@ pub fn apply_reload(
         }
     }
 
-    // A token's ramp restarts only when what its contract says changed.
-    let old_def = |name: &str| -> Option<&Contract> {
-        old.contracts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c)
-    };
-    let new_def = |name: &str| -> Option<&Contract> {
-        new.contracts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c)
-    };
-    let contract_name = |p: &CompiledPolicy, idx: u32| -> Option<String> {
-        p.contracts.get(idx as usize).map(|(n, _)| n.clone())
-    };
-    let mut changed: Vec<Fingerprint> = Vec::new();
-    for t in &new.tokens {
-        let now = contract_name(new, t.info.contract);
-        let before = old
-            .tokens
-            .iter()
-            .find(|o| o.fingerprint == t.fingerprint)
-            .and_then(|o| contract_name(old, o.info.contract));
-        let differs = match (&before, &now) {
-            (Some(b), Some(n)) => b != n || old_def(b) != new_def(n),
-            _ => false,
-        };
-        if differs {
-            changed.push(t.fingerprint);
-        }
-    }
-    for (fp, name) in &issued {
-        if old_def(name).is_some() && old_def(name) != new_def(name) {
-            changed.push(*fp);
-        }
-    }
+    let changed = ramp_restarts(old, new, &issued);
     {
         let mut dp = enf.lock();
         for fp in &changed {
@@ -209,6 +173,58 @@ pub fn stabilize(old: &CompiledPolicy, mut new: CompiledPolicy) -> CompiledPolic
     new
 }
 
+/// The tokens whose ramp restarts on a reload from `old` to `new`: those whose contract
+/// (by name, then by what it says) changed. `issued`: the active issued tokens and the
+/// names of their contracts. Tokens new to the policy start fresh anyway.
+fn ramp_restarts(
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+    issued: &HashMap<Fingerprint, String>,
+) -> Vec<Fingerprint> {
+    // A token's ramp restarts only when what its contract says changed.
+    let old_def = |name: &str| -> Option<&Contract> {
+        old.contracts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+    };
+    let new_def = |name: &str| -> Option<&Contract> {
+        new.contracts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+    };
+    let contract_name = |p: &CompiledPolicy, idx: u32| -> Option<String> {
+        p.contracts.get(idx as usize).map(|(n, _)| n.clone())
+    };
+    // By fingerprint: a policy may list hundreds of thousands of static tokens.
+    let old_contract: HashMap<Fingerprint, u32> = old
+        .tokens
+        .iter()
+        .map(|o| (o.fingerprint, o.info.contract))
+        .collect();
+    let mut changed: Vec<Fingerprint> = Vec::new();
+    for t in &new.tokens {
+        let now = contract_name(new, t.info.contract);
+        let before = old_contract
+            .get(&t.fingerprint)
+            .and_then(|c| contract_name(old, *c));
+        let differs = match (&before, &now) {
+            (Some(b), Some(n)) => b != n || old_def(b) != new_def(n),
+            _ => false,
+        };
+        if differs {
+            changed.push(t.fingerprint);
+        }
+    }
+    for (fp, name) in issued {
+        if old_def(name).is_some() && old_def(name) != new_def(name) {
+            changed.push(*fp);
+        }
+    }
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use agent_common::{Scope, TokenInfo};
@@ -279,5 +295,55 @@ mod tests {
         assert_eq!(again.contracts.len(), 4);
         assert_eq!(again.contract_index("d"), Some(3));
         assert_eq!(again.tokens[0].info.scopes, 0b100);
+    }
+
+    /// A policy with `contracts` (name, stage count: two contracts say the same when
+    /// their counts match) and static `tokens` (fingerprint word, contract name).
+    fn listing(contracts: &[(&str, u32)], tokens: &[(u64, &str)]) -> CompiledPolicy {
+        let contracts: Vec<(String, Contract)> = contracts
+            .iter()
+            .map(|(n, stages)| (n.to_string(), contract(*stages)))
+            .collect();
+        let tokens = tokens
+            .iter()
+            .map(|(fp, c)| StaticToken {
+                fingerprint: Fingerprint([*fp, 0]),
+                info: TokenInfo {
+                    contract: contracts.iter().position(|(n, _)| n == c).unwrap() as u32,
+                    ..Default::default()
+                },
+                label: None,
+            })
+            .collect();
+        CompiledPolicy {
+            contracts,
+            scopes: Vec::new(),
+            tokens,
+        }
+    }
+
+    #[test]
+    fn a_ramp_restarts_only_when_what_its_contract_says_changed() {
+        let old = listing(&[("a", 1), ("b", 2)], &[(1, "a"), (2, "b"), (3, "a")]);
+        let new = listing(
+            &[("a", 1), ("b", 5)],
+            &[(1, "a"), (2, "b"), (3, "b"), (4, "a")],
+        );
+        let issued = HashMap::from([
+            (Fingerprint([9, 9]), "b".to_string()),
+            (Fingerprint([8, 8]), "a".to_string()),
+        ]);
+        let mut restarts = ramp_restarts(&old, &new, &issued);
+        restarts.sort_by_key(|f| f.0);
+        // 1 and issued 8: "a" says the same. 2 and issued 9: "b" says otherwise now.
+        // 3: moved from "a" to "b". 4: new to the policy, starts fresh anyway.
+        assert_eq!(
+            restarts,
+            [
+                Fingerprint([2, 0]),
+                Fingerprint([3, 0]),
+                Fingerprint([9, 9])
+            ]
+        );
     }
 }
