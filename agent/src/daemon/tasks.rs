@@ -204,7 +204,10 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
 /// (expired, revoked, rotated away) are forgotten, so `warned` stays as small as the
 /// window's population.
 fn newly_due(warned: &mut Warned, soon: &[(TokenRecord, i64)]) -> Vec<usize> {
-    warned.retain(|fp, _| soon.iter().any(|(r, _)| r.fingerprint == *fp));
+    // A set: a batch of tokens issued together enters the window together.
+    let in_window: std::collections::HashSet<Fingerprint> =
+        soon.iter().map(|(r, _)| r.fingerprint).collect();
+    warned.retain(|fp, _| in_window.contains(fp));
     soon.iter()
         .enumerate()
         .filter(|(_, (rec, exp))| warned.insert(rec.fingerprint, *exp) != Some(*exp))
