@@ -193,19 +193,21 @@ impl Datapath {
         self.revoked
             .insert(fp, at_ns, 0)
             .map_err(map_err("REVOKED"))?;
-        self.flag_revoked(&fp)
+        self.flag_revoked(&fp).map(|_| ())
     }
 
-    /// Sets `TOKEN_REVOKED` on `fp`'s TOKENS entry, if it has one without it.
-    fn flag_revoked(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+    /// Sets `TOKEN_REVOKED` on `fp`'s TOKENS entry, if it has one without it; says
+    /// whether it did.
+    fn flag_revoked(&mut self, fp: &Fingerprint) -> Result<bool, DatapathError> {
         let Ok(mut info) = self.tokens.get(fp, 0) else {
-            return Ok(());
+            return Ok(false);
         };
         if info.flags & TOKEN_REVOKED != 0 {
-            return Ok(());
+            return Ok(false);
         }
         info.flags |= TOKEN_REVOKED;
-        self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))
+        self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))?;
+        Ok(true)
     }
 
     /// Brings adopted maps up to `TOKEN_REVOKED`: a daemon that predates the flag left
@@ -214,11 +216,7 @@ impl Datapath {
     pub(super) fn flag_all_revoked(&mut self) -> Result<usize, DatapathError> {
         let mut flagged = 0;
         for fp in self.revoked() {
-            if self
-                .token(&fp)
-                .is_some_and(|i| i.flags & TOKEN_REVOKED == 0)
-            {
-                self.flag_revoked(&fp)?;
+            if self.flag_revoked(&fp)? {
                 flagged += 1;
             }
         }
