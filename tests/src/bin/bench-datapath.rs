@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 use agent_common::{
     default_policy, deny_action, gcra::NANOS_PER_SEC, mode, siphash::fingerprint, Contract,
     FingerprintKey, GlobalConfig, ListenerConfig, ListenerKey, Stage, TokenInfo, Verdict,
-    CLOCK_FIXED, TOKEN_ANY_SCOPE,
+    CLOCK_FIXED, CLOCK_REAL, TOKEN_ANY_SCOPE,
 };
 use anyhow::{bail, Context as _};
 use rampart::datapath::{Datapath, LoadOptions};
@@ -29,6 +29,9 @@ struct Case {
     verdict: Option<Verdict>,
     /// Target, as ns above the baseline.
     target_ns: Option<f64>,
+    /// Run with the real clock (a `bpf_ktime_get_tai_ns` call per admission, as in
+    /// production) instead of the emulated one the other cases use.
+    real_clock: bool,
 }
 
 fn token(len: usize, seed: usize) -> String {
@@ -68,12 +71,13 @@ fn main() -> anyhow::Result<()> {
         ..LoadOptions::default()
     })
     .context("loading the datapath (run as root)")?;
-    dp.set_config(&GlobalConfig {
+    let config = GlobalConfig {
         key: KEY,
         events_per_sec: 1000,
         clock_mode: CLOCK_FIXED,
         fixed_now_ns: 1_900_000_000 * NANOS_PER_SEC,
-    })?;
+    };
+    dp.set_config(&config)?;
     // Both listeners count in row 0, which the bench checks.
     let listener = ListenerConfig {
         id: 0,
@@ -123,7 +127,8 @@ fn main() -> anyhow::Result<()> {
     let t43 = token(43, 1);
     let t1k = jwt(1024);
     let t4k = token(4096, 2);
-    for t in [&t43, &t1k, &t4k] {
+    let t43_real = token(43, 3);
+    for t in [&t43, &t43_real, &t1k, &t4k] {
         dp.install_token(
             fingerprint(&KEY, t.as_bytes()),
             TokenInfo {
@@ -141,42 +146,57 @@ fn main() -> anyhow::Result<()> {
             frame: ack.build(),
             verdict: None,
             target_ns: Some(15.0),
+            real_clock: false,
         },
         Case {
             name: "uninspected_port_request",
             frame: Frame::tcp(9999, &typical_request(&t43)).build(),
             verdict: None,
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "allowed_typical_43b_token",
             frame: Frame::tcp(PORT, &typical_request(&t43)).build(),
             verdict: Some(Verdict::Allow),
             target_ns: Some(250.0),
+            real_clock: false,
+        },
+        Case {
+            // A token of its own: the others' ramp state lives at the emulated time.
+            name: "allowed_typical_real_clock",
+            frame: Frame::tcp(PORT, &typical_request(&t43_real)).build(),
+            verdict: Some(Verdict::Allow),
+            target_ns: None,
+            real_clock: true,
         },
         Case {
             name: "allowed_typical_reset_listener",
             frame: Frame::tcp(RESET_PORT, &typical_request(&t43)).build(),
             verdict: Some(Verdict::Allow),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "allowed_1k_jwt",
             frame: Frame::tcp(PORT, &typical_request(&t1k)).build(),
             verdict: Some(Verdict::Allow),
             target_ns: Some(1500.0),
+            real_clock: false,
         },
         Case {
             name: "allowed_4k_token",
             frame: Frame::tcp(PORT, &typical_request(&t4k)).build(),
             verdict: Some(Verdict::Allow),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "missing_token",
             frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").bytes()).build(),
             verdict: Some(Verdict::Missing),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             // A full-size body segment of a text upload that happens to start like an
@@ -185,6 +205,7 @@ fn main() -> anyhow::Result<()> {
             frame: Frame::tcp(PORT, &text_body(1400)).build(),
             verdict: Some(Verdict::Pass),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "malformed_scheme",
@@ -197,6 +218,7 @@ fn main() -> anyhow::Result<()> {
             .build(),
             verdict: Some(Verdict::Malformed),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "malformed_token_char",
@@ -209,6 +231,7 @@ fn main() -> anyhow::Result<()> {
             .build(),
             verdict: Some(Verdict::Malformed),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "unknown_token_short",
@@ -219,12 +242,14 @@ fn main() -> anyhow::Result<()> {
             .build(),
             verdict: Some(Verdict::Unknown),
             target_ns: None,
+            real_clock: false,
         },
         Case {
             name: "unknown_token",
             frame: Frame::tcp(PORT, &typical_request(&token(43, 9))).build(),
             verdict: Some(Verdict::Unknown),
             target_ns: None,
+            real_clock: false,
         },
     ];
 
@@ -239,6 +264,14 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
     {
+        dp.set_config(&GlobalConfig {
+            clock_mode: if case.real_clock {
+                CLOCK_REAL
+            } else {
+                CLOCK_FIXED
+            },
+            ..config
+        })?;
         let per_round = (repeat / ROUNDS).max(1);
         let before = dp.verdict_counts(0)?;
         let mut out = vec![0u8; case.frame.len() + 256];
