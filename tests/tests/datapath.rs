@@ -91,6 +91,15 @@ fn listener(mode: u8, action: u8) -> ListenerConfig {
     }
 }
 
+/// The listener key of `PORT` on interface `ifindex` (0: every interface).
+fn listener_key(ifindex: u32) -> ListenerKey {
+    ListenerKey {
+        ifindex,
+        port: PORT,
+        _pad: 0,
+    }
+}
+
 /// Small maps, pinned under `pin_dir` if given.
 fn load_options(pin_dir: Option<std::path::PathBuf>) -> LoadOptions {
     LoadOptions {
@@ -131,15 +140,7 @@ impl Fixture {
         require_root();
         let mut dp = loaded(None);
         // ifindex 0: any interface (test runs happen on the loopback device).
-        dp.set_listener(
-            ListenerKey {
-                ifindex: 0,
-                port: PORT,
-                _pad: 0,
-            },
-            l,
-        )
-        .unwrap();
+        dp.set_listener(listener_key(0), l).unwrap();
         dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
             .unwrap();
         dp.set_contract(1, &contract(&[stage(0, 1, 0)], (0, 0)))
@@ -961,15 +962,8 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
     let mut f = Fixture {
         dp: loaded(Some(pins.clone())),
     };
-    f.dp.set_listener(
-        ListenerKey {
-            ifindex: 0,
-            port: PORT,
-            _pad: 0,
-        },
-        listener(mode::ENFORCE, deny_action::DROP),
-    )
-    .unwrap();
+    f.dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::DROP))
+        .unwrap();
     f.dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
         .unwrap();
     f.dp.install_token(fp(GOOD), any).unwrap();
@@ -1132,11 +1126,6 @@ fn listener_precedence_through_port_words() {
     // Every network namespace's loopback device has ifindex 1.
     const LOOPBACK: u32 = 1;
     let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
-    let key = |ifindex| ListenerKey {
-        ifindex,
-        port: PORT,
-        _pad: 0,
-    };
     // Listener 1 lets requests without a token through; listener 0 (every interface,
     // set by the fixture) drops them.
     let lenient = ListenerConfig {
@@ -1160,21 +1149,21 @@ fn listener_precedence_through_port_words() {
         assert_eq!(judged_by(&mut f, hook), (Fate::Drops, vec![0]));
         // Another interface's listener: the word holds it, this interface's packets are
         // looked up in LISTENERS and find the every-interface listener.
-        f.dp.set_listener(key(999), lenient).unwrap();
+        f.dp.set_listener(listener_key(999), lenient).unwrap();
         assert_eq!(judged_by(&mut f, hook), (Fate::Drops, vec![0]));
         // This interface's own listener comes first, wherever it is kept.
-        f.dp.set_listener(key(LOOPBACK), lenient).unwrap();
+        f.dp.set_listener(listener_key(LOOPBACK), lenient).unwrap();
         assert_eq!(judged_by(&mut f, hook), (Fate::Passes, vec![1]));
-        f.dp.remove_listener(&key(999)).unwrap();
+        f.dp.remove_listener(&listener_key(999)).unwrap();
         assert_eq!(judged_by(&mut f, hook), (Fate::Passes, vec![1]));
         // Only another interface's listener: nobody judges this packet.
-        f.dp.remove_listener(&key(LOOPBACK)).unwrap();
-        f.dp.remove_listener(&key(0)).unwrap();
-        f.dp.set_listener(key(999), lenient).unwrap();
+        f.dp.remove_listener(&listener_key(LOOPBACK)).unwrap();
+        f.dp.remove_listener(&listener_key(0)).unwrap();
+        f.dp.set_listener(listener_key(999), lenient).unwrap();
         assert_eq!(judged_by(&mut f, hook), (Fate::Passes, vec![]));
         // Back to the fixture's listener alone.
-        f.dp.remove_listener(&key(999)).unwrap();
-        f.dp.set_listener(key(0), listener(mode::ENFORCE, deny_action::DROP))
+        f.dp.remove_listener(&listener_key(999)).unwrap();
+        f.dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::DROP))
             .unwrap();
     }
 }
@@ -1188,15 +1177,8 @@ fn adopted_listeners_are_judged_through_rebuilt_port_words() {
     let pins = fresh_pin_dir("ports");
     {
         let mut dp = loaded(Some(pins.clone()));
-        dp.set_listener(
-            ListenerKey {
-                ifindex: 0,
-                port: PORT,
-                _pad: 0,
-            },
-            listener(mode::ENFORCE, deny_action::DROP),
-        )
-        .unwrap();
+        dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::DROP))
+            .unwrap();
     }
     std::fs::remove_file(pins.join("PORTS_V2")).unwrap();
     let legacy = pins.join("PORTS");
@@ -1228,15 +1210,8 @@ fn retransmission_of_a_segment_reset_before_a_restart_is_answered() {
         let mut f = Fixture {
             dp: loaded(Some(pins.clone())),
         };
-        f.dp.set_listener(
-            ListenerKey {
-                ifindex: 0,
-                port: PORT,
-                _pad: 0,
-            },
-            listener(mode::ENFORCE, deny_action::RESET),
-        )
-        .unwrap();
+        f.dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::RESET))
+            .unwrap();
         let (ret, _, v) = f.run(Hook::Xdp, &bytes);
         assert_eq!(
             (ret, v),
