@@ -83,8 +83,6 @@ fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
     Ok(key)
 }
 
-/// Did this very segment (same 4-tuple and sequence number) recently make us reset the
-/// connection's server side?
 /// Whether some flow reset may still be remembered (see `LAST_RESET`). Unknown: yes.
 #[inline(always)]
 fn resets_remembered() -> bool {
@@ -98,6 +96,8 @@ fn resets_remembered() -> bool {
     }
 }
 
+/// Did this very segment (same 4-tuple and sequence number) recently make us reset the
+/// connection's server side?
 #[inline(always)]
 fn recently_reset(key: &FlowKey, now: u64) -> bool {
     match RESET_FLOWS.get_ptr(key) {
