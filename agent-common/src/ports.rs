@@ -95,11 +95,9 @@ pub fn resolve(w: u64, ifindex: u32) -> PortListener {
 /// The word for a port whose listeners are `listeners` (all of that port). One that
 /// names its interface is preferred: with an every-interface listener in the word, any
 /// other listener makes every packet look in `LISTENERS`.
-pub fn word<'a>(listeners: impl IntoIterator<Item = (&'a ListenerKey, &'a ListenerConfig)>) -> u64 {
-    let mut count = 0usize;
+pub fn word(listeners: &[(ListenerKey, ListenerConfig)]) -> u64 {
     let mut best: Option<(bool, u64)> = None;
     for (k, c) in listeners {
-        count += 1;
         if let Some(w) = pack(k, c) {
             let named = k.ifindex != 0;
             if best.is_none_or(|(b, _)| named && !b) {
@@ -108,9 +106,9 @@ pub fn word<'a>(listeners: impl IntoIterator<Item = (&'a ListenerKey, &'a Listen
         }
     }
     match best {
-        None if count == 0 => 0,
+        None if listeners.is_empty() => 0,
         None => OTHERS,
-        Some((_, w)) if count == 1 => w,
+        Some((_, w)) if listeners.len() == 1 => w,
         Some((_, w)) => w | OTHERS,
     }
 }
@@ -118,7 +116,6 @@ pub fn word<'a>(listeners: impl IntoIterator<Item = (&'a ListenerKey, &'a Listen
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use std::vec::Vec;
 
     use super::*;
     use crate::{default_policy, deny_action, mode};
@@ -167,25 +164,25 @@ mod tests {
         assert_eq!(pack(&key(1), &cfg(1, 4)), None);
         // ... and leave the port to the LISTENERS lookup.
         let (k, c) = (key(1), cfg(64, mode::ENFORCE));
-        assert_eq!(word([(&k, &c)]), OTHERS);
+        assert_eq!(word(&[(k, c)]), OTHERS);
         assert_eq!(resolve(OTHERS, 1), PortListener::Lookup);
     }
 
     #[test]
     fn no_listener_is_a_zero_word() {
-        assert_eq!(word(Vec::<(&ListenerKey, &ListenerConfig)>::new()), 0);
+        assert_eq!(word(&[]), 0);
         assert_eq!(resolve(0, 3), PortListener::None);
     }
 
     #[test]
     fn a_lone_listener_is_answered_from_the_word() {
         let (k, c) = (key(3), cfg(2, mode::ENFORCE));
-        let w = word([(&k, &c)]);
+        let w = word(&[(k, c)]);
         assert_eq!(resolve(w, 3), PortListener::Here(c));
         // Another interface has no listener on this port.
         assert_eq!(resolve(w, 4), PortListener::None);
         let (k, c) = (key(0), cfg(2, mode::OBSERVE));
-        let w = word([(&k, &c)]);
+        let w = word(&[(k, c)]);
         assert_eq!(resolve(w, 3), PortListener::Here(c));
         assert_eq!(resolve(w, 4), PortListener::Here(c));
     }
@@ -200,20 +197,20 @@ mod tests {
             cfg(2, mode::OBSERVE),
             cfg(3, mode::ENFORCE),
         );
-        for order in [[(&named, &cn), (&any, &ca)], [(&any, &ca), (&named, &cn)]] {
-            let w = word(order);
+        for order in [[(named, cn), (any, ca)], [(any, ca), (named, cn)]] {
+            let w = word(&order);
             assert_eq!(w & OTHERS, OTHERS);
             assert_eq!(resolve(w, 3), PortListener::Here(cn));
             // Interface 4 may only get the every-interface listener from LISTENERS.
             assert_eq!(resolve(w, 4), PortListener::Lookup);
         }
         // Two named listeners: one in the word, the other looked up.
-        let w = word([(&named, &cn), (&other, &co)]);
+        let w = word(&[(named, cn), (other, co)]);
         assert_eq!(resolve(w, 3), PortListener::Here(cn));
         assert_eq!(resolve(w, 4), PortListener::Lookup);
         assert_eq!(resolve(w, 5), PortListener::Lookup);
         // An every-interface listener alone in the word, with others: always looked up.
-        let w = word([(&any, &ca), (&named, &co_unpackable())]);
+        let w = word(&[(any, ca), (named, co_unpackable())]);
         assert_eq!(resolve(w, 3), PortListener::Lookup);
         assert_eq!(resolve(w, 9), PortListener::Lookup);
     }

@@ -1,16 +1,13 @@
 //! Loading the object, holding typed map handles, attaching programs.
 
-use std::{
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use agent_common::{
     Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS,
 };
 use aya::{
-    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         tc::{self, SchedClassifierLinkId, TcAttachType},
         xdp::XdpLinkId,
@@ -89,8 +86,6 @@ pub struct Datapath {
     pub(super) config: Array<MapData, GlobalConfig>,
     /// `PORTS`, mmapped (see `agent_common::ports`).
     pub(super) ports: MappedWords,
-    /// Keeps PORTS' fd open: programs loaded later were relocated against it.
-    _ports_map: Array<MapData, u64>,
     pub(super) listeners: HashMap<MapData, ListenerKey, ListenerConfig>,
     pub(super) tokens: HashMap<MapData, Fingerprint, TokenInfo>,
     pub(super) revoked: HashMap<MapData, Fingerprint, u64>,
@@ -184,17 +179,15 @@ impl Datapath {
         loader.override_global(aya_log::LEVEL, &log_level, false);
         // Programs are verified when first used (see `xdp_program`), not here.
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let ports_map: Array<MapData, u64> = take(&mut ebpf, "PORTS")?;
         set_last_reset(&mut ebpf)?;
-        let ports = MappedWords::new(ports_map.map().fd().as_fd(), ports_map.len() as usize)
-            .map_err(|source| DatapathError::Mmap {
+        let ports =
+            MappedWords::new(take(&mut ebpf, "PORTS")?).map_err(|source| DatapathError::Mmap {
                 name: "PORTS",
                 source,
             })?;
         let mut dp = Datapath {
             config: take(&mut ebpf, "CONFIG")?,
             ports,
-            _ports_map: ports_map,
             listeners: take(&mut ebpf, "LISTENERS")?,
             tokens: take(&mut ebpf, "TOKENS")?,
             revoked: take(&mut ebpf, "REVOKED")?,
@@ -210,7 +203,7 @@ impl Datapath {
         };
         // Adopted listeners (or a pin dir from before PORTS existed) must be judged by
         // the new programs from their first packet.
-        dp.sync_ports()?;
+        dp.sync_ports();
         if let Some(dir) = &dp.options.pin_dir {
             let moved = migrate::token_state_v1(dir, &mut dp.token_state)?;
             if moved > 0 {

@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
@@ -111,6 +111,8 @@ pub(super) fn for_each_entry<K: Copy, V: Copy>(
 pub struct MappedWords {
     words: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
     len: usize,
+    /// Keeps the map's fd open: programs loaded later were relocated against it.
+    _map: aya::maps::Array<aya::maps::MapData, u64>,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics.
@@ -119,8 +121,10 @@ unsafe impl Send for MappedWords {}
 unsafe impl Sync for MappedWords {}
 
 impl MappedWords {
-    /// Maps the `len` words of the array behind `map`.
-    pub fn new(map: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+    /// Maps every word of `map`.
+    pub fn new(map: aya::maps::Array<aya::maps::MapData, u64>) -> io::Result<Self> {
+        use aya::maps::IterableMap as _;
+        let len = map.len() as usize;
         // SAFETY: a fresh shared mapping of the map's value area; the kernel checks the
         // length and the map's BPF_F_MMAPABLE flag.
         let p = unsafe {
@@ -129,7 +133,7 @@ impl MappedWords {
                 len * 8,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                map.as_raw_fd(),
+                map.map().fd().as_fd().as_raw_fd(),
                 0,
             )
         };
@@ -137,7 +141,11 @@ impl MappedWords {
             return Err(io::Error::last_os_error());
         }
         let words = std::ptr::NonNull::new(p.cast()).ok_or_else(io::Error::last_os_error)?;
-        Ok(MappedWords { words, len })
+        Ok(MappedWords {
+            words,
+            len,
+            _map: map,
+        })
     }
 
     fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
@@ -145,10 +153,6 @@ impl MappedWords {
         // SAFETY: inside the mapping, which lives as long as `self`; page-aligned, so
         // every word is 8-aligned.
         unsafe { self.words.add(i).as_ref() }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
     }
 
     pub fn load(&self, i: usize) -> u64 {

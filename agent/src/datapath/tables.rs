@@ -79,45 +79,44 @@ impl Datapath {
         self.listeners
             .insert(key, cfg, 0)
             .map_err(map_err("LISTENERS"))?;
-        self.sync_port(key.port)
+        self.sync_port(key.port);
+        Ok(())
     }
 
     pub fn remove_listener(&mut self, key: &ListenerKey) -> Result<(), DatapathError> {
         absent_ok(self.listeners.remove(key)).map_err(map_err("LISTENERS"))?;
-        self.sync_port(key.port)
+        self.sync_port(key.port);
+        Ok(())
     }
 
     /// Rewrites `port`'s PORTS word (the datapath's pre-filter, and its lone listener:
-    /// `agent_common::ports`) from LISTENERS, with one atomic store.
-    fn sync_port(&mut self, port: u16) -> Result<(), DatapathError> {
+    /// `agent_common::ports`) from LISTENERS.
+    fn sync_port(&self, port: u16) {
         let mine: Vec<_> = self
             .listeners()
             .into_iter()
             .filter(|(k, _)| k.port == port)
             .collect();
-        let want = ports::word(mine.iter().map(|(k, c)| (k, c)));
-        if self.ports.load(usize::from(port)) != want {
-            self.ports.store(usize::from(port), want);
-        }
-        Ok(())
+        self.store_port_word(port, &mine);
     }
 
     /// Rewrites every PORTS word from LISTENERS.
-    pub(super) fn sync_ports(&mut self) -> Result<(), DatapathError> {
+    pub(super) fn sync_ports(&self) {
         let mut by_port: std::collections::BTreeMap<u16, Vec<_>> = Default::default();
-        for (k, c) in self.listeners() {
-            by_port.entry(k.port).or_default().push((k, c));
+        for l in self.listeners() {
+            by_port.entry(l.0.port).or_default().push(l);
         }
-        for port in 0..self.ports.len() {
-            let want = u16::try_from(port)
-                .ok()
-                .and_then(|p| by_port.get(&p))
-                .map_or(0, |l| ports::word(l.iter().map(|(k, c)| (k, c))));
-            if self.ports.load(port) != want {
-                self.ports.store(port, want);
-            }
+        for port in 0..=u16::MAX {
+            self.store_port_word(port, by_port.get(&port).map_or(&[], Vec::as_slice));
         }
-        Ok(())
+    }
+
+    /// One atomic store of the word for `port`'s `listeners`, if it changes.
+    fn store_port_word(&self, port: u16, listeners: &[(ListenerKey, ListenerConfig)]) {
+        let want = ports::word(listeners);
+        if self.ports.load(usize::from(port)) != want {
+            self.ports.store(usize::from(port), want);
+        }
     }
 
     /// Test hook: the programs act as if they had reset nothing for longer than they
