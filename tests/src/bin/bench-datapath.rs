@@ -34,6 +34,30 @@ struct Case {
     real_clock: bool,
 }
 
+impl Case {
+    fn new(
+        name: &'static str,
+        frame: Vec<u8>,
+        verdict: Option<Verdict>,
+        target_ns: Option<f64>,
+    ) -> Case {
+        Case {
+            name,
+            frame,
+            verdict,
+            target_ns,
+            real_clock: false,
+        }
+    }
+
+    fn with_real_clock(self) -> Case {
+        Case {
+            real_clock: true,
+            ..self
+        }
+    }
+}
+
 fn token(len: usize, seed: usize) -> String {
     let a = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     (0..len)
@@ -141,116 +165,99 @@ fn main() -> anyhow::Result<()> {
     let mut ack = Frame::tcp(PORT, b"");
     ack.flags = 0x10;
     let cases = vec![
-        Case {
-            name: "non_http_ack",
-            frame: ack.build(),
-            verdict: None,
-            target_ns: Some(15.0),
-            real_clock: false,
-        },
-        Case {
-            name: "uninspected_port_request",
-            frame: Frame::tcp(9999, &typical_request(&t43)).build(),
-            verdict: None,
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "allowed_typical_43b_token",
-            frame: Frame::tcp(PORT, &typical_request(&t43)).build(),
-            verdict: Some(Verdict::Allow),
-            target_ns: Some(250.0),
-            real_clock: false,
-        },
-        Case {
-            // A token of its own: the others' ramp state lives at the emulated time.
-            name: "allowed_typical_real_clock",
-            frame: Frame::tcp(PORT, &typical_request(&t43_real)).build(),
-            verdict: Some(Verdict::Allow),
-            target_ns: None,
-            real_clock: true,
-        },
-        Case {
-            name: "allowed_typical_reset_listener",
-            frame: Frame::tcp(RESET_PORT, &typical_request(&t43)).build(),
-            verdict: Some(Verdict::Allow),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "allowed_1k_jwt",
-            frame: Frame::tcp(PORT, &typical_request(&t1k)).build(),
-            verdict: Some(Verdict::Allow),
-            target_ns: Some(1500.0),
-            real_clock: false,
-        },
-        Case {
-            name: "allowed_4k_token",
-            frame: Frame::tcp(PORT, &typical_request(&t4k)).build(),
-            verdict: Some(Verdict::Allow),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "missing_token",
-            frame: Frame::tcp(PORT, &Http::get("/v1/reports/x").bytes()).build(),
-            verdict: Some(Verdict::Missing),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            // A full-size body segment of a text upload that happens to start like an
-            // extension method ("Lorem "): passed once its first line is no request line.
-            name: "body_segment_text",
-            frame: Frame::tcp(PORT, &text_body(1400)).build(),
-            verdict: Some(Verdict::Pass),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "malformed_scheme",
-            frame: Frame::tcp(
+        Case::new("non_http_ack", ack.build(), None, Some(15.0)),
+        Case::new(
+            "uninspected_port_request",
+            Frame::tcp(9999, &typical_request(&t43)).build(),
+            None,
+            None,
+        ),
+        Case::new(
+            "allowed_typical_43b_token",
+            Frame::tcp(PORT, &typical_request(&t43)).build(),
+            Some(Verdict::Allow),
+            Some(250.0),
+        ),
+        // A token of its own: the others' ramp state lives at the emulated time.
+        Case::new(
+            "allowed_typical_real_clock",
+            Frame::tcp(PORT, &typical_request(&t43_real)).build(),
+            Some(Verdict::Allow),
+            None,
+        )
+        .with_real_clock(),
+        Case::new(
+            "allowed_typical_reset_listener",
+            Frame::tcp(RESET_PORT, &typical_request(&t43)).build(),
+            Some(Verdict::Allow),
+            None,
+        ),
+        Case::new(
+            "allowed_1k_jwt",
+            Frame::tcp(PORT, &typical_request(&t1k)).build(),
+            Some(Verdict::Allow),
+            Some(1500.0),
+        ),
+        Case::new(
+            "allowed_4k_token",
+            Frame::tcp(PORT, &typical_request(&t4k)).build(),
+            Some(Verdict::Allow),
+            None,
+        ),
+        Case::new(
+            "missing_token",
+            Frame::tcp(PORT, &Http::get("/v1/reports/x").bytes()).build(),
+            Some(Verdict::Missing),
+            None,
+        ),
+        // A full-size body segment of a text upload that happens to start like an
+        // extension method ("Lorem "): passed once its first line is no request line.
+        Case::new(
+            "body_segment_text",
+            Frame::tcp(PORT, &text_body(1400)).build(),
+            Some(Verdict::Pass),
+            None,
+        ),
+        Case::new(
+            "malformed_scheme",
+            Frame::tcp(
                 PORT,
                 &Http::get("/v1/reports/x")
                     .header("Authorization: Basic dXNlcjpwYXNz")
                     .bytes(),
             )
             .build(),
-            verdict: Some(Verdict::Malformed),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "malformed_token_char",
-            frame: Frame::tcp(
+            Some(Verdict::Malformed),
+            None,
+        ),
+        Case::new(
+            "malformed_token_char",
+            Frame::tcp(
                 PORT,
                 &Http::get("/v1/reports/x")
                     .bearer(&format!("{},", token(42, 5)))
                     .bytes(),
             )
             .build(),
-            verdict: Some(Verdict::Malformed),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "unknown_token_short",
-            frame: Frame::tcp(
+            Some(Verdict::Malformed),
+            None,
+        ),
+        Case::new(
+            "unknown_token_short",
+            Frame::tcp(
                 PORT,
                 &Http::get("/v1/reports/x").bearer(&token(43, 9)).bytes(),
             )
             .build(),
-            verdict: Some(Verdict::Unknown),
-            target_ns: None,
-            real_clock: false,
-        },
-        Case {
-            name: "unknown_token",
-            frame: Frame::tcp(PORT, &typical_request(&token(43, 9))).build(),
-            verdict: Some(Verdict::Unknown),
-            target_ns: None,
-            real_clock: false,
-        },
+            Some(Verdict::Unknown),
+            None,
+        ),
+        Case::new(
+            "unknown_token",
+            Frame::tcp(PORT, &typical_request(&token(43, 9))).build(),
+            Some(Verdict::Unknown),
+            None,
+        ),
     ];
 
     let mut results: BTreeMap<String, f64> = BTreeMap::new();
