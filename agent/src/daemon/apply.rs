@@ -182,21 +182,12 @@ fn ramp_restarts(
     issued: &HashMap<Fingerprint, String>,
 ) -> Vec<Fingerprint> {
     // A token's ramp restarts only when what its contract says changed.
-    let old_def = |name: &str| -> Option<&Contract> {
-        old.contracts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c)
-    };
-    let new_def = |name: &str| -> Option<&Contract> {
-        new.contracts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c)
-    };
-    let contract_name = |p: &CompiledPolicy, idx: u32| -> Option<String> {
-        p.contracts.get(idx as usize).map(|(n, _)| n.clone())
-    };
+    fn def<'p>(p: &'p CompiledPolicy, name: &str) -> Option<&'p Contract> {
+        p.contracts.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+    fn name(p: &CompiledPolicy, idx: u32) -> Option<&str> {
+        p.contracts.get(idx as usize).map(|(n, _)| n.as_str())
+    }
     // By fingerprint: a policy may list hundreds of thousands of static tokens.
     let old_contract: HashMap<Fingerprint, u32> = old
         .tokens
@@ -205,20 +196,15 @@ fn ramp_restarts(
         .collect();
     let mut changed: Vec<Fingerprint> = Vec::new();
     for t in &new.tokens {
-        let now = contract_name(new, t.info.contract);
-        let before = old_contract
-            .get(&t.fingerprint)
-            .and_then(|c| contract_name(old, *c));
-        let differs = match (&before, &now) {
-            (Some(b), Some(n)) => b != n || old_def(b) != new_def(n),
-            _ => false,
-        };
-        if differs {
-            changed.push(t.fingerprint);
+        let before = old_contract.get(&t.fingerprint).and_then(|c| name(old, *c));
+        if let (Some(b), Some(n)) = (before, name(new, t.info.contract)) {
+            if b != n || def(old, b) != def(new, n) {
+                changed.push(t.fingerprint);
+            }
         }
     }
-    for (fp, name) in issued {
-        if old_def(name).is_some() && old_def(name) != new_def(name) {
+    for (fp, n) in issued {
+        if def(old, n).is_some() && def(old, n) != def(new, n) {
             changed.push(*fp);
         }
     }
