@@ -136,6 +136,14 @@ fn fresh_pin_dir(tag: &str) -> std::path::PathBuf {
 }
 
 impl Fixture {
+    /// `loaded` with pins under `pins` (a fresh set, or the maps an earlier load left
+    /// there), and nothing else configured.
+    fn pinned(pins: &std::path::Path) -> Fixture {
+        Fixture {
+            dp: loaded(Some(pins.to_path_buf())),
+        }
+    }
+
     fn new(l: ListenerConfig) -> Fixture {
         require_root();
         let mut dp = loaded(None);
@@ -959,9 +967,7 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
         ..Default::default()
     };
 
-    let mut f = Fixture {
-        dp: loaded(Some(pins.clone())),
-    };
+    let mut f = Fixture::pinned(&pins);
     f.dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::DROP))
         .unwrap();
     f.dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
@@ -997,9 +1003,7 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
     );
     drop(f);
     // ...and a daemon of this version adopting the maps flags it before anything runs.
-    let mut f = Fixture {
-        dp: loaded(Some(pins.clone())),
-    };
+    let mut f = Fixture::pinned(&pins);
     assert!(f
         .dp
         .token(&fp(GOOD))
@@ -1183,9 +1187,7 @@ fn adopted_listeners_are_judged_through_rebuilt_port_words() {
     std::fs::remove_file(pins.join("PORTS_V2")).unwrap();
     let legacy = pins.join("PORTS");
     pin_hash_map(&legacy, 4, 8, 1024);
-    let mut f = Fixture {
-        dp: loaded(Some(pins.clone())),
-    };
+    let mut f = Fixture::pinned(&pins);
     assert!(!legacy.exists(), "the earlier PORTS pin must be gone");
     assert!(pins.join("PORTS_V2").exists());
     for hook in [Hook::Xdp, Hook::Tc] {
@@ -1207,9 +1209,7 @@ fn retransmission_of_a_segment_reset_before_a_restart_is_answered() {
     let pins = fresh_pin_dir("resets");
     let bytes = Frame::tcp(PORT, &Http::get("/").bearer(UNKNOWN).bytes()).build();
     {
-        let mut f = Fixture {
-            dp: loaded(Some(pins.clone())),
-        };
+        let mut f = Fixture::pinned(&pins);
         f.dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::RESET))
             .unwrap();
         let (ret, _, v) = f.run(Hook::Xdp, &bytes);
@@ -1219,9 +1219,7 @@ fn retransmission_of_a_segment_reset_before_a_restart_is_answered() {
             "RST to the server"
         );
     }
-    let mut f = Fixture {
-        dp: loaded(Some(pins.clone())),
-    };
+    let mut f = Fixture::pinned(&pins);
     let (ret, _, v) = f.run(Hook::Xdp, &bytes);
     assert_eq!((ret, v), (XDP_TX, None), "RST back to the client");
     drop(f);
