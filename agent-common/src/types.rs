@@ -173,6 +173,11 @@ pub struct TokenInfo {
     pub expires_ns: u64,
     /// Explicit ramp start; 0 = the first request starts the ramp.
     pub ramp_start_ns: u64,
+    /// The token's `TOKEN_STATE` index. Userspace's `Datapath` assigns it (whatever an
+    /// `install_token` caller passes): one slot per installed fingerprint, zeroed before
+    /// the entry that names it is written.
+    pub state_slot: u32,
+    pub _pad: u32,
 }
 
 /// One ramp stage: from `after_ns` past the ramp start, GCRA with emission interval
@@ -217,7 +222,9 @@ impl Default for Scope {
     }
 }
 
-/// `TOKEN_STATE` value: per-token runtime state, updated lock-free by the datapath.
+/// `TOKEN_STATE[TokenInfo::state_slot]`: per-token runtime state, updated lock-free by the
+/// datapath. All zero: the token has not been seen since its slot was assigned (or its
+/// ramp restarted); the first admission fills in `first_seen_ns` and the ramp start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenState {

@@ -256,7 +256,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     seen.fingerprint = fp;
     // SAFETY: map value pointer valid for this run.
     let info: TokenInfo = unsafe { *info };
-    let v = known_token(cfg, &fp, &info, buf, &line, method);
+    let v = known_token(cfg, &info, buf, &line, method);
     // An admission is counted in TOKEN_STATE by `ramp::admit_request`.
     if v != Verdict::Allow {
         count_token(&fp, v);
@@ -267,7 +267,6 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
 #[inline(always)]
 fn known_token(
     cfg: &GlobalConfig,
-    fp: &agent_common::Fingerprint,
     info: &TokenInfo,
     buf: Buf,
     line: &http::RequestLine,
@@ -287,7 +286,7 @@ fn known_token(
     if info.flags & TOKEN_ANY_SCOPE == 0 && !in_scope(info.scopes, buf, line, method) {
         return Verdict::OutOfScope;
     }
-    if ramp::admit_request(fp, info, now) {
+    if ramp::admit_request(info, now) {
         Verdict::Allow
     } else {
         Verdict::Throttled

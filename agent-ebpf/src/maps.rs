@@ -46,11 +46,12 @@ pub static CONTRACTS: Array<Contract> = Array::with_max_entries(MAX_CONTRACTS, 0
 #[map]
 pub static SCOPES: Array<Scope> = Array::with_max_entries(MAX_SCOPES as u32, 0);
 
-/// Fingerprint → ramp position and GCRA state. Written by the datapath (CAS); userspace
-/// deletes entries whose contract changed. Set at load.
+/// Ramp position and GCRA state by `TokenInfo::state_slot`: an array, so the admission
+/// reaches it with an inlined load instead of a second hash lookup. Written by the
+/// datapath (CAS); userspace assigns and zeroes slots, through its mmap. Set at load.
 #[map]
-pub static TOKEN_STATE: HashMap<Fingerprint, TokenState> =
-    HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
+pub static TOKEN_STATE: Array<TokenState> =
+    Array::with_max_entries(DEFAULT_MAX_TOKENS, BPF_F_MMAPABLE);
 
 /// Per-CPU requests by verdict, row per listener (row MAX_LISTENERS: unattributed). Datapath.
 #[map]
@@ -101,7 +102,6 @@ pub struct Scratch {
     pub path: crate::http::PathScan,
     pub scope: crate::judge::ScopeScan,
     pub new_stats: TokenStats,
-    pub new_state: TokenState,
     pub seen: crate::judge::Seen,
     pub flow: FlowKey,
 }

@@ -5,55 +5,54 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use agent_common::{
     gcra::{admit, effective_stage},
-    Fingerprint, TokenInfo, TokenState, MAX_STAGES,
+    TokenInfo, MAX_STAGES,
 };
-use aya_ebpf::bindings::BPF_NOEXIST;
 
-use crate::{
-    http::zero_words,
-    maps::{CONTRACTS, SCRATCH, TOKEN_STATE},
-};
+use crate::maps::{CONTRACTS, TOKEN_STATE};
 
 const CAS_TRIES: usize = 8;
 
 /// True when the request is admitted. Anything we cannot account for is a throttle.
 #[inline(always)]
-pub fn admit_request(fp: &Fingerprint, info: &TokenInfo, now: u64) -> bool {
+pub fn admit_request(info: &TokenInfo, now: u64) -> bool {
     let Some(contract) = CONTRACTS.get(info.contract) else {
         return false;
     };
-    let state = match TOKEN_STATE.get_ptr_mut(fp) {
-        Some(s) => s,
-        None => {
-            let scratch = SCRATCH.get_ptr_mut(0).ok_or(()).ok();
-            let Some(scratch) = scratch else {
-                return false;
-            };
-            // SAFETY: the per-CPU scratch map value (the stack is nearly full).
-            let fresh = unsafe { &mut (*scratch).new_state };
-            zero_words(fresh as *mut TokenState);
-            fresh.ramp_start_ns = if info.ramp_start_ns != 0 {
+    let Some(state) = TOKEN_STATE.get_ptr_mut(info.state_slot) else {
+        return false;
+    };
+    // SAFETY: `state` points into a map value that stays valid for this program run.
+    let st = unsafe { &mut *state };
+    // SAFETY: aligned u64 inside the map value.
+    if unsafe { core::ptr::read_volatile(&st.first_seen_ns) } == 0 {
+        // A fresh slot (userspace zeroed it when it assigned it). Of CPUs racing here,
+        // the one whose compare-and-swap lands records the ramp start; the others (and
+        // anyone reading a ramp start of 0 meanwhile) start the ramp at their own now,
+        // which is the same moment to within the race.
+        // SAFETY: as above; the BPF cmpxchg instruction.
+        let (_, first) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &mut st.first_seen_ns,
+                0,
+                now,
+            )
+        };
+        if first {
+            st.ramp_start_ns = if info.ramp_start_ns != 0 {
                 info.ramp_start_ns
             } else {
                 now
             };
-            fresh.first_seen_ns = now;
-            fresh.contract = info.contract;
-            // A racing CPU may have inserted first; either way the entry exists now.
-            let _ = TOKEN_STATE.insert(fp, fresh, BPF_NOEXIST as u64);
-            match TOKEN_STATE.get_ptr_mut(fp) {
-                Some(s) => s,
-                None => return false,
-            }
+            st.contract = info.contract;
         }
-    };
-    // SAFETY: `state` points into a map value that stays valid for this program run.
-    let st = unsafe { &mut *state };
+    }
     st.last_seen_ns = now;
     let start = if info.ramp_start_ns != 0 {
         info.ramp_start_ns
-    } else {
+    } else if st.ramp_start_ns != 0 {
         st.ramp_start_ns
+    } else {
+        now
     };
     let elapsed = now.saturating_sub(start);
     let penalised = now < st.penalty_until_ns;

@@ -429,6 +429,8 @@ pub fn token_info(rec: &TokenRecord, grant: Grant) -> TokenInfo {
         // A (theoretical) expiry at the epoch must not read as "never expires" (0).
         expires_ns: rec.expires_at.map_or(0, |e| unix_to_tai_ns(e).max(1)),
         ramp_start_ns: 0,
+        // Assigned by the datapath.
+        ..TokenInfo::default()
     }
 }
 

@@ -992,10 +992,12 @@ fn revocation_flag_survives_reinstall_and_is_set_on_adopted_maps() {
     // What an older daemon leaves behind: the entry without the flag, written straight
     // into the pinned map. These programs would serve the token...
     {
-        let map = aya::maps::MapData::from_pin(pins.join("TOKENS")).expect("open pinned TOKENS");
+        let map = aya::maps::MapData::from_pin(pins.join("TOKENS_V2")).expect("open pinned TOKENS");
         let mut tokens: aya::maps::HashMap<_, agent_common::Fingerprint, TokenInfo> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
-        tokens.insert(fp(GOOD), any, 0).unwrap();
+        let mut info = tokens.get(&fp(GOOD), 0).unwrap();
+        info.flags &= !TOKEN_REVOKED;
+        tokens.insert(fp(GOOD), info, 0).unwrap();
     }
     assert_eq!(
         f.fate(Hook::Xdp, &frame),
@@ -1053,44 +1055,163 @@ fn allowed_counts_live_in_the_state_and_survive_a_ramp_restart() {
     );
 }
 
-/// A TOKEN_STATE pinned by a daemon from before `TokenState::allowed` (56-byte values,
-/// pinned as `TOKEN_STATE`) is moved into this version's map at load, and its pin removed.
+/// Maps an earlier daemon pinned in layouts this version no longer uses: TOKENS without
+/// state slots (40-byte values) and TOKEN_STATE as a hash by fingerprint, either before
+/// `TokenState::allowed` (56 bytes, pinned as `TOKEN_STATE`) or after (64 bytes, as
+/// `TOKEN_STATE_V2`). Loading moves the tokens and their state into this version's maps,
+/// removes the old pins, and the programs then judge with the moved state.
 #[test]
-fn earlier_token_state_pin_is_moved_into_the_new_layout() {
+fn earlier_tokens_and_token_state_pins_are_moved_into_the_new_layout() {
     require_root();
-    let pins = fresh_pin_dir("statev1");
-    std::fs::create_dir_all(&pins).unwrap();
-    let legacy = pins.join("TOKEN_STATE");
-    pin_hash_map(&legacy, 16, 56, 64);
-    {
-        let map = aya::maps::MapData::from_pin(&legacy).expect("open the v1 pin");
-        let mut old: aya::maps::HashMap<_, agent_common::Fingerprint, [u64; 7]> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
-        // tat, ramp start, penalty until, first seen, last seen, breaches, contract|stage<<32
-        old.insert(
-            fp(GOOD),
-            [NOW + 5, NOW - 100, 0, NOW - 100, NOW - 1, 7, 2 << 32],
-            0,
-        )
-        .unwrap();
-    }
-    let dp = loaded(Some(pins.clone()));
-    assert_eq!(
-        dp.token_state(&fp(GOOD)),
-        Some(TokenState {
-            tat_ns: NOW + 5,
+    for (state_pin, state_size) in [("TOKEN_STATE", 56u32), ("TOKEN_STATE_V2", 64)] {
+        let pins = fresh_pin_dir(&format!("migrate-{state_size}"));
+        std::fs::create_dir_all(&pins).unwrap();
+        let old_tokens = pins.join("TOKENS");
+        pin_hash_map(&old_tokens, 16, 40, 64);
+        {
+            let map = aya::maps::MapData::from_pin(&old_tokens).expect("open the v1 pin");
+            let mut old: aya::maps::HashMap<_, agent_common::Fingerprint, [u64; 5]> =
+                aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+            // contract | flags << 32, scopes, not before, expires, ramp start
+            let any_scope = u64::from(TOKEN_ANY_SCOPE) << 32;
+            old.insert(
+                fp(GOOD),
+                [any_scope, 0, 0, NOW + 3600 * NANOS_PER_SEC, 0],
+                0,
+            )
+            .unwrap();
+            old.insert(fp(SLOW), [any_scope, 0, 0, 0, 0], 0).unwrap();
+        }
+        let old_state = pins.join(state_pin);
+        pin_hash_map(&old_state, 16, state_size, 64);
+        {
+            let map = aya::maps::MapData::from_pin(&old_state).expect("open the old state pin");
+            // tat, ramp start, penalty until, first seen, last seen, breaches,
+            // contract | stage << 32 (and, in the 64-byte layout, allowed)
+            let st = [NOW - 5, NOW - 100, 0, NOW - 100, NOW - 1, 7, 2 << 32, 11];
+            if state_size == 56 {
+                let mut old: aya::maps::HashMap<_, agent_common::Fingerprint, [u64; 7]> =
+                    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+                let v1: [u64; 7] = st[..7].try_into().unwrap();
+                old.insert(fp(GOOD), v1, 0).unwrap();
+                // No token: dropped.
+                old.insert(fp(UNKNOWN), v1, 0).unwrap();
+            } else {
+                let mut old: aya::maps::HashMap<_, agent_common::Fingerprint, [u64; 8]> =
+                    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+                old.insert(fp(GOOD), st, 0).unwrap();
+                old.insert(fp(UNKNOWN), st, 0).unwrap();
+            }
+        }
+        let mut f = Fixture::pinned(&pins);
+        assert!(!old_tokens.exists(), "the v1 TOKENS pin must be gone");
+        assert!(!old_state.exists(), "the old {state_pin} pin must be gone");
+        let good = f.dp.token(&fp(GOOD)).expect("GOOD moved into TOKENS");
+        assert_eq!(good.flags, TOKEN_ANY_SCOPE);
+        assert_eq!(good.expires_ns, NOW + 3600 * NANOS_PER_SEC);
+        let slow = f.dp.token(&fp(SLOW)).expect("SLOW moved into TOKENS");
+        assert_ne!(good.state_slot, slow.state_slot, "one state slot per token");
+        let allowed = if state_size == 56 { 0 } else { 11 };
+        let moved = TokenState {
+            tat_ns: NOW - 5,
             ramp_start_ns: NOW - 100,
             first_seen_ns: NOW - 100,
             last_seen_ns: NOW - 1,
             breaches: 7,
             contract: 0,
             stage: 2,
+            allowed,
             ..Default::default()
-        })
+        };
+        assert_eq!(f.dp.token_state(&fp(GOOD)), Some(moved));
+        assert_eq!(f.dp.token_state(&fp(SLOW)), None, "SLOW was never seen");
+        assert_eq!(f.dp.runtime_totals().unwrap().token_states, 1);
+        // The programs read the moved state: the request counts in it, next to the
+        // moved breaches, and its ramp start stays the moved one.
+        f.dp.set_listener(listener_key(0), listener(mode::ENFORCE, deny_action::DROP))
+            .unwrap();
+        f.dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))
+            .unwrap();
+        let frame = req(Http::get("/v1/x").bearer(GOOD));
+        assert_eq!(
+            f.fate(Hook::Xdp, &frame),
+            (Fate::Passes, Some(Verdict::Allow))
+        );
+        let after = f.dp.token_state(&fp(GOOD)).unwrap();
+        assert_eq!(
+            (
+                after.allowed,
+                after.breaches,
+                after.ramp_start_ns,
+                after.last_seen_ns
+            ),
+            (allowed + 1, 7, NOW - 100, NOW)
+        );
+        drop(f);
+        std::fs::remove_dir_all(&pins).unwrap();
+    }
+}
+
+/// The programs find a token's runtime state through its TOKENS entry's slot: a fresh
+/// slot starts the ramp at the first request, removing a token frees its slot (zeroed),
+/// and a token installed later in the same slot starts from nothing, not from the removed
+/// token's GCRA position.
+#[test]
+fn a_reused_state_slot_starts_fresh() {
+    let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
+    // Contract 1: one request per second, no burst.
+    let one_per_sec = TokenInfo {
+        contract: 1,
+        flags: TOKEN_ANY_SCOPE,
+        ..Default::default()
+    };
+    let tokens: Vec<String> = (0..3)
+        .map(|i| format!("rmp_SlotToken{i}_0123456789abcdefghij"))
+        .collect();
+    let frame = |t: &str| req(Http::get("/v1/x").bearer(t));
+    f.dp.install_token(fp(&tokens[0]), one_per_sec).unwrap();
+    assert_eq!(f.dp.token_state(&fp(&tokens[0])), None);
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame(&tokens[0])).1,
+        Some(Verdict::Allow)
     );
-    assert!(!legacy.exists(), "the v1 pin must be gone");
-    drop(dp);
-    std::fs::remove_dir_all(&pins).unwrap();
+    let st =
+        f.dp.token_state(&fp(&tokens[0]))
+            .expect("state after the first request");
+    assert_eq!(
+        (st.first_seen_ns, st.ramp_start_ns, st.contract),
+        (NOW, NOW, 1)
+    );
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame(&tokens[0])).1,
+        Some(Verdict::Throttled),
+        "1/s without burst: the second request in the same instant is throttled"
+    );
+    let slot = f.dp.token(&fp(&tokens[0])).unwrap().state_slot;
+    f.dp.remove_token(&fp(&tokens[0])).unwrap();
+    // Take every never-used slot first (the fixture's tokens hold some), so the next
+    // install gets the freed one.
+    let mut fillers = 0u32;
+    let reused = loop {
+        let t = format!("rmp_FillerToken{fillers}_0123456789abcdef");
+        f.dp.install_token(fp(&t), one_per_sec).unwrap();
+        let s = f.dp.token(&fp(&t)).unwrap().state_slot;
+        fillers += 1;
+        if s == slot {
+            break t;
+        }
+        assert!(fillers <= 4096, "the freed slot never came back");
+    };
+    assert_eq!(
+        f.dp.token_state(&fp(&reused)),
+        None,
+        "a reused slot starts zeroed"
+    );
+    assert_eq!(
+        f.fate(Hook::Xdp, &frame(&reused)).1,
+        Some(Verdict::Allow),
+        "the removed token's GCRA position must not carry over"
+    );
 }
 
 /// Creates a BPF hash map and pins it at `path` (what an earlier daemon left).

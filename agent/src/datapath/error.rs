@@ -44,6 +44,10 @@ pub enum DatapathError {
         index: u32,
         max: u32,
     },
+    #[error("the {what} table is full ({max} entries)")]
+    Full { what: &'static str, max: u32 },
+    #[error("no installed token has this fingerprint")]
+    NotInstalled,
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

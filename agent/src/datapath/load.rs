@@ -19,7 +19,8 @@ use aya::{
 use super::{
     error::{map_err, prog_err, DatapathError},
     migrate,
-    sys::MappedWords,
+    slots::Slots,
+    sys::{MappedArray, MappedWords},
 };
 use crate::EBPF_OBJECT;
 
@@ -91,7 +92,9 @@ pub struct Datapath {
     pub(super) revoked: HashMap<MapData, Fingerprint, u64>,
     pub(super) contracts: Array<MapData, Contract>,
     pub(super) scopes: Array<MapData, Scope>,
-    pub(super) token_state: HashMap<MapData, Fingerprint, TokenState>,
+    /// `TOKEN_STATE`, mmapped, and who owns which of its slots.
+    pub(super) token_state: MappedArray<TokenState>,
+    pub(super) slots: Slots,
     pub(super) verdict_stats: PerCpuArray<MapData, u64>,
     pub(super) token_stats: PerCpuHashMap<MapData, Fingerprint, TokenStats>,
     pub(super) event_budget: PerCpuArray<MapData, EventBudget>,
@@ -185,6 +188,12 @@ impl Datapath {
                 name: "PORTS",
                 source,
             })?;
+        let token_state = MappedArray::new(take(&mut ebpf, "TOKEN_STATE")?).map_err(|source| {
+            DatapathError::Mmap {
+                name: "TOKEN_STATE",
+                source,
+            }
+        })?;
         let mut dp = Datapath {
             config: take(&mut ebpf, "CONFIG")?,
             ports,
@@ -193,7 +202,8 @@ impl Datapath {
             revoked: take(&mut ebpf, "REVOKED")?,
             contracts: take(&mut ebpf, "CONTRACTS")?,
             scopes: take(&mut ebpf, "SCOPES")?,
-            token_state: take(&mut ebpf, "TOKEN_STATE")?,
+            token_state,
+            slots: Slots::default(),
             verdict_stats: take(&mut ebpf, "VERDICT_STATS")?,
             token_stats: take(&mut ebpf, "TOKEN_STATS")?,
             event_budget: take(&mut ebpf, "EVENT_BUDGET")?,
@@ -204,14 +214,9 @@ impl Datapath {
         // Adopted listeners (or a pin dir from before PORTS existed) must be judged by
         // the new programs from their first packet.
         dp.sync_ports();
-        if let Some(dir) = &dp.options.pin_dir {
-            let moved = migrate::token_state_v1(dir, &mut dp.token_state)?;
-            if moved > 0 {
-                tracing::info!(
-                    moved,
-                    "moved token runtime state from an earlier version's pin"
-                );
-            }
+        dp.adopt_token_slots()?;
+        if let Some(dir) = dp.options.pin_dir.clone() {
+            dp.migrate_tokens(&dir)?;
         }
         let flagged = dp.flag_all_revoked()?;
         if flagged > 0 {

@@ -8,19 +8,19 @@
 
 use std::path::Path;
 
-use agent_common::{Fingerprint, TokenState};
-use aya::maps::{HashMap, Map, MapData, MapError};
+use agent_common::{Fingerprint, TokenInfo, TokenState};
+use aya::maps::{HashMap, Map, MapData};
 
 use super::{error::map_err, DatapathError};
-
-/// linux/bpf.h: insert only, never replace.
-const BPF_NOEXIST: u64 = 1;
 
 /// The file `name` is pinned as under the bpffs dir.
 pub fn pin_file(name: &str) -> &str {
     match name {
-        // v2: `TokenState::allowed` (56 → 64 bytes).
-        "TOKEN_STATE" => "TOKEN_STATE_V2",
+        // v2: `TokenInfo::state_slot` (40 → 48 bytes).
+        "TOKENS" => "TOKENS_V2",
+        // v2: `TokenState::allowed` (56 → 64 bytes). v3: an array by `state_slot`, no
+        // longer a hash by fingerprint.
+        "TOKEN_STATE" => "TOKEN_STATE_V3",
         // v2: a listener word per port (was a bitmap of judged ports).
         "PORTS" => "PORTS_V2",
         other => other,
@@ -61,35 +61,77 @@ impl From<TokenStateV1> for TokenState {
     }
 }
 
-/// Moves an earlier version's `TOKEN_STATE` pin (ramp positions, GCRA state, breaches)
-/// into `into`, then removes it. Returns the entries moved. An entry `into` already
-/// holds wins. The earlier version's programs, still attached until this daemon
-/// replaces them, may update the old map after the copy: at most the requests of that
-/// moment go uncounted in the new one.
-pub fn token_state_v1(
+/// `TOKENS` values as daemons before `TokenInfo::state_slot` pinned them (40 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct TokenInfoV1 {
+    contract: u32,
+    flags: u32,
+    scopes: u64,
+    not_before_ns: u64,
+    expires_ns: u64,
+    ramp_start_ns: u64,
+}
+
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for TokenInfoV1 {}
+
+impl From<TokenInfoV1> for TokenInfo {
+    fn from(v: TokenInfoV1) -> Self {
+        TokenInfo {
+            contract: v.contract,
+            flags: v.flags,
+            scopes: v.scopes,
+            not_before_ns: v.not_before_ns,
+            expires_ns: v.expires_ns,
+            ramp_start_ns: v.ramp_start_ns,
+            ..TokenInfo::default()
+        }
+    }
+}
+
+/// Hands every entry of the hash map pinned at `dir/file` (values of type `V`) to `f`,
+/// then removes the pin. Returns the entries handed over (0 when there is no such pin).
+/// The earlier version's programs, still attached until this daemon replaces them, may
+/// update the old map after the walk: at most the requests of that moment go uncounted.
+fn drain_pin<V: aya::Pod>(
     dir: &Path,
-    into: &mut HashMap<MapData, Fingerprint, TokenState>,
+    file: &'static str,
+    mut f: impl FnMut(Fingerprint, V) -> Result<(), DatapathError>,
 ) -> Result<usize, DatapathError> {
-    let path = dir.join("TOKEN_STATE");
+    let path = dir.join(file);
     if !path.exists() {
         return Ok(0);
     }
-    let old = MapData::from_pin(&path).map_err(map_err("TOKEN_STATE (v1 pin)"))?;
-    let old: HashMap<MapData, Fingerprint, TokenStateV1> =
-        HashMap::try_from(Map::HashMap(old)).map_err(map_err("TOKEN_STATE (v1 pin)"))?;
-    let mut moved = 0;
-    for (fp, st) in old.iter().filter_map(Result::ok) {
-        match into.insert(fp, TokenState::from(st), BPF_NOEXIST) {
-            Ok(()) => moved += 1,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => {
-                return Err(DatapathError::Map {
-                    name: "TOKEN_STATE",
-                    source: e,
-                })
-            }
-        }
+    let old = MapData::from_pin(&path).map_err(map_err(file))?;
+    let old: HashMap<MapData, Fingerprint, V> =
+        HashMap::try_from(Map::HashMap(old)).map_err(map_err(file))?;
+    let mut n = 0;
+    for (fp, v) in old.iter().filter_map(Result::ok) {
+        f(fp, v)?;
+        n += 1;
     }
     std::fs::remove_file(&path).map_err(|source| DatapathError::Io { path, source })?;
-    Ok(moved)
+    Ok(n)
+}
+
+/// An earlier version's `TOKENS` pin (no state slots): every entry to `f`, then the pin
+/// is removed.
+pub fn tokens_v1(
+    dir: &Path,
+    mut f: impl FnMut(Fingerprint, TokenInfo) -> Result<(), DatapathError>,
+) -> Result<usize, DatapathError> {
+    drain_pin(dir, "TOKENS", |fp, v: TokenInfoV1| f(fp, v.into()))
+}
+
+/// Earlier versions' `TOKEN_STATE` pins, hashes by fingerprint (`TOKEN_STATE_V2`, and the
+/// 56-byte values pinned as `TOKEN_STATE` before `TokenState::allowed`): every entry to
+/// `f`, then the pins are removed.
+pub fn token_states(
+    dir: &Path,
+    mut f: impl FnMut(Fingerprint, TokenState) -> Result<(), DatapathError>,
+) -> Result<usize, DatapathError> {
+    let v2 = drain_pin(dir, "TOKEN_STATE_V2", |fp, st: TokenState| f(fp, st))?;
+    let v1 = drain_pin(dir, "TOKEN_STATE", |fp, st: TokenStateV1| f(fp, st.into()))?;
+    Ok(v1 + v2)
 }

@@ -8,6 +8,7 @@ pub mod clock;
 mod error;
 mod load;
 mod migrate;
+mod slots;
 mod sys;
 mod tables;
 

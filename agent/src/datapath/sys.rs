@@ -105,24 +105,33 @@ pub(super) fn for_each_entry<K: Copy, V: Copy>(
     }
 }
 
-/// A BPF array of u64 words mapped into this process (the map was created with
-/// BPF_F_MMAPABLE): single-word atomic loads and stores, which `bpf(BPF_MAP_UPDATE_ELEM)`
-/// (a byte copy in the kernel) does not promise.
-pub struct MappedWords {
+/// A BPF array mapped into this process (the map was created with BPF_F_MMAPABLE), read
+/// and written a u64 word at a time with atomic loads and stores, which
+/// `bpf(BPF_MAP_UPDATE_ELEM)` (a byte copy in the kernel) does not promise. `V` is the
+/// map's value type: plain old data, 8-aligned, a whole number of words.
+pub struct MappedArray<V: aya::Pod> {
     words: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
     len: usize,
     /// Keeps the map's fd open: programs loaded later were relocated against it.
-    _map: aya::maps::Array<aya::maps::MapData, u64>,
+    _map: aya::maps::Array<aya::maps::MapData, V>,
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for MappedWords {}
-// SAFETY: as above.
-unsafe impl Sync for MappedWords {}
+/// The PORTS words.
+pub type MappedWords = MappedArray<u64>;
 
-impl MappedWords {
-    /// Maps every word of `map`.
-    pub fn new(map: aya::maps::Array<aya::maps::MapData, u64>) -> io::Result<Self> {
+// SAFETY: the mapping is shared memory accessed only through atomics.
+unsafe impl<V: aya::Pod> Send for MappedArray<V> {}
+// SAFETY: as above.
+unsafe impl<V: aya::Pod> Sync for MappedArray<V> {}
+
+impl<V: aya::Pod> MappedArray<V> {
+    const WORDS: usize = {
+        assert!(std::mem::size_of::<V>().is_multiple_of(8) && std::mem::align_of::<V>() == 8);
+        std::mem::size_of::<V>() / 8
+    };
+
+    /// Maps every value of `map`.
+    pub fn new(map: aya::maps::Array<aya::maps::MapData, V>) -> io::Result<Self> {
         use aya::maps::IterableMap as _;
         let len = map.len() as usize;
         // SAFETY: a fresh shared mapping of the map's value area; the kernel checks the
@@ -130,7 +139,7 @@ impl MappedWords {
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len * 8,
+                len * Self::WORDS * 8,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.map().fd().as_fd().as_raw_fd(),
@@ -141,32 +150,64 @@ impl MappedWords {
             return Err(io::Error::last_os_error());
         }
         let words = std::ptr::NonNull::new(p.cast()).ok_or_else(io::Error::last_os_error)?;
-        Ok(MappedWords {
+        Ok(MappedArray {
             words,
             len,
             _map: map,
         })
     }
 
-    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(i < self.len, "word {i} of {}", self.len);
-        // SAFETY: inside the mapping, which lives as long as `self`; page-aligned, so
-        // every word is 8-aligned.
-        unsafe { self.words.add(i).as_ref() }
+    /// Entries (the map's max_entries).
+    pub fn len(&self) -> usize {
+        self.len
     }
 
-    pub fn load(&self, i: usize) -> u64 {
-        self.word(i).load(std::sync::atomic::Ordering::Acquire)
+    fn word(&self, i: usize, w: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < self.len, "entry {i} of {}", self.len);
+        // SAFETY: inside the mapping, which lives as long as `self`; page-aligned, and
+        // values are whole words, so every word is 8-aligned.
+        unsafe { self.words.add(i * Self::WORDS + w).as_ref() }
     }
 
-    pub fn store(&self, i: usize, v: u64) {
-        self.word(i).store(v, std::sync::atomic::Ordering::Release)
+    /// Value `i`, each word read atomically (a value other words of which change
+    /// meanwhile may mix old and new words, as a program's own reads would).
+    pub fn read(&self, i: usize) -> V {
+        let mut v = std::mem::MaybeUninit::<V>::uninit();
+        let dst = v.as_mut_ptr().cast::<u64>();
+        for w in 0..Self::WORDS {
+            let x = self.word(i, w).load(std::sync::atomic::Ordering::Acquire);
+            // SAFETY: inside `v`, which is 8-aligned and WORDS words long.
+            unsafe { dst.add(w).write(x) };
+        }
+        // SAFETY: every word written; V is plain old data, valid for any bytes.
+        unsafe { v.assume_init() }
+    }
+
+    /// Writes value `i` a word at a time, in order.
+    pub fn write(&self, i: usize, v: &V) {
+        let src = (v as *const V).cast::<u64>();
+        for w in 0..Self::WORDS {
+            // SAFETY: inside `v`, 8-aligned and WORDS words long.
+            let x = unsafe { src.add(w).read() };
+            self.word(i, w)
+                .store(x, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
-impl Drop for MappedWords {
+impl MappedArray<u64> {
+    pub fn load(&self, i: usize) -> u64 {
+        self.read(i)
+    }
+
+    pub fn store(&self, i: usize, v: u64) {
+        self.write(i, &v)
+    }
+}
+
+impl<V: aya::Pod> Drop for MappedArray<V> {
     fn drop(&mut self) {
         // SAFETY: the mapping `new` made, unmapped once.
-        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * 8) };
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * Self::WORDS * 8) };
     }
 }

@@ -12,9 +12,14 @@ use aya::{
     Pod,
 };
 
-use super::{error::map_err, sys, Datapath, DatapathError};
+use super::{
+    error::map_err,
+    migrate,
+    slots::{Assigned, Slots},
+    sys, Datapath, DatapathError,
+};
 
-/// What the metrics need from TOKEN_STATE, read in one batched pass.
+/// What the metrics need from TOKEN_STATE, read in one pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeTotals {
     /// Tokens with runtime state (seen since install, or given a ramp start).
@@ -161,6 +166,7 @@ impl Datapath {
 
     /// Adds or replaces what a token may do. Its runtime state is kept. A revoked
     /// fingerprint stays revoked: the entry carries `TOKEN_REVOKED` whatever `info` says.
+    /// The entry's `state_slot` is the fingerprint's own (`Slots`), whatever `info` says.
     pub fn install_token(
         &mut self,
         fp: Fingerprint,
@@ -169,12 +175,88 @@ impl Datapath {
         if self.is_revoked(&fp) {
             info.flags |= TOKEN_REVOKED;
         }
-        self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))
+        let assigned = self.slots.assign(fp).ok_or(DatapathError::Full {
+            what: "token state",
+            max: self.slots.capacity(),
+        })?;
+        info.state_slot = assigned.slot();
+        info._pad = 0;
+        if let Assigned::New(slot) = assigned {
+            // Before any entry names it: the programs take all zero for a fresh state.
+            self.token_state
+                .write(slot as usize, &TokenState::default());
+        }
+        let r = self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"));
+        if r.is_err() && matches!(assigned, Assigned::New(_)) {
+            self.slots.release(&fp);
+        }
+        r
     }
 
+    /// Removes a token and its runtime state.
     pub fn remove_token(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
         absent_ok(self.tokens.remove(fp)).map_err(map_err("TOKENS"))?;
-        absent_ok(self.token_state.remove(fp)).map_err(map_err("TOKEN_STATE"))
+        if let Some(slot) = self.slots.release(fp) {
+            self.token_state
+                .write(slot as usize, &TokenState::default());
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the slot assignment from TOKENS (adopted from pins, or empty): each entry
+    /// keeps its slot, but one that is out of range or already taken gets a fresh one
+    /// (and loses its runtime state). Runs at load, before any program of this version
+    /// can be attached.
+    pub(super) fn adopt_token_slots(&mut self) -> Result<(), DatapathError> {
+        let cap = u32::try_from(self.token_state.len()).unwrap_or(u32::MAX);
+        let mut claims = Vec::new();
+        scan(
+            &self.tokens,
+            "TOKENS",
+            |fp: &Fingerprint, info: &TokenInfo| claims.push((*fp, info.state_slot)),
+        )?;
+        let (slots, homeless) = Slots::rebuild(cap, claims);
+        self.slots = slots;
+        for fp in &homeless {
+            if let Ok(info) = self.tokens.get(fp, 0) {
+                self.install_token(*fp, info)?;
+            }
+        }
+        if !homeless.is_empty() {
+            tracing::warn!(
+                tokens = homeless.len(),
+                "adopted TOKENS entries without a valid state slot got new ones (their ramps restart)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Moves an earlier version's pinned tokens and runtime state (`migrate`) into this
+    /// version's maps. An entry these maps already hold wins; a state whose token is not
+    /// installed is dropped (its token was removed).
+    pub(super) fn migrate_tokens(&mut self, dir: &std::path::Path) -> Result<(), DatapathError> {
+        let tokens = migrate::tokens_v1(dir, |fp, info| {
+            if self.slots.slot(&fp).is_none() {
+                self.install_token(fp, info)?;
+            }
+            Ok(())
+        })?;
+        let states = migrate::token_states(dir, |fp, st| {
+            if let Some(slot) = self.slots.slot(&fp) {
+                if self.token_state.read(slot as usize) == TokenState::default() {
+                    self.token_state.write(slot as usize, &st);
+                }
+            }
+            Ok(())
+        })?;
+        if tokens + states > 0 {
+            tracing::info!(
+                tokens,
+                states,
+                "moved tokens and their runtime state from an earlier version's pins"
+            );
+        }
+        Ok(())
     }
 
     pub fn token(&self, fp: &Fingerprint) -> Option<TokenInfo> {
@@ -230,29 +312,34 @@ impl Datapath {
         self.revoked.keys().filter_map(Result::ok).collect()
     }
 
+    /// An installed token's runtime state; `None` until its first request (or after a
+    /// ramp restart).
     pub fn token_state(&self, fp: &Fingerprint) -> Option<TokenState> {
-        self.token_state.get(fp, 0).ok()
+        let st = self.token_state.read(self.slots.slot(fp)? as usize);
+        (st != TokenState::default()).then_some(st)
     }
 
-    /// Overwrites a token's runtime state (tests emulate time this way; reloads use it to
-    /// restart a ramp whose contract changed).
+    /// Overwrites an installed token's runtime state (tests emulate time this way).
     pub fn set_token_state(
         &mut self,
         fp: Fingerprint,
         st: TokenState,
     ) -> Result<(), DatapathError> {
-        self.token_state
-            .insert(fp, st, 0)
-            .map_err(map_err("TOKEN_STATE"))
+        let slot = self.slots.slot(&fp).ok_or(DatapathError::NotInstalled)?;
+        self.token_state.write(slot as usize, &st);
+        Ok(())
     }
 
     /// Restarts a token's ramp (its contract changed). Its admissions so far, counted in
     /// the state, move to TOKEN_STATS, so the token's counts carry on.
     pub fn reset_token_state(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
-        let Ok(st) = self.token_state.get(fp, 0) else {
+        let Some(st) = self.token_state(fp) else {
             return Ok(());
         };
-        absent_ok(self.token_state.remove(fp)).map_err(map_err("TOKEN_STATE"))?;
+        if let Some(slot) = self.slots.slot(fp) {
+            self.token_state
+                .write(slot as usize, &TokenState::default());
+        }
         if st.allowed != 0 {
             self.add_token_stat(fp, Verdict::Allow, st.allowed)?;
         }
@@ -333,17 +420,18 @@ impl Datapath {
         self.events.take()
     }
 
-    /// Entries in TOKEN_STATE and breaches summed over them: one batched pass, a few
-    /// syscalls however many tokens there are.
+    /// Tokens with runtime state and breaches summed over them: read from the mmapped
+    /// TOKEN_STATE, no syscall however many tokens there are.
     pub fn runtime_totals(&self) -> Result<RuntimeTotals, DatapathError> {
-        let mut breaches = 0u64;
-        let token_states = scan(&self.token_state, "TOKEN_STATE", |_, st: &TokenState| {
-            breaches = breaches.wrapping_add(st.breaches)
-        })?;
-        Ok(RuntimeTotals {
-            token_states,
-            breaches,
-        })
+        let mut totals = RuntimeTotals::default();
+        for (_, slot) in self.slots.assigned() {
+            let st = self.token_state.read(slot as usize);
+            if st != TokenState::default() {
+                totals.token_states += 1;
+                totals.breaches = totals.breaches.wrapping_add(st.breaches);
+            }
+        }
+        Ok(totals)
     }
 
     /// Entries in TOKENS (batched, like `runtime_totals`).
@@ -356,7 +444,7 @@ impl Datapath {
     pub fn fill_levels(&self, totals: Option<RuntimeTotals>) -> Vec<(&'static str, usize, u32)> {
         let token_states = match totals {
             Some(t) => t.token_states,
-            None => scan(&self.token_state, "TOKEN_STATE", |_, _| {}).unwrap_or(0),
+            None => self.runtime_totals().map_or(0, |t| t.token_states),
         };
         vec![
             ("tokens", self.token_count(), self.options.max_tokens),
