@@ -269,8 +269,7 @@ fn snapshot(
         expired: counts.expired,
         not_yet_valid: counts.not_yet_valid,
     };
-    // One batched pass over TOKEN_STATE (a few syscalls for 100k tokens) instead of a
-    // lookup per token.
+    // One pass over the mmapped TOKEN_STATE (no syscall per token).
     let dp = d.enforcer.lock();
     let totals = match dp.runtime_totals() {
         Ok(t) => Some(t),
