@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// Segments up to this size are copied in one helper call (see `decide`).
-const ONE_COPY: usize = 1024;
+const ONE_COPY: usize = crate::packet::DIRECT_COPY_MAX;
 
 /// Covers every header offset the parser accepts (≤ MAX_HEADER_OFFSET + 60).
 const HEADER_OFF_MASK: usize = 4095;
@@ -196,8 +196,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     // A segment of up to ONE_COPY bytes (most requests) is copied at once. A larger one,
     // most often a body, gets a cheap first look: 24 bytes tell most non-requests apart.
     let first = if n <= ONE_COPY { n } else { 24 };
-    if p.load(flow.payload_off, buf.ptr(), copy_len(first, SCAN_BYTES))
-        .is_err()
+    if crate::packet::copy_in(p, flow.payload_off, buf.ptr(), copy_len(first, SCAN_BYTES)).is_err()
     {
         return Verdict::Malformed;
     }

@@ -1346,3 +1346,52 @@ fn retransmission_of_a_segment_reset_before_a_restart_is_answered() {
     drop(f);
     std::fs::remove_dir_all(&pins).unwrap();
 }
+
+/// The request copy (agent-ebpf's `packet::copy_in`): plain 64-byte block copies from the
+/// linear data for 64..=1024 bytes, the last block overlapping, the helper otherwise.
+/// Every payload length across those edges must reach the parser intact: the token sits
+/// last, so a byte not copied leaves the previous run's bytes in its place (the paths
+/// differ from one length to the next) and the token would not be known.
+#[test]
+fn requests_of_every_length_across_the_copy_edges_are_judged() {
+    const TOKEN: &str = "rmp_CopyEdge";
+    let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
+    let any = TokenInfo {
+        contract: 0,
+        flags: TOKEN_ANY_SCOPE,
+        ..Default::default()
+    };
+    f.dp.install_token(fp(TOKEN), any).unwrap();
+    let request = |len: usize| {
+        // "GET /" + path + " HTTP/1.1\r\nAuthorization: Bearer " + token + "\r\n\r\n"
+        let fixed = 5 + 9 + 2 + 22 + TOKEN.len() + 4;
+        let fill = if len.is_multiple_of(2) { "p" } else { "q" };
+        let h = Http {
+            headers: Vec::new(),
+            ..Http::get(&format!("/{}", fill.repeat(len - fixed)))
+        }
+        .bearer(TOKEN);
+        let bytes = h.bytes();
+        assert_eq!(bytes.len(), len);
+        bytes
+    };
+    let lengths = (54..=300).chain(990..=1060);
+    for len in lengths {
+        let payload = request(len);
+        for (what, frame) in [
+            ("IPv4", Frame::tcp(PORT, &payload).build()),
+            (
+                "IPv6 in VLAN",
+                Frame::tcp(PORT, &payload).v6().vlan(0x8100).build(),
+            ),
+        ] {
+            for hook in [Hook::Xdp, Hook::Tc] {
+                assert_eq!(
+                    f.fate(hook, &frame),
+                    (Fate::Passes, Some(Verdict::Allow)),
+                    "{len}-byte request, {what}, {hook:?}"
+                );
+            }
+        }
+    }
+}
