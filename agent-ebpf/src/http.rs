@@ -405,22 +405,26 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
                 if a != 0 {
                     o += 8;
                     m = a;
-                    continue;
+                } else {
+                    o += 16;
+                    m = zero_bytes(buf.word(o) ^ LFS);
                 }
-                o += 16;
+            } else {
+                o += 8;
+                if o >= len {
+                    s.end = SCAN_TRUNCATED;
+                    return 1;
+                }
                 m = zero_bytes(buf.word(o) ^ LFS);
+                if len - o < 8 {
+                    m &= low_bytes_mask(len - o);
+                }
+            }
+            // The word's first LF is handled in the same step: a line then costs about
+            // two steps rather than three.
+            if m == 0 {
                 continue;
             }
-            o += 8;
-            if o >= len {
-                s.end = SCAN_TRUNCATED;
-                return 1;
-            }
-            m = zero_bytes(buf.word(o) ^ LFS);
-            if len - o < 8 {
-                m &= low_bytes_mask(len - o);
-            }
-            continue;
         }
         let lf = o + first_marked_byte(m);
         m &= m - 1;
