@@ -372,9 +372,9 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
     let mut m = s.mask;
     for _ in 0..SCAN_STEPS_PER_CALL {
         if m == 0 {
-            // Most words hold no LF: skip two at a time while both are inside the data,
-            // four or eight in an Authorization field (a JWT is a 1 KiB line; shorter
-            // lines lose more to failed four-word looks than they gain).
+            // Most words hold no LF: a step reads up to four while they are inside the
+            // data, and skips four or eight at once in an Authorization field (a JWT is
+            // a 1 KiB line), where one test on four words pays off.
             if s.in_auth != 0
                 && o + 40 <= len
                 && (lf_hint(buf.word(o + 8))
@@ -398,18 +398,30 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
                 };
                 continue;
             }
-            if o + 24 <= len {
-                // The next two words: the first LF's word becomes the current one, so
-                // no word is loaded twice.
+            if o + 40 <= len {
+                // Up to four words, as far as the first that holds an LF.
                 let a = zero_bytes(buf.word(o + 8) ^ LFS);
                 if a != 0 {
                     o += 8;
                     m = a;
                 } else {
-                    o += 16;
-                    m = zero_bytes(buf.word(o) ^ LFS);
+                    let b = zero_bytes(buf.word(o + 16) ^ LFS);
+                    if b != 0 {
+                        o += 16;
+                        m = b;
+                    } else {
+                        let c = zero_bytes(buf.word(o + 24) ^ LFS);
+                        if c != 0 {
+                            o += 24;
+                            m = c;
+                        } else {
+                            o += 32;
+                            m = zero_bytes(buf.word(o) ^ LFS);
+                        }
+                    }
                 }
             } else {
+                // The last words, one at a time.
                 o += 8;
                 if o >= len {
                     s.end = SCAN_TRUNCATED;
