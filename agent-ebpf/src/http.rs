@@ -309,7 +309,7 @@ const AUTHORIZ: u64 = u64::from_le_bytes(*b"authoriz");
 const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");
 const LOWER: u64 = 0x2020_2020_2020_2020;
 const LFS: u64 = ONES * b'\n' as u64;
-/// Scan steps (a word, or an LF) per bpf_loop call.
+/// Scan steps (see `scan_words`) per bpf_loop call.
 const SCAN_STEPS_PER_CALL: usize = 16;
 
 /// Looks at the start of a header line at `start` (just after an LF). Returns false when
@@ -355,9 +355,10 @@ fn line_start(buf: Buf, s: &mut HeaderScan, start: usize, len: usize) -> bool {
     true
 }
 
-/// Up to SCAN_STEPS_PER_CALL steps per call (bpf_loop callback); a step either moves to
-/// the next word (a load and a few ALU operations when it holds no LF) or handles one LF,
-/// which starts a line check. One flat loop keeps the verifier's work small.
+/// Up to SCAN_STEPS_PER_CALL steps per call (bpf_loop callback); a step handles the next
+/// LF of the current word, or else reads on (up to four words, as far as the first with
+/// an LF) and handles that word's first LF, which starts a line check. One flat loop keeps
+/// the verifier's work small.
 extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
     let scratch = loop_scratch(ctx);
     let buf = Buf::new(scratch);
@@ -435,8 +436,8 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
             // A no-op (o < len <= SCAN_BYTES) that gives the verifier one range for `o`
             // out of every path above, so it checks the LF handling below once.
             o = opaque(o) & MASK;
-            // The word's first LF is handled in the same step: a line then costs about
-            // two steps rather than three.
+            // The word's first LF is handled in the same step: most header lines then
+            // take one or two steps.
             if m == 0 {
                 continue;
             }
