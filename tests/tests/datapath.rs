@@ -625,6 +625,69 @@ fn tc_fixture_table() {
     run_table(Hook::Tc);
 }
 
+/// The header scan reads up to four words per step and handles an LF in the step that
+/// finds it: a header of every length from 0 to 40 bytes before the Authorization field
+/// puts its LF (and the ones after it) at every byte of every word of a step, and the end of
+/// the block at every distance from the last full step.
+#[test]
+fn lf_at_every_offset_of_a_scan_step() {
+    use Fate::{Drops, Passes};
+    use Verdict::*;
+    let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
+    let mut failures = Vec::new();
+    for pad in 0..40 {
+        let filler = format!("X-P: {}", "p".repeat(pad));
+        let cases = [
+            (
+                "allow",
+                req(get_with(&filler).bearer(GOOD)),
+                Passes,
+                Some(Allow),
+            ),
+            ("missing", req(get_with(&filler)), Drops, Some(Missing)),
+            (
+                "obs-fold",
+                req(get_with(&filler).header(" folded")),
+                Drops,
+                Some(Malformed),
+            ),
+            (
+                "second authorization",
+                req(get_with(&filler).bearer(GOOD).bearer(GOOD)),
+                Drops,
+                Some(Malformed),
+            ),
+            (
+                "authorization right after the request line",
+                req(Http {
+                    headers: vec![format!("Authorization: Bearer {GOOD}"), filler.clone()],
+                    ..Http::get("/a")
+                }),
+                Passes,
+                Some(Allow),
+            ),
+        ];
+        for (name, frame, fate, verdict) in cases {
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let got = f.fate(hook, &frame);
+                if got != (fate, verdict) {
+                    // The case name and filler length only: never the token.
+                    failures.push(format!(
+                        "{hook:?} {name}, {pad}-byte filler: expected {fate:?}/{verdict:?}, got {:?}/{:?}",
+                        got.0, got.1
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `GET /a` with a Host field and `filler` after it.
+fn get_with(filler: &str) -> Http {
+    Http::get("/a").header(filler)
+}
+
 #[test]
 fn throttled_when_contract_exceeded() {
     let mut f = Fixture::new(listener(mode::ENFORCE, deny_action::DROP));
