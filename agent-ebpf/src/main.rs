@@ -42,7 +42,10 @@ enum Act {
     Bounce,
 }
 
+// `inline(always)`: the macro wraps the function in the program's entry, and a body this
+// size is otherwise left out of line, a call and a return more for every packet.
 #[xdp(frags)]
+#[inline(always)]
 pub fn rampart_xdp(ctx: XdpContext) -> u32 {
     match enforce(&Xdp(&ctx)) {
         Act::Pass | Act::PassReset => xdp_action::XDP_PASS,
@@ -52,6 +55,7 @@ pub fn rampart_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn rampart_tc(ctx: TcContext) -> i32 {
     let pkt = Tc(&ctx);
     match enforce(&pkt) {
