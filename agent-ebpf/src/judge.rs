@@ -18,18 +18,14 @@ use crate::{
     events,
     http::{self, Buf, LineError, SCAN_COMPLETE, SCAN_MALFORMED},
     maps::{CONFIG, LISTENERS, PORTS, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
-    packet::Packet,
+    packet::{copy_in, Packet, DIRECT_COPY_MAX, HEADER_OFF_MASK},
     parse::{self, Flow},
     ramp,
     reply::{self, write_addrs},
 };
 
-/// Segments up to this size are copied in one helper call (see `decide`).
-const ONE_COPY: usize = crate::packet::DIRECT_COPY_MAX;
-
-/// Covers every header offset the parser accepts (≤ MAX_HEADER_OFFSET + 60).
-const HEADER_OFF_MASK: usize = 4095;
-const _: () = assert!(crate::packet::MAX_HEADER_OFFSET + 60 <= HEADER_OFF_MASK);
+/// Segments up to this size are copied at once (see `decide`; `copy_in`).
+const ONE_COPY: usize = DIRECT_COPY_MAX;
 
 /// What the program entry needs to act on and record.
 pub struct Decision {
@@ -196,8 +192,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     // A segment of up to ONE_COPY bytes (most requests) is copied at once. A larger one,
     // most often a body, gets a cheap first look: 24 bytes tell most non-requests apart.
     let first = if n <= ONE_COPY { n } else { 24 };
-    if crate::packet::copy_in(p, flow.payload_off, buf.ptr(), copy_len(first, SCAN_BYTES)).is_err()
-    {
+    if copy_in(p, flow.payload_off, buf.ptr(), copy_len(first, SCAN_BYTES)).is_err() {
         return Verdict::Malformed;
     }
     let (method, mlen, known) = match known_method(buf.word(0)) {

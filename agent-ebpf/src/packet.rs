@@ -14,6 +14,9 @@ use aya_ebpf::{
 
 /// Headers are looked for in the first 2 KiB of a packet.
 pub const MAX_HEADER_OFFSET: usize = 2048;
+/// Covers every header offset the parser accepts (≤ MAX_HEADER_OFFSET + 60).
+pub const HEADER_OFF_MASK: usize = 4095;
+const _: () = assert!(MAX_HEADER_OFFSET + 60 <= HEADER_OFF_MASK);
 
 pub trait Packet {
     /// The program context, for aya-log.
@@ -66,7 +69,7 @@ const BLOCK: usize = 64;
 /// The longest copy `copy_in` makes with plain loads and stores.
 pub const DIRECT_COPY_MAX: usize = 1024;
 
-/// Copies `len` (1..=max) bytes at `off` (below 4096) into `dst`, as `Packet::load` does.
+/// Copies `len` (1..=max) bytes at header offset `off` into `dst`, as `Packet::load` does.
 /// When the linear data holds them all and `len` is BLOCK..=DIRECT_COPY_MAX (a typical
 /// request), with plain loads and stores, 64 bytes per bounds check, the last block
 /// overlapping the one before: on a CPU where every return is expensive (SRSO "Safe
@@ -75,7 +78,7 @@ pub const DIRECT_COPY_MAX: usize = 1024;
 #[inline(always)]
 pub fn copy_in(p: &impl Packet, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
     let n = len as usize;
-    let base = p.data() + (off & 4095);
+    let base = p.data() + (off & HEADER_OFF_MASK);
     let end = p.data_end();
     if (BLOCK..=DIRECT_COPY_MAX).contains(&n) && base + n <= end {
         for i in 0..DIRECT_COPY_MAX / BLOCK - 1 {

@@ -333,13 +333,15 @@ impl Datapath {
     /// Restarts a token's ramp (its contract changed). Its admissions so far, counted in
     /// the state, move to TOKEN_STATS, so the token's counts carry on.
     pub fn reset_token_state(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
-        let Some(st) = self.token_state(fp) else {
+        let Some(slot) = self.slots.slot(fp) else {
             return Ok(());
         };
-        if let Some(slot) = self.slots.slot(fp) {
-            self.token_state
-                .write(slot as usize, &TokenState::default());
+        let st = self.token_state.read(slot as usize);
+        if st == TokenState::default() {
+            return Ok(());
         }
+        self.token_state
+            .write(slot as usize, &TokenState::default());
         if st.allowed != 0 {
             self.add_token_stat(fp, Verdict::Allow, st.allowed)?;
         }
