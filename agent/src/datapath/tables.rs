@@ -22,7 +22,7 @@ use super::{
 /// What the metrics need from TOKEN_STATE, read in one pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeTotals {
-    /// Tokens with runtime state (seen since install, or given a ramp start).
+    /// Tokens with runtime state (seen since their slot was assigned or their ramp restarted).
     pub token_states: usize,
     /// Ramp contract breaches, summed over tokens.
     pub breaches: u64,
