@@ -45,7 +45,61 @@ enum Fate {
 }
 
 struct Fixture {
-    dp: Datapath,
+    dp: Lease,
+}
+
+/// Unpinned program sets loaded by earlier tests of this process, reset to fresh.
+/// Verifying the programs is most of a test's time under emulation (10–20 s a program
+/// in the 6.1 VM), so each process verifies them once; every test still starts from
+/// empty maps (`Datapath::reset_to_fresh`).
+static IDLE: std::sync::Mutex<Vec<Datapath>> = std::sync::Mutex::new(Vec::new());
+
+/// A datapath for one test: back to `IDLE` when the test ends well and its maps can be
+/// reset (not pinned, event ring not taken); dropped otherwise.
+struct Lease(Option<Datapath>);
+
+impl Lease {
+    /// An idle program set, or a freshly loaded one; the test key and the emulated
+    /// clock at NOW, nothing else configured.
+    fn unpinned() -> Lease {
+        let idle = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let dp = match idle {
+            Some(mut dp) => {
+                configure(&mut dp);
+                dp
+            }
+            None => loaded(None),
+        };
+        Lease(Some(dp))
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Datapath;
+    fn deref(&self) -> &Datapath {
+        self.0.as_ref().expect("leased")
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut Datapath {
+        self.0.as_mut().expect("leased")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(mut dp) = self.0.take() else { return };
+        if std::thread::panicking() || dp.pin_dir().is_some() {
+            return;
+        }
+        match dp.reset_to_fresh() {
+            Ok(()) => IDLE.lock().unwrap_or_else(|e| e.into_inner()).push(dp),
+            // The test took the ring: its records cannot be drained here.
+            Err(rampart::datapath::DatapathError::EventsTaken) => {}
+            Err(e) => panic!("resetting the datapath for the next test: {e}"),
+        }
+    }
 }
 
 fn require_root() {
@@ -115,6 +169,12 @@ fn load_options(pin_dir: Option<std::path::PathBuf>) -> LoadOptions {
 /// emulated clock at NOW; nothing else configured.
 fn loaded(pin_dir: Option<std::path::PathBuf>) -> Datapath {
     let mut dp = Datapath::load(load_options(pin_dir)).expect("load the datapath");
+    configure(&mut dp);
+    dp
+}
+
+/// The test key and the emulated clock at NOW.
+fn configure(dp: &mut Datapath) {
     dp.set_config(&GlobalConfig {
         key: KEY,
         events_per_sec: 1_000_000,
@@ -122,7 +182,6 @@ fn loaded(pin_dir: Option<std::path::PathBuf>) -> Datapath {
         fixed_now_ns: NOW,
     })
     .unwrap();
-    dp
 }
 
 /// An empty bpffs path of this test process for `tag`'s pins.
@@ -140,13 +199,13 @@ impl Fixture {
     /// there), and nothing else configured.
     fn pinned(pins: &std::path::Path) -> Fixture {
         Fixture {
-            dp: loaded(Some(pins.to_path_buf())),
+            dp: Lease(Some(loaded(Some(pins.to_path_buf())))),
         }
     }
 
     fn new(l: ListenerConfig) -> Fixture {
         require_root();
-        let mut dp = loaded(None);
+        let mut dp = Lease::unpinned();
         // ifindex 0: any interface (test runs happen on the loopback device).
         dp.set_listener(listener_key(0), l).unwrap();
         dp.set_contract(0, &contract(&[stage(0, 1_000_000, 1_000_000)], (0, 0)))

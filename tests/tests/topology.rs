@@ -259,12 +259,9 @@ fn wrk_load_reaches_the_upstream() {
     let report = wrk(topo.client(), &cfg).expect("wrk");
     eprintln!("wrk: {report:?}, {:.0} req/s", report.requests_per_sec());
 
-    assert!(
-        report.requests >= 50,
-        "only {} requests in {:?}",
-        report.requests,
-        report.duration
-    );
+    // That load arrived, not how fast: rates belong in `cargo xtask bench`, and this
+    // also runs under emulation in the 6.1 VM.
+    assert!(report.requests > 0, "wrk completed no request");
     assert_eq!(
         report.status(200),
         report.requests,

@@ -84,6 +84,8 @@ pub struct VmOptions {
     /// Each command is killed after this long, so one hung test leaves time for the
     /// others (and the report names it); `None` leaves only `timeout`.
     pub command_timeout: Option<Duration>,
+    /// Per-command timeouts by index, overriding `command_timeout` where `Some`.
+    pub command_timeouts: Vec<Option<Duration>>,
     /// Names for the commands in progress lines and the report, by index; commands
     /// without one are named after their program and arguments.
     pub labels: Vec<String>,
@@ -101,6 +103,7 @@ impl VmOptions {
             workdir: workspace_root.to_path_buf(),
             keep_going: false,
             command_timeout: None,
+            command_timeouts: Vec::new(),
             labels: Vec::new(),
         }
     }
@@ -317,7 +320,8 @@ fn run_script(opts: &VmOptions) -> Result<String> {
     for (i, argv) in opts.commands.iter().enumerate() {
         ensure!(!argv.is_empty(), "command {} is empty", i + 1);
         let mut line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
-        if let Some(limit) = opts.command_timeout {
+        let limit = opts.command_timeouts.get(i).copied().flatten();
+        if let Some(limit) = limit.or(opts.command_timeout) {
             // coreutils timeout from the host root; KILL follows TERM for a test that
             // ignores it. Exit 124 (or 137) tells the host it was a timeout.
             let wrap = format!("timeout -k 10 {}", limit.as_secs().max(1));

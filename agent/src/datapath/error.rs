@@ -48,6 +48,22 @@ pub enum DatapathError {
     Full { what: &'static str, max: u32 },
     #[error("no installed token has this fingerprint")]
     NotInstalled,
+    #[cfg(feature = "test-support")]
+    #[error("resetting eBPF map {name}: {source}")]
+    Reset {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[cfg(feature = "test-support")]
+    #[error("eBPF map {0} has no reset rule (say in datapath/reuse.rs how it is emptied)")]
+    NoResetRule(String),
+    #[cfg(feature = "test-support")]
+    #[error("the event ring was taken: its records cannot be drained by a reset")]
+    EventsTaken,
+    #[cfg(feature = "test-support")]
+    #[error("a datapath with pinned maps is not reset: its pins are shared state")]
+    ResetPinned,
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

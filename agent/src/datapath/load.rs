@@ -125,7 +125,7 @@ pub(super) fn write_last_reset(ebpf: &mut Ebpf, ns: u64) -> Result<(), DatapathE
 }
 
 /// CLOCK_MONOTONIC_COARSE, the clock of the programs' `bpf_ktime_get_coarse_ns`.
-fn coarse_now() -> Result<u64, DatapathError> {
+pub(super) fn coarse_now() -> Result<u64, DatapathError> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

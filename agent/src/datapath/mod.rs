@@ -8,6 +8,8 @@ pub mod clock;
 mod error;
 mod load;
 mod migrate;
+#[cfg(feature = "test-support")]
+mod reuse;
 mod slots;
 mod sys;
 mod tables;

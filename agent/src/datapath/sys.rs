@@ -157,6 +157,13 @@ impl<V: aya::Pod> MappedArray<V> {
         })
     }
 
+    /// The map this mapping is of.
+    #[cfg(feature = "test-support")]
+    pub(super) fn map_data(&self) -> &aya::maps::MapData {
+        use aya::maps::IterableMap as _;
+        self._map.map()
+    }
+
     /// Entries (the map's max_entries).
     pub fn len(&self) -> usize {
         self.len
@@ -210,4 +217,57 @@ impl<V: aya::Pod> Drop for MappedArray<V> {
         // SAFETY: the mapping `new` made, unmapped once.
         unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * Self::WORDS * 8) };
     }
+}
+
+#[cfg(feature = "test-support")]
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+#[cfg(feature = "test-support")]
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+#[cfg(feature = "test-support")]
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+#[cfg(feature = "test-support")]
+/// Deletes every entry of a hash map (any hash kind) whose keys are `key_size` bytes:
+/// the first key, again and again, until there is none.
+pub(super) fn delete_all(map: BorrowedFd<'_>, key_size: usize) -> io::Result<usize> {
+    let mut key = vec![0u8; key_size];
+    let mut deleted = 0;
+    loop {
+        let mut attr = [0u64; 16];
+        // { u32 map_fd; u64 key (NULL: the first); u64 next_key; }
+        attr[0] = u64::from(map.as_raw_fd() as u32);
+        attr[2] = key.as_mut_ptr() as u64;
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(deleted),
+            Err(e) => return Err(e),
+        }
+        let mut attr = [0u64; 16];
+        // { u32 map_fd; u64 key; }
+        attr[0] = u64::from(map.as_raw_fd() as u32);
+        attr[1] = key.as_ptr() as u64;
+        bpf(BPF_MAP_DELETE_ELEM, &mut attr)?;
+        deleted += 1;
+    }
+}
+
+#[cfg(feature = "test-support")]
+/// Sets every value of an array map (plain or per-CPU) to zero bytes, in one
+/// BPF_MAP_UPDATE_BATCH. `value_bytes` is what one key's value takes in the syscall's
+/// buffer: the value size, or for a per-CPU map the value size rounded up to 8 times the
+/// number of possible CPUs.
+pub(super) fn zero_array(
+    map: BorrowedFd<'_>,
+    max_entries: u32,
+    value_bytes: usize,
+) -> io::Result<()> {
+    let keys: Vec<u32> = (0..max_entries).collect();
+    let values = vec![0u8; max_entries as usize * value_bytes];
+    let mut attr = [0u64; 16];
+    // { u64 in_batch; u64 out_batch; u64 keys; u64 values; u32 count; u32 map_fd;
+    //   u64 elem_flags; u64 flags; }
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values.as_ptr() as u64;
+    attr[4] = u64::from(max_entries) | (u64::from(map.as_raw_fd() as u32) << 32);
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(|_| ())
 }
