@@ -49,8 +49,12 @@ struct Compiler {
 /// Compiles `(path, text)` policy sources, in order.
 pub(super) fn compile(sources: &[(PathBuf, String)]) -> Result<CompiledPolicy, Vec<Diagnostic>> {
     let mut c = Compiler::default();
-    for (file, (path, text)) in sources.iter().enumerate() {
-        let src = SourceText::new(path, text);
+    // One per file, kept for `finish`: each finds its line starts once.
+    let srcs: Vec<SourceText> = sources
+        .iter()
+        .map(|(path, text)| SourceText::new(path, text))
+        .collect();
+    for (file, src) in srcs.iter().enumerate() {
         let mut diags = Vec::new();
         c.file(
             file,
@@ -61,7 +65,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)]) -> Result<CompiledPolicy, V
         );
         c.diags.extend(diags.into_iter().map(|d| (file, d)));
     }
-    c.finish(sources)
+    c.finish(&srcs)
 }
 
 impl Compiler {
@@ -342,7 +346,7 @@ impl Compiler {
     }
 
     /// Resolves token references and returns the policy, or every diagnostic in order.
-    fn finish(mut self, sources: &[(PathBuf, String)]) -> Result<CompiledPolicy, Vec<Diagnostic>> {
+    fn finish(mut self, srcs: &[SourceText]) -> Result<CompiledPolicy, Vec<Diagnostic>> {
         let contract_index: HashMap<&str, u32> = self
             .contracts
             .iter()
@@ -357,8 +361,7 @@ impl Compiler {
             .collect();
         let mut tokens = Vec::new();
         for t in std::mem::take(&mut self.tokens) {
-            let (path, text) = &sources[t.file];
-            let src = SourceText::new(path, text);
+            let src = &srcs[t.file];
             let mut info = TokenInfo::default();
             let mut ok = t.fingerprint.is_some() && t.scopes.is_some();
             if let Some((name, span)) = &t.contract {

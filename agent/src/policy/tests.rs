@@ -560,3 +560,64 @@ fn file_level_errors() {
         "/nonexistent/policy.toml: cannot read policy file: No such file or directory (os error 2)"
     );
 }
+
+/// `n` static tokens, five lines each (plus a contract and a scope), fingerprint `i`.
+fn many_tokens(n: usize) -> String {
+    let mut text = String::from(
+        "[[contract]]\nname = \"c\"\nstages = [{ after = \"0s\", rate = 5, burst = 10 }]\n\n\
+         [[scope]]\nname = \"s\"\nmethods = [\"GET\"]\nprefix = \"/\"\n",
+    );
+    for i in 0..n {
+        text.push_str(&format!(
+            "\n[[token]]\nfingerprint = \"{:032x}\"\ncontract = \"c\"\nscopes = [\"s\"]\n",
+            i + 1
+        ));
+    }
+    text
+}
+
+/// A policy of many static tokens compiles to every one of them, and a mistake deep in it
+/// is still reported at its own line, every one of them in the same run.
+#[test]
+fn many_static_tokens_compile_and_late_mistakes_keep_their_lines() {
+    const N: usize = 50_000;
+    let p = compile(&many_tokens(N));
+    assert_eq!(p.tokens.len(), N);
+    let last = p.tokens.last().unwrap();
+    assert_eq!(last.fingerprint, Fingerprint([0, N as u64]));
+    assert_eq!(last.info.contract, 0);
+    assert_eq!(last.info.scopes, 1);
+
+    // Tokens start at line 10, five lines apart; their `fingerprint` is the second line.
+    let fp_line = |i: usize| 10 + 5 * i + 1;
+    let mut text = many_tokens(N);
+    // The last token repeats the first one's fingerprint; the one before names no contract
+    // the policy defines.
+    let first = format!("{:032x}", 1);
+    let last = format!("{:032x}", N);
+    text = text.replacen(
+        &format!("fingerprint = \"{last}\""),
+        &format!("fingerprint = \"{first}\""),
+        1,
+    );
+    let before_last = format!("fingerprint = \"{:032x}\"\ncontract = \"c\"", N - 1);
+    text = text.replacen(
+        &before_last,
+        &format!("fingerprint = \"{:032x}\"\ncontract = \"gold\"", N - 1),
+        1,
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            format!(
+                "policy.toml:{}:12: unknown contract `gold`",
+                fp_line(N - 2) + 1
+            ),
+            format!(
+                "policy.toml:{}:15: fingerprint {first} is already listed at policy.toml:{}:15",
+                fp_line(N - 1),
+                fp_line(0)
+            ),
+        ]
+    );
+}

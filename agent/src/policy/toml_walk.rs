@@ -14,7 +14,7 @@ pub(crate) type Span = Option<Range<usize>>;
 
 /// Where diagnostics go while one file is walked.
 pub(crate) struct Walk<'s, 'd> {
-    pub src: SourceText<'s>,
+    pub src: &'s SourceText<'s>,
     pub diags: &'d mut Vec<Diagnostic>,
 }
 
