@@ -942,6 +942,62 @@ fn metrics_over_100k_tokens_cost_milliseconds() {
 ///
 /// Needs the eBPF side's log statement (a `warn!` when the cap starts dropping); until that
 /// is in the object, the dropped-events counter rises but no forwarded line appears.
+/// A reload of a policy with 100k static tokens writes only what changed: the
+/// `Datapath` reads TOKENS once and batches the writes of the entries that differ.
+#[test]
+fn a_reload_that_changes_one_token_of_100k_writes_one_entry() {
+    use agent_common::{Fingerprint, TokenInfo};
+    use rampart::datapath::{Datapath, LoadOptions};
+
+    const N: u64 = 100_000;
+    rampart_tests::netns::require_root().expect("root");
+    let mut dp = Datapath::load(LoadOptions {
+        max_tokens: 131_072,
+        max_revoked: 1024,
+        token_stats: 1024,
+        ring_bytes: 65_536,
+        pin_dir: None,
+    })
+    .expect("load the datapath");
+    let policy = |changed: Option<u64>| {
+        (0..N).map(move |i| {
+            let info = TokenInfo {
+                contract: u32::from(Some(i) == changed),
+                scopes: 1,
+                ..TokenInfo::default()
+            };
+            (Fingerprint([i, !i]), info)
+        })
+    };
+    assert_eq!(
+        dp.install_tokens(policy(None)).expect("first apply"),
+        N as usize
+    );
+    assert_eq!(dp.token_count(), N as usize);
+    let slot = dp
+        .token(&Fingerprint([7, !7]))
+        .expect("installed")
+        .state_slot;
+
+    assert_eq!(dp.install_tokens(policy(None)).expect("same policy"), 0);
+    assert_eq!(dp.install_tokens(policy(Some(7))).expect("one change"), 1);
+    let seven = dp.token(&Fingerprint([7, !7])).expect("still installed");
+    assert_eq!(seven.contract, 1, "the change reached the kernel");
+    assert_eq!(
+        seven.state_slot, slot,
+        "the token kept its runtime state's slot"
+    );
+    assert_eq!(dp.token(&Fingerprint([8, !8])).unwrap().contract, 0);
+
+    // A revoked token's entry keeps its flag through a re-apply, and costs no write.
+    dp.revoke(Fingerprint([9, !9]), 1).expect("revoke");
+    assert_eq!(dp.install_tokens(policy(Some(7))).expect("again"), 0);
+    assert_ne!(
+        dp.token(&Fingerprint([9, !9])).unwrap().flags & agent_common::TOKEN_REVOKED,
+        0
+    );
+}
+
 #[test]
 fn ebpf_log_records_are_forwarded_into_the_daemon_log() {
     let mut fx = Fixture::new("ebpflog");

@@ -35,10 +35,14 @@ pub struct Applied {
     pub removed: usize,
     /// Tokens whose contract changed, whose ramp restarts.
     pub reset: usize,
+    /// Static tokens' TOKENS entries written (new or changed; unchanged ones are not).
+    pub written: usize,
 }
 
-/// Contracts, scopes and static tokens; the indexes are the policy's positions.
-fn write(enf: &DatapathEnforcer, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+/// Contracts, scopes and static tokens; the indexes are the policy's positions. Only the
+/// TOKENS entries that differ from what the kernel holds are written (batched); returns
+/// how many.
+fn write(enf: &DatapathEnforcer, policy: &CompiledPolicy) -> Result<usize, DatapathError> {
     let mut dp = enf.lock();
     for (i, (_, c)) in policy.contracts.iter().enumerate() {
         dp.set_contract(i as u32, c)?;
@@ -46,10 +50,7 @@ fn write(enf: &DatapathEnforcer, policy: &CompiledPolicy) -> Result<(), Datapath
     for (i, (_, s)) in policy.scopes.iter().enumerate() {
         dp.set_scope(i as u32, s)?;
     }
-    for t in &policy.tokens {
-        dp.install_token(t.fingerprint, t.info)?;
-    }
-    Ok(())
+    dp.install_tokens(policy.tokens.iter().map(|t| (t.fingerprint, t.info)))
 }
 
 /// First application, before any listener is attached by this daemon.
@@ -58,11 +59,12 @@ pub fn apply_initial(
     lifecycle: &Lifecycle,
     policy: &CompiledPolicy,
 ) -> Result<Applied, ApplyError> {
-    write(enf, policy)?;
+    let written = write(enf, policy)?;
     // Revocations from SQLite first, then issued tokens under this policy's indexes.
     let lifecycle = lifecycle.apply_all(policy)?;
     Ok(Applied {
         lifecycle,
+        written,
         ..Applied::default()
     })
 }
@@ -74,7 +76,7 @@ pub fn apply_reload(
     old: &CompiledPolicy,
     new: &CompiledPolicy,
 ) -> Result<Applied, ApplyError> {
-    write(enf, new)?;
+    let written = write(enf, new)?;
     let report = lifecycle.apply_all(new)?;
 
     let issued: HashMap<Fingerprint, String> = lifecycle
@@ -115,6 +117,7 @@ pub fn apply_reload(
         lifecycle: report,
         removed,
         reset: changed.len(),
+        written,
     })
 }
 

@@ -140,7 +140,8 @@ impl Daemon {
                 self.metrics.record_reload(true);
                 self.metrics.set_policy_generation(*generation);
                 let detail = format!(
-                    "{why}: generation {generation}, {} tokens installed, {} removed, {} ramps reset, {} failed",
+                    "{why}: generation {generation}, {} static token entries written, {} tokens installed, {} removed, {} ramps reset, {} failed",
+                    applied.written,
                     applied.lifecycle.installed,
                     applied.removed,
                     applied.reset,

@@ -16,7 +16,7 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("reading eBPF map {name} in batches: {source}")]
+    #[error("reading or writing eBPF map {name} in batches: {source}")]
     Batch {
         name: &'static str,
         #[source]

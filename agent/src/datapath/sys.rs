@@ -1,5 +1,5 @@
-//! The few bpf(2) commands aya does not wrap: batched map reads, BPF_OBJ_GET and
-//! BPF_LINK_DETACH.
+//! The few bpf(2) commands aya does not wrap: batched map reads and writes, BPF_OBJ_GET
+//! and BPF_LINK_DETACH.
 
 use std::{
     io,
@@ -9,6 +9,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `bpf(cmd, attr)` with a zero-padded `union bpf_attr` (the kernel may write results back
@@ -103,6 +104,29 @@ pub(super) fn for_each_entry<K: Copy, V: Copy>(
         cursor_in = cursor_out;
         first = false;
     }
+}
+
+/// Writes `keys[i]` → `values[i]` through BPF_MAP_UPDATE_BATCH (aya 0.14 has no batch
+/// API), `BATCH` entries per syscall: one syscall per 4096 entries where
+/// BPF_MAP_UPDATE_ELEM takes one per entry. Each entry is written as an update of its own
+/// would write it; the batch is not atomic. `K` and `V` must be the map's key and value
+/// types (plain old data). On an error, the entries before the one that failed are written.
+pub(super) fn update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "a value per key");
+    for (ks, vs) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+        let mut attr = [0u64; 16];
+        // { u64 in_batch; u64 out_batch; u64 keys; u64 values; u32 count; u32 map_fd;
+        //   u64 elem_flags; u64 flags; }
+        attr[2] = ks.as_ptr() as u64;
+        attr[3] = vs.as_ptr() as u64;
+        attr[4] = ks.len() as u64 | (u64::from(map.as_raw_fd() as u32) << 32);
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
 }
 
 /// A BPF array mapped into this process (the map was created with BPF_F_MMAPABLE), read

@@ -193,6 +193,69 @@ impl Datapath {
         r
     }
 
+    /// Installs many tokens as `install_token` would each, writing only the entries that
+    /// differ from what TOKENS already holds (read in one batched pass), through batched
+    /// updates. A reload that changes one token of a million writes one entry. Returns the
+    /// number of entries written.
+    pub fn install_tokens(
+        &mut self,
+        tokens: impl IntoIterator<Item = (Fingerprint, TokenInfo)>,
+    ) -> Result<usize, DatapathError> {
+        let mut held = std::collections::HashMap::new();
+        scan(
+            &self.tokens,
+            "TOKENS",
+            |fp: &Fingerprint, info: &TokenInfo| {
+                held.insert(*fp, *info);
+            },
+        )?;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut fresh = Vec::new();
+        for (fp, mut info) in tokens {
+            if self.is_revoked(&fp) {
+                info.flags |= TOKEN_REVOKED;
+            }
+            let assigned = self.slots.assign(fp).ok_or(DatapathError::Full {
+                what: "token state",
+                max: self.slots.capacity(),
+            })?;
+            info.state_slot = assigned.slot();
+            info._pad = 0;
+            if let Assigned::New(slot) = assigned {
+                // Before any entry names it: the programs take all zero for a fresh state.
+                self.token_state
+                    .write(slot as usize, &TokenState::default());
+                fresh.push(fp);
+            }
+            if held.get(&fp) != Some(&info) {
+                keys.push(fp);
+                values.push(info);
+            }
+        }
+        let fd = self.tokens.map().fd().as_fd();
+        let r = match sys::update_batch(fd, &keys, &values) {
+            // A kernel without batch updates for hash maps: entry by entry.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => keys
+                .iter()
+                .zip(&values)
+                .try_for_each(|(k, v)| self.tokens.insert(k, v, 0).map_err(map_err("TOKENS"))),
+            r => r.map_err(|source| DatapathError::Batch {
+                name: "TOKENS",
+                source,
+            }),
+        };
+        if r.is_err() {
+            // Slots handed out for entries that may not have been written go back; a slot
+            // whose entry was written is re-found from TOKENS at the next load.
+            for fp in &fresh {
+                if self.tokens.get(fp, 0).is_err() {
+                    self.slots.release(fp);
+                }
+            }
+        }
+        r.map(|()| keys.len())
+    }
+
     /// Removes a token and its runtime state.
     pub fn remove_token(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
         absent_ok(self.tokens.remove(fp)).map_err(map_err("TOKENS"))?;
