@@ -15,6 +15,7 @@ pub mod policy;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+pub mod token_io;
 
 /// The eBPF object built by build.rs from agent-ebpf.
 pub static EBPF_OBJECT: &[u8] =

@@ -526,6 +526,21 @@ impl Store {
         Ok(rec)
     }
 
+    /// Records many tokens in one transaction (`rampart token import`): all of them, or
+    /// none. On a failure, the error comes with the index of the token that caused it.
+    /// The audit log gets one entry for the import.
+    pub fn import(&self, tokens: &[NewToken], uid: u32) -> Result<(), (usize, StoreError)> {
+        let mut conn = self.conn();
+        let whole = |e| (0, e);
+        let tx = conn.transaction().map_err(sql("begin")).map_err(whole)?;
+        for (i, t) in tokens.iter().enumerate() {
+            insert_token(&tx, t, None).map_err(|e| (i, e))?;
+        }
+        let detail = format!("import of {} tokens", tokens.len());
+        audit_in(&tx, Some(uid), AuditAction::Issue, None, &detail).map_err(whole)?;
+        tx.commit().map_err(sql("commit import")).map_err(whole)
+    }
+
     /// Records `new` as the successor of the active token `old`, and moves `old`'s expiry to
     /// `old_expires_at` (never later than it already was). Returns (old, new) as now recorded.
     pub fn rotate(

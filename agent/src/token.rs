@@ -337,6 +337,12 @@ pub trait Enforcer: Send + Sync {
     /// Inserts the fingerprint into the kernel revoked set.
     fn revoke(&self, fp: Fingerprint) -> Result<(), EnforceError>;
     fn runtime(&self, fp: Fingerprint) -> Option<TokenRuntime>;
+    /// Installs many tokens (`rampart token import`); the datapath batches them.
+    fn install_many(&self, tokens: Vec<(Fingerprint, TokenInfo)>) -> Result<(), EnforceError> {
+        tokens
+            .into_iter()
+            .try_for_each(|(fp, info)| self.install(fp, info))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ pub mod keygen;
 pub mod run;
 pub mod status;
 pub mod token;
+pub mod token_io;
 pub mod top;
 
 use std::path::PathBuf;

@@ -75,6 +75,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Import tokens by fingerprint from a JSON-lines file, all or none (see `export`).
+    Import {
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
+    /// Print the active tokens as JSON lines: fingerprint, contract, scopes, not_before,
+    /// expires, label (never a token).
+    Export,
     /// A token's contract, ramp stage, rate, requests by verdict and validity.
     Show {
         #[arg(value_name = "FINGERPRINT", value_parser = parse_fp)]
@@ -187,6 +195,8 @@ async fn exec(
             }
             Ok(())
         }
+        Command::Import { file } => super::token_io::import(client, file, out, err).await,
+        Command::Export => super::token_io::export(client, out).await,
         Command::Show { fingerprint, json } => {
             let body: ShowBody = call(client, &Request::TokenShow { fingerprint }).await?;
             if json {
@@ -200,7 +210,7 @@ async fn exec(
     }
 }
 
-async fn call<T: serde::de::DeserializeOwned>(
+pub(super) async fn call<T: serde::de::DeserializeOwned>(
     client: &mut Client,
     req: &Request,
 ) -> anyhow::Result<T> {

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use super::protocol::{
-    Fp, IssuedBody, ListBody, Request, Response, RevokeBody, RuntimeView, ShowBody, TokenView,
+    ExportBody, Fp, ImportBody, IssuedBody, ListBody, Request, Response, RevokeBody, RuntimeView,
+    ShowBody, TokenView,
 };
 use crate::{
     datapath::clock::tai_offset_ns,
@@ -106,6 +107,17 @@ pub fn token_op(lc: &Lifecycle, policy: &dyn Resolve, uid: u32, req: &Request) -
                 "no token with fingerprint {}",
                 fingerprint_hex(&fingerprint.0)
             )),
+            Err(e) => Response::error(error_chain(&e)),
+        },
+        Request::TokenImport { path } => match std::fs::read_to_string(path) {
+            Ok(text) => match crate::token_io::import(lc, policy, &text, uid) {
+                Ok(imported) => Response::ok(&ImportBody { imported }),
+                Err(e) => Response::error(error_chain(&e)),
+            },
+            Err(e) => Response::error(format!("cannot read {path}: {e}")),
+        },
+        Request::TokenExport => match crate::token_io::export(lc) {
+            Ok(tokens) => Response::ok(&ExportBody { tokens }),
             Err(e) => Response::error(error_chain(&e)),
         },
         _ => return None,

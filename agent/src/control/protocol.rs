@@ -176,6 +176,12 @@ pub enum Request {
     },
     #[serde(rename = "token.show")]
     TokenShow { fingerprint: Fp },
+    /// Imports the JSON-lines file at `path` (read by the daemon: a million tokens do not
+    /// fit a request line), all or nothing.
+    #[serde(rename = "token.import")]
+    TokenImport { path: String },
+    #[serde(rename = "token.export")]
+    TokenExport,
     #[serde(rename = "status")]
     Status,
     #[serde(rename = "reload")]
@@ -199,6 +205,8 @@ pub const OPS: &[&str] = &[
     "token.revoke",
     "token.list",
     "token.show",
+    "token.import",
+    "token.export",
     "status",
     "reload",
     "events.subscribe",
@@ -213,6 +221,8 @@ impl Request {
             Request::TokenRevoke { .. } => "token.revoke",
             Request::TokenList { .. } => "token.list",
             Request::TokenShow { .. } => "token.show",
+            Request::TokenImport { .. } => "token.import",
+            Request::TokenExport => "token.export",
             Request::Status => "status",
             Request::Reload => "reload",
             Request::EventsSubscribe { .. } => "events.subscribe",
@@ -432,6 +442,18 @@ pub struct ShowBody {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListBody {
     pub tokens: Vec<TokenView>,
+}
+
+/// Body of `token.import`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImportBody {
+    pub imported: usize,
+}
+
+/// Body of `token.export`: the active tokens, as `rampart token export` prints them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExportBody {
+    pub tokens: Vec<crate::token_io::TokenLine>,
 }
 
 /// Body of `token.revoke`.

@@ -51,6 +51,14 @@ impl Enforcer for DatapathEnforcer {
             .map_err(|e| EnforceError(Box::new(e)))
     }
 
+    /// Batched: TOKENS is read once and written a batch at a time.
+    fn install_many(&self, tokens: Vec<(Fingerprint, TokenInfo)>) -> Result<(), EnforceError> {
+        self.lock()
+            .install_tokens(tokens)
+            .map(|_| ())
+            .map_err(|e| EnforceError(Box::new(e)))
+    }
+
     fn runtime(&self, fp: Fingerprint) -> Option<TokenRuntime> {
         let dp = self.lock();
         let state = dp.token_state(&fp);

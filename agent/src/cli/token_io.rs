@@ -1,0 +1,51 @@
+//! `rampart token import FILE` and `rampart token export`: issued tokens as JSON lines
+//! (see `rampart::token_io`), through the daemon.
+
+use std::{
+    io::{IsTerminal as _, Write},
+    path::PathBuf,
+};
+
+use anyhow::Context as _;
+use rampart::control::{
+    protocol::{ExportBody, ImportBody},
+    Client, Request,
+};
+
+/// Imports a file: the daemon reads it (an import of a million tokens does not fit a
+/// request line) and applies it all or not at all.
+pub async fn import(
+    client: &mut Client,
+    file: PathBuf,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> anyhow::Result<()> {
+    let path =
+        std::fs::canonicalize(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    if std::io::stderr().is_terminal() {
+        let lines = std::fs::read(&path)
+            .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+            .unwrap_or(0);
+        writeln!(
+            err,
+            "importing {} ({lines} lines): one transaction, then batched kernel updates...",
+            path.display()
+        )?;
+    }
+    let req = Request::TokenImport {
+        path: path.display().to_string(),
+    };
+    let body: ImportBody = super::token::call(client, &req).await?;
+    writeln!(out, "imported {} tokens", body.imported)?;
+    Ok(())
+}
+
+/// Prints the active tokens, one JSON line each.
+pub async fn export(client: &mut Client, out: &mut impl Write) -> anyhow::Result<()> {
+    let body: ExportBody = super::token::call(client, &Request::TokenExport).await?;
+    for t in &body.tokens {
+        serde_json::to_writer(&mut *out, t)?;
+        writeln!(out)?;
+    }
+    Ok(())
+}
