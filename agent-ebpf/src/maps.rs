@@ -34,9 +34,13 @@ pub static TOKENS: HashMap<Fingerprint, TokenInfo> =
 
 /// Revoked fingerprints → revocation time. Written by userspace; never cleared by a reload.
 /// The programs read a known token's revocation from its `TOKEN_REVOKED` flag, which
-/// userspace derives from this map.
+/// userspace derives from this map. Not preallocated: no program reads it, and the kernel
+/// holds memory for the revocations there are, not for the capacity (92 MB at 1 M).
 #[map]
-pub static REVOKED: HashMap<Fingerprint, u64> = HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
+pub static REVOKED: HashMap<Fingerprint, u64> =
+    HashMap::with_max_entries(DEFAULT_MAX_TOKENS, BPF_F_NO_PREALLOC);
+/// linux/bpf.h: hash map elements are allocated on update, not when the map is created.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Ramp contracts by index. Written by userspace.
 #[map]

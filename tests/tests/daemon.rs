@@ -998,6 +998,48 @@ fn a_reload_that_changes_one_token_of_100k_writes_one_entry() {
     );
 }
 
+/// REVOKED is no longer preallocated (memory for the revocations there are, not for the
+/// capacity), so it is pinned under a new name: an upgraded daemon moves an earlier
+/// version's revocations over and removes the old pin, and they keep being enforced.
+#[test]
+fn revocations_move_from_the_preallocated_pin_to_the_new_one() {
+    use agent_common::{Fingerprint, TokenInfo, TOKEN_REVOKED};
+    use rampart::datapath::{Datapath, LoadOptions};
+
+    rampart_tests::netns::require_root().expect("root");
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/rampart-test-revoked-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&pins);
+    let options = LoadOptions {
+        max_tokens: 1024,
+        max_revoked: 1024,
+        token_stats: 1024,
+        ring_bytes: 65_536,
+        pin_dir: Some(pins.clone()),
+    };
+    let revoked = Fingerprint([1, 2]);
+    {
+        let mut dp = Datapath::load(options.clone()).expect("load");
+        dp.install_token(revoked, TokenInfo::default()).unwrap();
+        dp.revoke(revoked, 42).unwrap();
+    }
+    // What an earlier version leaves: its revocations pinned as REVOKED.
+    std::fs::rename(pins.join("REVOKED_V2"), pins.join("REVOKED")).unwrap();
+    let dp = Datapath::load(options).expect("adopt");
+    assert!(dp.is_revoked(&revoked));
+    assert!(dp
+        .token(&revoked)
+        .is_some_and(|i| i.flags & TOKEN_REVOKED != 0));
+    assert!(!pins.join("REVOKED").exists(), "the old pin is removed");
+    let map = aya::maps::MapData::from_pin(pins.join("REVOKED_V2")).expect("new pin");
+    let flags = map.info().expect("map info").map_flags();
+    assert_eq!(flags & 1, 1, "BPF_F_NO_PREALLOC, flags {flags:#x}");
+    drop(dp);
+    std::fs::remove_dir_all(&pins).unwrap();
+}
+
 #[test]
 fn ebpf_log_records_are_forwarded_into_the_daemon_log() {
     let mut fx = Fixture::new("ebpflog");

@@ -18,6 +18,8 @@ pub fn pin_file(name: &str) -> &str {
     match name {
         // v2: `TokenInfo::state_slot` (40 → 48 bytes).
         "TOKENS" => "TOKENS_V2",
+        // v2: not preallocated (BPF_F_NO_PREALLOC); the same entries.
+        "REVOKED" => "REVOKED_V2",
         // v2: `TokenState::allowed` (56 → 64 bytes). v3: an array by `state_slot`, no
         // longer a hash by fingerprint.
         "TOKEN_STATE" => "TOKEN_STATE_V3",
@@ -134,4 +136,14 @@ pub fn token_states(
     let v2 = drain_pin(dir, "TOKEN_STATE_V2", |fp, st: TokenState| f(fp, st))?;
     let v1 = drain_pin(dir, "TOKEN_STATE", |fp, st: TokenStateV1| f(fp, st.into()))?;
     Ok(v1 + v2)
+}
+
+/// An earlier version's preallocated `REVOKED` pin: every revocation to `f`, then the pin
+/// is removed (a daemon keeps a pinned map's definition, so only a new pin frees the
+/// preallocated memory).
+pub fn revoked_v1(
+    dir: &Path,
+    f: impl FnMut(Fingerprint, u64) -> Result<(), DatapathError>,
+) -> Result<usize, DatapathError> {
+    drain_pin(dir, "REVOKED", f)
 }

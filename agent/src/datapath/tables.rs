@@ -302,6 +302,16 @@ impl Datapath {
     /// version's maps. An entry these maps already hold wins; a state whose token is not
     /// installed is dropped (its token was removed).
     pub(super) fn migrate_tokens(&mut self, dir: &std::path::Path) -> Result<(), DatapathError> {
+        // Revocations first: the tokens moved over below carry their flag from the start.
+        let revocations = migrate::revoked_v1(dir, |fp, at| {
+            self.revoked.insert(fp, at, 0).map_err(map_err("REVOKED"))
+        })?;
+        if revocations > 0 {
+            tracing::info!(
+                revocations,
+                "moved revocations from an earlier version's preallocated REVOKED pin"
+            );
+        }
         let tokens = migrate::tokens_v1(dir, |fp, info| {
             if self.slots.slot(&fp).is_none() {
                 self.install_token(fp, info)?;
