@@ -588,21 +588,27 @@ impl Lifecycle {
             report.revoked += 1;
         }
         let now = unix_now();
+        let mut resolved = Vec::new();
         for rec in self.store.active()? {
             if rec.status_at(now) != TokenStatus::Active {
                 continue;
             }
-            let res = policy
-                .resolve(&rec.contract, &rec.scopes)
-                .map_err(|e| error_chain(&e))
-                .and_then(|g| {
-                    self.enforcer
-                        .install(rec.fingerprint, token_info(&rec, g))
-                        .map_err(|e| error_chain(&e))
-                });
-            match res {
+            match policy.resolve(&rec.contract, &rec.scopes) {
+                Ok(g) => resolved.push((rec.fingerprint, token_info(&rec, g))),
+                Err(e) => report.failed.push((rec.fingerprint, error_chain(&e))),
+            }
+        }
+        // Batched (the datapath writes only what changed); on a failure, token by token,
+        // to say which.
+        let n = resolved.len();
+        if self.enforcer.install_many(resolved.clone()).is_ok() {
+            report.installed += n;
+            return Ok(report);
+        }
+        for (fp, info) in resolved {
+            match self.enforcer.install(fp, info) {
                 Ok(()) => report.installed += 1,
-                Err(msg) => report.failed.push((rec.fingerprint, msg)),
+                Err(e) => report.failed.push((fp, error_chain(&e))),
             }
         }
         Ok(report)
