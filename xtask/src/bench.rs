@@ -2,6 +2,8 @@
 //! (tests/src/bin/bench-datapath.rs), which prints a table and writes
 //! target/bench/datapath.json. It lives in the tests crate because it loads the eBPF
 //! object; xtask itself must build before the BPF toolchain exists.
+//!
+//! `cargo xtask bench scale`: the control plane at many tokens (`bench_scale`).
 
 use anyhow::{bail, Result};
 
@@ -13,8 +15,11 @@ use crate::{
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark to run: `datapath`.
+    /// Which benchmark to run: `datapath` or `scale`.
     pub which: String,
+    /// `scale`: how many tokens.
+    #[arg(long, default_value_t = 100_000)]
+    pub tokens: usize,
     /// BPF_PROG_TEST_RUN repetitions per case.
     #[arg(long, default_value_t = 1_000_000)]
     pub repeat: u32,
@@ -26,10 +31,16 @@ pub struct BenchArgs {
 
 /// Runs the selected benchmark.
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.which != "datapath" {
-        bail!("unknown benchmark {:?} (available: datapath)", args.which);
-    }
     let root = workspace_root();
+    if args.which == "scale" {
+        return crate::bench_scale::run(&root, args.tokens);
+    }
+    if args.which != "datapath" {
+        bail!(
+            "unknown benchmark {:?} (available: datapath, scale)",
+            args.which
+        );
+    }
     exec(cargo(&root).args([
         "build",
         "--release",

@@ -4,6 +4,7 @@
 //! present ([`setup::ensure`]), so a fresh clone needs nothing typed by hand.
 
 mod bench;
+mod bench_scale;
 mod demo;
 mod setup;
 mod test;

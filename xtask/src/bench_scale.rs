@@ -1,0 +1,243 @@
+//! `cargo xtask bench scale [--tokens N]`: the control plane at N tokens (default 100 000),
+//! as static policy and as imported tokens, with the release `rampart` binary: `check`,
+//! daemon start until its control socket answers, reload with no change and with one
+//! token changed, `token list` and `token show`, a metrics scrape, the daemon's RSS and the
+//! kernel memory of its maps (the `memlock` of each map fd it holds). Prints a table and
+//! writes target/bench/scale-<N>.json.
+//!
+//! The daemon runs without listeners: nothing attaches to a shared interface.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+
+use crate::setup::{cargo, exec};
+
+const METRICS: &str = "127.0.0.1:19464";
+
+/// Runs the scale benchmark for `tokens` tokens.
+pub fn run(root: &Path, tokens: usize) -> Result<()> {
+    exec(cargo(root).args(["build", "--release", "-p", "rampart"]))?;
+    let bin = root.join("target/release/rampart");
+    let mut rows = Vec::new();
+    for imported in [false, true] {
+        rows.push(one(root, &bin, tokens, imported)?);
+    }
+    println!("\n{tokens} tokens            static policy   imported");
+    for (i, (name, _)) in rows[0].iter().enumerate() {
+        println!("{name:<26} {:>12}   {:>10}", rows[0][i].1, rows[1][i].1);
+    }
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let json = serde_json::json!({
+        "tokens": tokens,
+        "static": rows[0].iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
+        "imported": rows[1].iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
+    });
+    let path = out.join(format!("scale-{tokens}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn fp(i: usize) -> String {
+    format!("{:032x}", (i as u128 + 1) * 0x9e37_79b9_7f4a_7c15)
+}
+
+const HEAD: &str = "[[contract]]\nname = \"c\"\nstages = [{ after = \"0s\", rate = 5, burst = 10 }]\n\n\
+                    [[contract]]\nname = \"d\"\nstages = [{ after = \"0s\", rate = 50, burst = 10 }]\n\n\
+                    [[scope]]\nname = \"s\"\nmethods = [\"GET\"]\nprefix = \"/\"\n";
+
+fn policy(tokens: usize, static_tokens: bool, changed: bool) -> String {
+    let mut p = String::from(HEAD);
+    if static_tokens {
+        for i in 0..tokens {
+            let c = if changed && i == tokens / 2 { "d" } else { "c" };
+            p.push_str(&format!(
+                "\n[[token]]\nfingerprint = \"{}\"\ncontract = \"{c}\"\nscopes = [\"s\"]\n",
+                fp(i)
+            ));
+        }
+    }
+    p
+}
+
+/// A string value for the table (seconds with ms, or a size).
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let t = Instant::now();
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(t.elapsed())
+}
+
+fn control(sock: &Path, req: &str) -> Result<String> {
+    let mut s = UnixStream::connect(sock)?;
+    s.write_all(req.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    if !line.contains("\"ok\":true") {
+        bail!("{req}: {}", line.chars().take(300).collect::<String>());
+    }
+    Ok(line)
+}
+
+/// The daemon's RSS and the summed `memlock` of the BPF maps it holds, in MB.
+fn memory(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let mut memlock = 0u64;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = std::fs::read_to_string(fd?.path()) else {
+            continue;
+        };
+        if info.contains("map_type:") {
+            memlock += info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok((rss_kb / 1024.0, memlock as f64 / 1e6))
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(String, String)>> {
+    let dir = root.join(format!("target/bench/scale-work-{tokens}-{imported}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let bpffs = PathBuf::from(format!(
+        "/sys/fs/bpf/rampart-bench-scale-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&bpffs);
+    let sock = dir.join("control.sock");
+    let config = dir.join("rampart.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{d}/state\"\nbpffs_dir = \"{b}\"\ncontrol_socket = \"{s}\"\n\
+             metrics_addr = \"{METRICS}\"\npolicy = [\"policy.toml\"]\n",
+            d = dir.display(),
+            b = bpffs.display(),
+            s = sock.display()
+        ),
+    )?;
+    std::fs::write(dir.join("policy.toml"), policy(tokens, !imported, false))?;
+    let rampart = |args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.arg("--config").arg(&config).args(args);
+        c
+    };
+    let mut rows = Vec::new();
+    let check = timed(&mut rampart(&["check"]))?;
+    rows.push(("check".to_owned(), secs(check)));
+    timed(&mut rampart(&["keygen"]))?;
+    let start = || -> Result<(Daemon, Duration)> {
+        let t = Instant::now();
+        let child = rampart(&["run"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log"))?)
+            .spawn()?;
+        let daemon = Daemon(child);
+        while control(&sock, "{\"op\":\"status\"}").is_err() {
+            if t.elapsed() > Duration::from_secs(600) {
+                bail!("the daemon did not answer within 10 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((daemon, t.elapsed()))
+    };
+    if imported {
+        // Imported into a running daemon; the restart below installs them all.
+        let lines: String = (0..tokens)
+            .map(|i| {
+                format!(
+                    "{{\"fingerprint\":\"{}\",\"contract\":\"c\",\"scopes\":[\"s\"]}}\n",
+                    fp(i)
+                )
+            })
+            .collect();
+        let file = dir.join("tokens.jsonl");
+        std::fs::write(&file, lines)?;
+        let (first, _) = start()?;
+        let t = Instant::now();
+        timed(rampart(&["token", "import"]).arg(&file))?;
+        rows.push(("token import".to_owned(), secs(t.elapsed())));
+        drop(first);
+    } else {
+        rows.push(("token import".to_owned(), "-".to_owned()));
+    }
+    let (daemon, took) = start()?;
+    rows.push(("start to serving".to_owned(), secs(took)));
+    let t = Instant::now();
+    control(&sock, "{\"op\":\"reload\"}")?;
+    rows.push(("reload, no change".to_owned(), secs(t.elapsed())));
+    if !imported {
+        std::fs::write(dir.join("policy.toml"), policy(tokens, true, true))?;
+    }
+    let t = Instant::now();
+    control(&sock, "{\"op\":\"reload\"}")?;
+    rows.push((
+        if imported {
+            "reload, no change (2)"
+        } else {
+            "reload, one changed"
+        }
+        .to_owned(),
+        secs(t.elapsed()),
+    ));
+    rows.push((
+        "token list".to_owned(),
+        secs(timed(&mut rampart(&["token", "list", "--json"]))?),
+    ));
+    let show = if imported { fp(tokens / 2) } else { fp(0) };
+    let d = if imported {
+        timed(&mut rampart(&["token", "show", &show]))?
+    } else {
+        Duration::ZERO
+    };
+    rows.push(("token show".to_owned(), secs(d)));
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(METRICS)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    rows.push(("metrics scrape".to_owned(), secs(t.elapsed())));
+    let (rss, maps) = memory(daemon.0.id())?;
+    rows.push(("daemon RSS".to_owned(), format!("{rss:.0} MB")));
+    rows.push(("kernel map memory".to_owned(), format!("{maps:.0} MB")));
+    drop(daemon);
+    let _ = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("detach")
+        .output();
+    let _ = std::fs::remove_dir_all(&bpffs);
+    Ok(rows)
+}
