@@ -247,8 +247,6 @@ impl<V: aya::Pod> Drop for MappedArray<V> {
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 #[cfg(feature = "test-support")]
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-#[cfg(feature = "test-support")]
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 #[cfg(feature = "test-support")]
 /// Deletes every entry of a hash map (any hash kind) whose keys are `key_size` bytes:
