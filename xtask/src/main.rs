@@ -68,7 +68,7 @@ fn main() -> Result<ExitCode> {
             if command.is_empty() {
                 return test::run(&test::TestArgs::vm_only(vm_daemon, filter));
             }
-            vm::run(vm::VmOptions::new(&workspace_root(), vec![command]))?
+            vm::run(vm::VmOptions::new(&workspace_root(), vec![command]))?;
         }
     }
     Ok(ExitCode::SUCCESS)

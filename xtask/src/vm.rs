@@ -63,6 +63,11 @@ const SETUP_FAILED: i32 = 3;
 
 /// Prefix of the lines run.sh/init.sh print for the host to follow progress.
 const MARK: &str = "@@rampart-vm: ";
+/// Prefix, followed by the lane number and a space, of every console line a lane prints
+/// when several run side by side.
+const LANE_MARK: &str = "@@lane";
+/// Where init.sh puts run.sh in the guest (a tmpfs): the lanes' results go there too.
+const GUEST_RUN_DIR: &str = "/run/rampart-vm";
 
 /// What to run in the VM.
 #[derive(Debug, Clone)]
@@ -89,6 +94,10 @@ pub struct VmOptions {
     /// Names for the commands in progress lines and the report, by index; commands
     /// without one are named after their program and arguments.
     pub labels: Vec<String>,
+    /// Lane of each command, by index (missing: lane 0). Lanes run side by side (the
+    /// guest has two vCPUs and qemu runs them on two host threads), each its commands
+    /// in order; their console lines carry the lane so progress is followed per lane.
+    pub lanes: Vec<usize>,
 }
 
 impl VmOptions {
@@ -105,14 +114,24 @@ impl VmOptions {
             command_timeout: None,
             command_timeouts: Vec::new(),
             labels: Vec::new(),
+            lanes: Vec::new(),
         }
     }
 }
 
+/// A VM run that passed.
+#[derive(Debug)]
+pub struct Report {
+    /// Boot time, until the guest's init was ready.
+    pub booted: Option<Duration>,
+    /// Per group of commands (a test target): commands, failures, summed time.
+    pub groups: Vec<String>,
+}
+
 /// Boots the VM, runs `opts.commands` in it while streaming the guest console to
 /// stdout, and fails if any command failed, the guest could not set up, or the run
-/// timed out.
-pub fn run(opts: VmOptions) -> Result<()> {
+/// timed out; the error then names what failed, what was running and what never ran.
+pub fn run(opts: VmOptions) -> Result<Report> {
     let started = Instant::now();
     ensure!(!opts.commands.is_empty(), "no commands to run in the VM");
     ensure!(
@@ -205,25 +224,38 @@ pub fn run(opts: VmOptions) -> Result<()> {
     let _ = console.join();
     let _ = stderr.join();
     let progress = progress.lock().expect("console thread panicked").clone();
-    let describe = || progress.describe(&labels, opts.command_timeout);
+    let limits: Vec<Option<Duration>> =
+        (0..labels.len()).map(|i| command_limit(&opts, i)).collect();
+    let groups = progress.groups(&labels);
+    // Failures carry the per-group times too: a caller's summary shows them either way.
+    let describe = || {
+        format!(
+            "{}\n  times: {}",
+            progress.describe(&labels, &limits),
+            groups.join("; ")
+        )
+    };
     print!("{}", progress.table(&labels));
     let Some(status) = status else {
         bail!(
-            "VM timed out after {:?} ({}); qemu killed",
+            "VM timed out after {:?}; qemu killed\n  {}",
             opts.timeout,
             describe()
         );
     };
     println!("[vm] finished in {:.1}s", started.elapsed().as_secs_f64());
     match guest_status(status) {
-        Some(PASSED) => Ok(()),
+        Some(PASSED) => Ok(Report {
+            booted: progress.booted,
+            groups,
+        }),
         Some(COMMAND_FAILED) => bail!("in the VM:\n  {}", describe()),
         Some(SETUP_FAILED) => bail!("VM guest setup failed (see the init: line above)"),
         _ => {
             let log = fs::read_to_string(&fsd_log).unwrap_or_default();
             bail!(
-                "VM ended without reporting a result ({status}; kernel panic or qemu error?) \
-                 during {}{}",
+                "VM ended without reporting a result ({status}; kernel panic or qemu error?)\n  \
+                 {}{}",
                 describe(),
                 if log.is_empty() {
                     String::new()
@@ -236,7 +268,7 @@ pub fn run(opts: VmOptions) -> Result<()> {
 }
 
 fn qemu_args(kernel: &KernelFiles, initrd: &Path, socket: &Path) -> Vec<String> {
-    const MEM: &str = "2G";
+    const MEM: &str = "4G";
     let append = [
         "console=ttyS0",
         "panic=-1",
@@ -316,30 +348,72 @@ fn run_script(opts: &VmOptions) -> Result<String> {
         writeln!(s, "export {key}={}", quote(value))?;
     }
     writeln!(s, "cd {} || exit 1", quote(&opts.workdir.to_string_lossy()))?;
+    let lanes = opts.lanes.iter().copied().max().unwrap_or(0) + 1;
+    for lane in 0..lanes {
+        // Each lane is a function that leaves its result in a file: with several lanes
+        // it runs in a pipeline (for the lane prefix), whose status dash cannot pass on.
+        let status = quote(&format!("{GUEST_RUN_DIR}/lane{lane}.rc"));
+        writeln!(s, "lane{lane}() {{")?;
+        writeln!(s, "failed=0")?;
+        for (i, argv) in opts.commands.iter().enumerate() {
+            if opts.lanes.get(i).copied().unwrap_or(0) != lane {
+                continue;
+            }
+            ensure!(!argv.is_empty(), "command {} is empty", i + 1);
+            let mut line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+            if let Some(limit) = command_limit(opts, i) {
+                // coreutils timeout from the host root; KILL follows TERM for a test that
+                // ignores it. Exit 124 (or 137) tells the host it was a timeout.
+                let wrap = format!("timeout -k 10 {}", limit.as_secs().max(1));
+                line.insert(0, wrap);
+            }
+            let line = line.join(" ");
+            writeln!(s, "echo {}", quote(&format!("{MARK}start {i}")))?;
+            writeln!(s, "{line}")?;
+            writeln!(s, "rc=$?")?;
+            writeln!(s, "echo \"{MARK}exit {i} $rc\"")?;
+            if opts.keep_going {
+                writeln!(s, "[ $rc -eq 0 ] || failed=1")?;
+            } else {
+                writeln!(s, "[ $rc -eq 0 ] || {{ echo 1 > {status}; return 1; }}")?;
+            }
+        }
+        writeln!(s, "echo $failed > {status}")?;
+        writeln!(s, "}}")?;
+    }
+    if lanes == 1 {
+        writeln!(s, "lane0")?;
+    } else {
+        for lane in 0..lanes {
+            // sed -u: a line as soon as it is complete, so the lanes interleave by line.
+            writeln!(s, "lane{lane} 2>&1 | sed -u 's/^/{LANE_MARK}{lane} /' &")?;
+        }
+        // Not `wait`: a process a test leaves behind (killed at its timeout, its
+        // daemon not) would hold a lane's pipe open, and sed with it, until the VM's
+        // own limit. A lane is done when its result file is there.
+        for lane in 0..lanes {
+            let status = quote(&format!("{GUEST_RUN_DIR}/lane{lane}.rc"));
+            writeln!(s, "until [ -f {status} ]; do sleep 1; done")?;
+        }
+        // Time for sed to pass on the lanes' last lines.
+        writeln!(s, "sleep 1")?;
+    }
     writeln!(s, "failed=0")?;
-    for (i, argv) in opts.commands.iter().enumerate() {
-        ensure!(!argv.is_empty(), "command {} is empty", i + 1);
-        let mut line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
-        let limit = opts.command_timeouts.get(i).copied().flatten();
-        if let Some(limit) = limit.or(opts.command_timeout) {
-            // coreutils timeout from the host root; KILL follows TERM for a test that
-            // ignores it. Exit 124 (or 137) tells the host it was a timeout.
-            let wrap = format!("timeout -k 10 {}", limit.as_secs().max(1));
-            line.insert(0, wrap);
-        }
-        let line = line.join(" ");
-        writeln!(s, "echo {}", quote(&format!("{MARK}start {i}")))?;
-        writeln!(s, "{line}")?;
-        writeln!(s, "rc=$?")?;
-        writeln!(s, "echo \"{MARK}exit {i} $rc\"")?;
-        if opts.keep_going {
-            writeln!(s, "[ $rc -eq 0 ] || failed=1")?;
-        } else {
-            writeln!(s, "[ $rc -eq 0 ] || exit 1")?;
-        }
+    for lane in 0..lanes {
+        let status = quote(&format!("{GUEST_RUN_DIR}/lane{lane}.rc"));
+        writeln!(s, "[ \"$(cat {status} 2>/dev/null)\" = 0 ] || failed=1")?;
     }
     writeln!(s, "exit $failed")?;
     Ok(s)
+}
+
+/// The timeout of command `i`: its own, else the common one.
+fn command_limit(opts: &VmOptions, i: usize) -> Option<Duration> {
+    opts.command_timeouts
+        .get(i)
+        .copied()
+        .flatten()
+        .or(opts.command_timeout)
 }
 
 /// Single-quotes `s` for sh.
@@ -351,11 +425,17 @@ fn quote(s: &str) -> String {
 #[derive(Debug, Default, Clone)]
 struct Progress {
     booted: Option<Duration>,
-    /// Index of the command now running, if any.
-    running: Option<usize>,
-    /// libtest output of the running command.
-    tests: libtest::Tracker,
+    /// Per lane: the command it runs now and that command's libtest output.
+    lanes: Vec<Lane>,
     finished: Vec<Finished>,
+}
+
+/// One lane's command in progress.
+#[derive(Debug, Default, Clone)]
+struct Lane {
+    running: Option<usize>,
+    started: Option<Instant>,
+    tests: libtest::Tracker,
 }
 
 /// A command that ran to its end (or its timeout).
@@ -371,13 +451,22 @@ struct Finished {
 const TIMED_OUT: [i32; 2] = [124, 137];
 
 impl Progress {
-    /// One paragraph per failed command: how it ended and each failing test with its
-    /// panic; or, if none failed, where the run stopped.
-    fn describe(&self, labels: &[String], command_timeout: Option<Duration>) -> String {
+    fn lane(&mut self, lane: usize) -> &mut Lane {
+        if self.lanes.len() <= lane {
+            self.lanes.resize_with(lane + 1, Lane::default);
+        }
+        &mut self.lanes[lane]
+    }
+
+    /// One paragraph per failed command (how it ended, each failing test with its
+    /// panic), then the commands still running when the run ended and those that never
+    /// started. `limits` are the per-command timeouts.
+    fn describe(&self, labels: &[String], limits: &[Option<Duration>]) -> String {
         let mut out = Vec::new();
         for f in self.finished.iter().filter(|f| f.status != 0) {
             let name = &labels[f.index];
-            let mut text = match (TIMED_OUT.contains(&f.status), command_timeout) {
+            let limit = limits.get(f.index).copied().flatten();
+            let mut text = match (TIMED_OUT.contains(&f.status), limit) {
                 (true, Some(limit)) => format!("{name} timed out after {}s", limit.as_secs()),
                 _ => format!("{name} exited with {}", f.status),
             };
@@ -393,37 +482,59 @@ impl Progress {
             }
             out.push(text);
         }
-        if !out.is_empty() {
-            return out.join("\n  ");
+        if self.booted.is_none() {
+            out.push("stopped before the guest finished booting".to_owned());
         }
-        match (self.booted, self.running) {
-            (None, _) => "before the guest finished booting".to_owned(),
-            (Some(_), Some(i)) => {
-                let mut text = format!("while running {}", labels[i]);
-                if let Some(test) = self.tests.running() {
-                    let _ = write!(text, " (test {test})");
-                }
-                text
+        for lane in &self.lanes {
+            let Some(i) = lane.running else { continue };
+            let mut text = format!("stopped while running {}", labels[i]);
+            if let Some(test) = lane.tests.running() {
+                let _ = write!(text, " (test {test})");
             }
-            (Some(_), None) => {
-                format!("after {} of {} commands", self.finished.len(), labels.len())
-            }
+            out.push(text);
         }
+        let not_run: Vec<&str> = (0..labels.len())
+            .filter(|i| {
+                !self.finished.iter().any(|f| f.index == *i)
+                    && !self.lanes.iter().any(|l| l.running == Some(*i))
+            })
+            .map(|i| labels[i].as_str())
+            .collect();
+        if !not_run.is_empty() {
+            out.push(format!(
+                "{} of {} command(s) did not run: {}",
+                not_run.len(),
+                labels.len(),
+                not_run.join(", ")
+            ));
+        }
+        out.join("\n  ")
     }
 
-    /// Per finished command `status  seconds  label`, then per group (the label up
-    /// to `::`, e.g. a test target) its total time and failure count.
+    /// Per finished command `status  seconds  label`, then `groups`.
     fn table(&self, labels: &[String]) -> String {
         let mut out = String::new();
-        let mut groups: Vec<(&str, Duration, usize, usize)> = Vec::new();
         for f in &self.finished {
             let verdict = if f.status == 0 { "passed" } else { "FAILED" };
-            let label = labels[f.index].as_str();
             let _ = writeln!(
                 out,
-                "[vm]   {verdict:6}  {:6.1}s  {label}",
-                f.took.as_secs_f64()
+                "[vm]   {verdict:6}  {:6.1}s  {}",
+                f.took.as_secs_f64(),
+                labels[f.index]
             );
+        }
+        for line in self.groups(labels) {
+            let _ = writeln!(out, "[vm] {line}");
+        }
+        out
+    }
+
+    /// Per group of commands (the label up to `::`, e.g. a test target), its command
+    /// count, failures and summed time.
+    fn groups(&self, labels: &[String]) -> Vec<String> {
+        let mut groups: Vec<(&str, Duration, usize, usize)> = Vec::new();
+        for f in &self.finished {
+            let label = labels[f.index].as_str();
             let group = label.split_once("::").map_or(label, |(g, _)| g);
             let at = match groups.iter().position(|g| g.0 == group) {
                 Some(at) => at,
@@ -436,14 +547,15 @@ impl Progress {
             groups[at].2 += 1;
             groups[at].3 += usize::from(f.status != 0);
         }
-        for (group, took, count, failed) in groups {
-            let _ = writeln!(
-                out,
-                "[vm] {group}: {count} command(s), {failed} failed, {:.1}s",
-                took.as_secs_f64()
-            );
-        }
-        out
+        groups
+            .into_iter()
+            .map(|(group, took, count, failed)| {
+                format!(
+                    "{group}: {count} command(s), {failed} failed, {:.1}s",
+                    took.as_secs_f64()
+                )
+            })
+            .collect()
     }
 }
 
@@ -472,7 +584,6 @@ fn label(argv: &[String]) -> String {
 fn follow_console(out: impl Read, started: Instant, labels: &[String], progress: &Mutex<Progress>) {
     let mut out = BufReader::new(out);
     let mut line = Vec::new();
-    let mut command_started = started;
     loop {
         line.clear();
         match out.read_until(b'\n', &mut line) {
@@ -480,7 +591,7 @@ fn follow_console(out: impl Read, started: Instant, labels: &[String], progress:
             Ok(_) => {}
         }
         let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches(['\r', '\n']);
+        let (lane, text) = split_lane(text.trim_end_matches(['\r', '\n']));
         // A mark may follow output that did not end its line (a test killed by its
         // timeout after `test x ... `).
         let (before, mark) = match text.find(MARK) {
@@ -492,10 +603,14 @@ fn follow_console(out: impl Read, started: Instant, labels: &[String], progress:
             // Blank lines (libtest puts several around each binary's run) only
             // stretch the log; the tracker still needs them to end a message.
             if !before.trim().is_empty() {
-                println!("[vm] {before}");
+                match lane {
+                    Some(lane) => println!("[vm {lane}] {before}"),
+                    None => println!("[vm] {before}"),
+                }
             }
-            if p.running.is_some() {
-                p.tests.line(before);
+            let l = p.lane(lane.unwrap_or(0));
+            if l.running.is_some() {
+                l.tests.line(before);
             }
         }
         let Some(mark) = mark else { continue };
@@ -507,21 +622,24 @@ fn follow_console(out: impl Read, started: Instant, labels: &[String], progress:
                 println!("[vm] guest ready after {:.1}s", boot.as_secs_f64());
             }
             (Some("start"), Some(i), _) => {
-                p.running = i.parse().ok();
-                if let Some(label) = p.running.and_then(|i| labels.get(i)) {
+                let index = i.parse().ok();
+                if let Some(label) = index.and_then(|i: usize| labels.get(i)) {
                     println!("[vm] running {label}");
                 }
-                p.tests = libtest::Tracker::default();
-                command_started = Instant::now();
+                *p.lane(lane.unwrap_or(0)) = Lane {
+                    running: index,
+                    started: Some(Instant::now()),
+                    tests: libtest::Tracker::default(),
+                };
             }
             (Some("exit"), Some(i), Some(rc)) => {
                 if let (Ok(index), Ok(status)) = (i.parse::<usize>(), rc.parse()) {
-                    p.running = None;
+                    let l = std::mem::take(p.lane(lane.unwrap_or(0)));
                     let finished = Finished {
                         index,
                         status,
-                        took: command_started.elapsed(),
-                        tests: std::mem::take(&mut p.tests),
+                        took: l.started.map_or(Duration::ZERO, |s| s.elapsed()),
+                        tests: l.tests,
                     };
                     let verdict = if status == 0 {
                         "passed".to_owned()
@@ -539,6 +657,15 @@ fn follow_console(out: impl Read, started: Instant, labels: &[String], progress:
             _ => println!("[vm] {mark}"),
         }
     }
+}
+
+/// The lane a console line came from (see `LANE_MARK`) and the line without the
+/// prefix; `None` for lines of init, the kernel or a single-lane run.
+fn split_lane(text: &str) -> (Option<usize>, &str) {
+    text.strip_prefix(LANE_MARK)
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(n, rest)| Some((Some(n.parse().ok()?), rest)))
+        .unwrap_or((None, text))
 }
 
 fn prefix_lines(input: impl Read, prefix: &str) {
@@ -651,11 +778,12 @@ mod tests {
         assert!(script.contains("export RUST_LOG='debug'\n"));
         assert!(script.contains("cd '/repo' || exit 1\n"));
         assert!(script.contains("'sh' '-c' 'exit 3'\n"));
-        assert_eq!(script.matches("|| exit 1\n").count(), 3);
+        assert_eq!(script.matches("; return 1; }\n").count(), 2);
+        assert!(script.contains("\nlane0\n"), "{script}");
 
         opts.keep_going = true;
         let script = run_script(&opts).unwrap();
-        assert_eq!(script.matches("|| failed=1\n").count(), 2);
+        assert_eq!(script.matches("[ $rc -eq 0 ] || failed=1\n").count(), 2);
 
         opts.env.push(("BAD NAME".into(), String::new()));
         assert!(run_script(&opts).is_err());
@@ -711,7 +839,8 @@ mod tests {
             took: Duration::from_secs(60),
             tests,
         });
-        let text = progress.describe(&labels, Some(Duration::from_secs(60)));
+        progress.booted = Some(Duration::from_secs(5));
+        let text = progress.describe(&labels, &[None, Some(Duration::from_secs(60))]);
         assert!(text.contains("datapath::a exited with 101"), "{text}");
         assert!(
             text.contains("a panicked at tests/tests/datapath.rs:1:2\n      wrong verdict"),
@@ -726,6 +855,62 @@ mod tests {
             table.contains("datapath: 2 command(s), 2 failed, 63.0s"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn lanes_run_side_by_side_and_report_through_files() {
+        let mut opts = VmOptions::new(
+            Path::new("/repo"),
+            vec![vec!["a".into()], vec!["b".into()], vec!["c".into()]],
+        );
+        opts.lanes = vec![0, 1, 0];
+        opts.keep_going = true;
+        let script = run_script(&opts).unwrap();
+        let lane1 = &script[script.find("lane1() {").unwrap()..];
+        let lane1 = &lane1[..lane1.find("\n}\n").unwrap()];
+        assert!(
+            lane1.contains("\n'b'\n") && !lane1.contains("'a'"),
+            "{script}"
+        );
+        assert!(
+            script.contains("lane0 2>&1 | sed -u 's/^/@@lane0 /' &\n")
+                && script.contains("lane1 2>&1 | sed -u 's/^/@@lane1 /' &\nuntil [ -f '/run/rampart-vm/lane0.rc' ]"),
+            "{script}"
+        );
+        assert!(script
+            .contains("[ \"$(cat '/run/rampart-vm/lane1.rc' 2>/dev/null)\" = 0 ] || failed=1\n"));
+        assert!(script.ends_with("exit $failed\n"));
+    }
+
+    #[test]
+    fn console_lines_are_followed_per_lane() {
+        let labels: Vec<String> = ["t::a", "t::b", "t::c"].map(String::from).to_vec();
+        let progress = Mutex::new(Progress::default());
+        let console = [
+            "@@rampart-vm: ready",
+            "@@lane0 @@rampart-vm: start 0",
+            "@@lane1 @@rampart-vm: start 1",
+            "@@lane1 test b ... ",
+            "@@lane0 test a ... ok",
+            "@@lane0 @@rampart-vm: exit 0 0",
+        ]
+        .join("\n");
+        follow_console(console.as_bytes(), Instant::now(), &labels, &progress);
+        let p = progress.into_inner().unwrap();
+        assert_eq!(p.finished.len(), 1);
+        assert_eq!(p.finished[0].index, 0);
+        assert_eq!(p.lanes[1].running, Some(1));
+        let text = p.describe(&labels, &[None; 3]);
+        assert!(
+            text.contains("stopped while running t::b (test b)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 of 3 command(s) did not run: t::c"),
+            "{text}"
+        );
+        assert_eq!(split_lane("@@lane12 x y"), (Some(12), "x y"));
+        assert_eq!(split_lane("@@lanex y"), (None, "@@lanex y"));
     }
 
     #[test]
