@@ -501,9 +501,14 @@ fn s3_expiry_and_not_yet_valid() {
         &Request::get("/v1/orders").token(&t.token),
         "a 2 s token right after issue",
     );
+    // Expiry is stored in whole seconds: it lands more than 1 s after `issued_at` and at
+    // most 3 s after the issue returned. Judged against when each request was sent and
+    // answered, not against how fast the machine is (the VM is slow and busy).
+    let issue_returned = issued_at.elapsed();
     let curl = gw.curl(side).timeout(Duration::from_secs(3));
     let mut served = 1;
     let denied_after = loop {
+        let sent = issued_at.elapsed();
         let o = gw
             .request(side, &curl, &Request::get("/v1/orders").token(&t.token))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -514,16 +519,15 @@ fn s3_expiry_and_not_yet_valid() {
         assert!(o.reached, "200 without the upstream");
         served += 1;
         assert!(
-            issued_at.elapsed() < Duration::from_secs(5),
-            "the 2 s token still works after {:?}",
-            issued_at.elapsed()
+            sent < issue_returned + Duration::from_secs(3),
+            "the 2 s token was served for a request sent {sent:?} after issue (the issue \
+             returned after {issue_returned:?})"
         );
         thread::sleep(Duration::from_millis(100));
     };
     println!("a 2 s token: {served} requests served, first denial {denied_after:?} after issue");
-    // Expiry is stored in whole seconds, so it lands in (1 s, 3 s] after issue.
     assert!(
-        denied_after > Duration::from_millis(1000) && denied_after < Duration::from_millis(3300),
+        denied_after > Duration::from_millis(1000),
         "a 2 s token was first denied {denied_after:?} after issue"
     );
     let expired = counter(&gw, side, "expired");
