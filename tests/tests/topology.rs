@@ -254,7 +254,15 @@ fn wrk_load_reaches_the_upstream() {
     cfg.tokens = vec![random_token(), random_token()];
     cfg.test_id = Some("load".into());
     cfg.connections = 4;
-    cfg.duration = Duration::from_secs(1);
+    // wrk counts only the responses that arrive within its run: under emulation on a
+    // busy host the first one can take over a second, so give it several, after a
+    // request that has already crossed the whole path once.
+    cfg.duration = Duration::from_secs(5);
+    let warm = topo
+        .curl_veth()
+        .send(&Request::get("/load-warmup"))
+        .expect("curl");
+    assert_eq!(warm.status, 200, "the path works before the load");
     let before = topo.veth_upstream().count();
     let report = wrk(topo.client(), &cfg).expect("wrk");
     eprintln!("wrk: {report:?}, {:.0} req/s", report.requests_per_sec());
