@@ -6,6 +6,7 @@
 mod bench;
 mod bench_scale;
 mod demo;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// A guided run of Rampart against a local upstream.
     Demo,
+    /// Build the Debian package (target/package/rampart_<version>_amd64.deb).
+    Package(package::PackageArgs),
     /// The kernel-facing tests in the 6.1 VM (the VM step of `test`), or with
     /// `-- <program> [args]` one command inside the VM.
     VmTest {
@@ -60,6 +63,9 @@ fn main() -> Result<ExitCode> {
         Command::Test(args) => return test::run(&args),
         Command::Bench(args) => bench::run(args)?,
         Command::Demo => demo::run()?,
+        Command::Package(args) => {
+            package::run(&args)?;
+        }
         Command::VmTest {
             vm_daemon,
             filter,

@@ -70,7 +70,14 @@ pub fn run() -> Result<()> {
             kernel.release
         );
     }
-    if did == 0 && had_kernel {
+    // And the Debian system image the packaging test boots (mmdebstrap; cached).
+    let had_image = vm::image::cached_image(&cache, &kernel).exists();
+    let image =
+        vm::image::ensure_image(&cache, &kernel).context("building the Debian system image")?;
+    if !had_image {
+        println!("setup: built the Debian system image {}", image.display());
+    }
+    if did == 0 && had_kernel && had_image {
         println!("setup: everything present, nothing to do");
     }
     Ok(())
@@ -155,7 +162,11 @@ fn apply(missing: &Missing) -> Result<usize> {
 }
 
 fn all_packages() -> impl Iterator<Item = &'static str> {
-    PACKAGES.iter().chain(vm::HOST_PACKAGES).copied()
+    PACKAGES
+        .iter()
+        .chain(vm::HOST_PACKAGES)
+        .chain(vm::image::HOST_PACKAGES)
+        .copied()
 }
 
 fn missing_packages() -> Result<Vec<&'static str>> {

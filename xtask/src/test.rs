@@ -12,6 +12,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    package::{self, PackageArgs},
     setup::{cargo, exec},
     vm,
 };
@@ -44,6 +45,9 @@ const VM_SHARED_PER_TEST: Duration = Duration::from_secs(60);
 /// tests (each test makes its own namespaces; pins and temp dirs are named by pid).
 /// Balanced by measured time: topology + scenarios ≈ 480 s, datapath + attach ≈ 370 s.
 const VM_SECOND_LANE: &[&str] = &["topology", "scenarios"];
+/// The system VM's run (two boots) and each run of its test script.
+const SYSTEM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const SYSTEM_COMMAND_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// Label of agent-common's unit tests, which run as one command.
 const UNIT_TESTS: &str = "agent-common";
 
@@ -54,8 +58,11 @@ pub struct TestArgs {
     #[arg(long, conflicts_with = "only_vm")]
     no_vm: bool,
     /// Only the 6.1 VM run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "only_system")]
     only_vm: bool,
+    /// Only the packaging test in the Debian system VM.
+    #[arg(long, conflicts_with = "no_vm")]
+    only_system: bool,
     /// Also run the daemon's own tests in the 6.1 VM (see VM_DAEMON_TARGETS).
     #[arg(long)]
     vm_daemon: bool,
@@ -70,6 +77,7 @@ impl TestArgs {
         TestArgs {
             no_vm: false,
             only_vm: true,
+            only_system: false,
             vm_daemon,
             filter,
         }
@@ -109,7 +117,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         exec(cargo(&root).args(["build", "-p", "rampart"]))
     });
 
-    if !args.only_vm {
+    if !args.only_vm && !args.only_system {
         step("host tests (cargo test --workspace)", &mut || {
             let mut cmd = cargo(&root);
             cmd.args(["test", "--workspace", "--no-fail-fast"]);
@@ -151,7 +159,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         });
     }
 
-    if !args.no_vm {
+    if !args.no_vm && !args.only_system {
         let name = if args.vm_daemon {
             "VM tests (Linux 6.1)"
         } else {
@@ -165,6 +173,14 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
             }
             Ok(())
         });
+    }
+
+    // A filter names tests of the test binaries, none of which is the system VM's.
+    if !args.no_vm && !args.only_vm && args.filter.is_none() {
+        step(
+            "system VM (the .deb in Debian 12 under systemd, Linux 6.1)",
+            &mut || system_test(&root).map(|_| ()),
+        );
     }
 
     println!("\n==> summary");
@@ -190,6 +206,33 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The whole packaging test (xtask/vm/system-test.sh): the release build packaged
+/// twice (a second, newer revision for the upgrade), booted into the Debian system VM.
+fn system_test(root: &Path) -> Result<vm::Report> {
+    let deb = package::run(&PackageArgs {
+        revision: "1".into(),
+        no_build: false,
+    })?;
+    let newer = package::run(&PackageArgs {
+        revision: "2".into(),
+        no_build: true,
+    })?;
+    let command = vec![
+        "sh".to_owned(),
+        "xtask/vm/system-test.sh".to_owned(),
+        deb.to_string_lossy().into_owned(),
+        newer.to_string_lossy().into_owned(),
+    ];
+    let mut opts = vm::VmOptions::new(root, vec![command]);
+    let kernel = vm::ensure_kernel(&opts.cache_dir)?;
+    opts.system_image = Some(vm::image::ensure_image(&opts.cache_dir, &kernel)?);
+    // Two boots of a whole system under TCG, each run of the script within its limit.
+    opts.timeout = SYSTEM_TIMEOUT;
+    opts.command_timeout = Some(SYSTEM_COMMAND_TIMEOUT);
+    opts.labels = vec!["system::packaging".to_owned()];
+    vm::run(opts)
 }
 
 /// Builds the test binaries and runs the kernel-facing ones in the VM.

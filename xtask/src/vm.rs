@@ -7,6 +7,7 @@
 //! nested KVM on our CI machines runs guests far slower than plain emulation.
 
 mod debug_exit;
+pub mod image;
 mod initramfs;
 mod kernel;
 mod libtest;
@@ -35,6 +36,7 @@ pub const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-common", "b
 /// host root, overlay to make it writable, and what the datapath and its tests use.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
+    "virtio_blk",
     "virtiofs",
     "overlay",
     "veth",
@@ -98,6 +100,10 @@ pub struct VmOptions {
     /// guest has two vCPUs and qemu runs them on two host threads), each its commands
     /// in order; their console lines carry the lane so progress is followed per lane.
     pub lanes: Vec<usize>,
+    /// Boot this Debian system image (see `image`) with systemd instead of the host's
+    /// root: the commands run from its `rampart-vm.service`, on a per-run overlay that
+    /// survives the guest's reboots.
+    pub system_image: Option<PathBuf>,
 }
 
 impl VmOptions {
@@ -115,6 +121,7 @@ impl VmOptions {
             command_timeouts: Vec::new(),
             labels: Vec::new(),
             lanes: Vec::new(),
+            system_image: None,
         }
     }
 }
@@ -164,6 +171,10 @@ pub fn run(opts: VmOptions) -> Result<Report> {
     let initrd = dir.0.join("initramfs.cpio");
     fs::write(&initrd, initramfs).with_context(|| format!("writing {}", initrd.display()))?;
     let socket = dir.0.join("virtiofs.sock");
+    let disk = match &opts.system_image {
+        Some(base) => Some(image::overlay(base, &dir.0)?),
+        None => None,
+    };
     let fsd_log = dir.0.join("virtiofsd.log");
 
     // cache=always: each run is a fresh VM and the host tree does not change under a
@@ -193,7 +204,13 @@ pub fn run(opts: VmOptions) -> Result<Report> {
 
     let mut qemu = Reaped(
         Command::new(qemu)
-            .args(qemu_args(&kernel, &initrd, &socket))
+            .args(qemu_args(
+                &kernel,
+                &initrd,
+                &socket,
+                disk.as_deref(),
+                &opts.workdir,
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -267,22 +284,37 @@ pub fn run(opts: VmOptions) -> Result<Report> {
     }
 }
 
-fn qemu_args(kernel: &KernelFiles, initrd: &Path, socket: &Path) -> Vec<String> {
+fn qemu_args(
+    kernel: &KernelFiles,
+    initrd: &Path,
+    socket: &Path,
+    disk: Option<&Path>,
+    workdir: &Path,
+) -> Vec<String> {
     const MEM: &str = "4G";
-    let append = [
-        "console=ttyS0",
-        "panic=-1",
-        "quiet",
+    let mut append = vec![
+        "console=ttyS0".to_owned(),
+        "quiet".to_owned(),
         // Guest page-table isolation and friends cost a lot under TCG and do not change
         // what a root BPF loader sees.
-        "mitigations=off",
-        "random.trust_cpu=on",
-    ]
-    .join(" ");
-    [
+        "mitigations=off".to_owned(),
+        "random.trust_cpu=on".to_owned(),
+    ];
+    match disk {
+        // The system reboots for real (the test of what survives a reboot): a panic
+        // must not look like one, so it stops the guest until the run's timeout.
+        Some(_) => append.extend([
+            "panic=0".to_owned(),
+            "rampart.root=disk".to_owned(),
+            format!("rampart.workdir={}", workdir.display()),
+            "systemd.show_status=error".to_owned(),
+        ]),
+        None => append.push("panic=-1".to_owned()),
+    }
+    let append = append.join(" ");
+    let mut args: Vec<String> = [
         "-nodefaults",
         "-no-user-config",
-        "-no-reboot",
         "-display",
         "none",
         "-accel",
@@ -317,7 +349,16 @@ fn qemu_args(kernel: &KernelFiles, initrd: &Path, socket: &Path) -> Vec<String> 
     ]
     .into_iter()
     .map(str::to_owned)
-    .collect()
+    .collect();
+    match disk {
+        Some(disk) => args.extend([
+            "-drive".to_owned(),
+            format!("file={},if=virtio,format=qcow2", disk.display()),
+        ]),
+        // A guest reboot (a panic included) ends qemu.
+        None => args.push("-no-reboot".to_owned()),
+    }
+    args
 }
 
 /// The script init.sh runs chrooted into the host root.
@@ -348,6 +389,7 @@ fn run_script(opts: &VmOptions) -> Result<String> {
         writeln!(s, "export {key}={}", quote(value))?;
     }
     writeln!(s, "cd {} || exit 1", quote(&opts.workdir.to_string_lossy()))?;
+    writeln!(s, "mkdir -p {}", quote(GUEST_RUN_DIR))?;
     let lanes = opts.lanes.iter().copied().max().unwrap_or(0) + 1;
     for lane in 0..lanes {
         // Each lane is a function that leaves its result in a file: with several lanes

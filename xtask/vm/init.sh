@@ -38,6 +38,19 @@ while read -r module; do
 done < /modules/order
 
 mkdir -p /host /rw /newroot
+
+# A Debian system on the disk (`cargo xtask test`'s system step): boot it with systemd
+# as PID 1. Its rampart-vm.service runs this run's run.sh, copied onto the disk on every
+# boot, and reports through isa-debug-exit itself (see xtask/src/vm/image.rs).
+if grep -q 'rampart.root=disk' /proc/cmdline; then
+    mount -t ext4 /dev/vda /newroot || fail "mount the system disk"
+    mkdir -p /newroot/var/lib/rampart-vm
+    cp /rampart/run.sh /newroot/var/lib/rampart-vm/run.sh || fail "copy run.sh to the disk"
+    umount /proc /sys
+    mount --move /dev /newroot/dev || umount /dev
+    echo "@@rampart-vm: ready"
+    exec switch_root /newroot /lib/systemd/systemd
+fi
 mount -t virtiofs -o ro hostroot /host || fail "mount virtiofs hostroot"
 mount -t tmpfs -o mode=0755 rw /rw || fail "mount tmpfs for overlay"
 mkdir -p /rw/upper /rw/work

@@ -1,6 +1,7 @@
 //! The command line: one global `--config`, one module per verb.
 
 pub mod check;
+pub mod completion;
 pub mod detach;
 pub mod events;
 pub mod fingerprint;
@@ -47,6 +48,11 @@ pub enum Command {
     Top(top::Args),
     /// Detach the programs and remove the pins.
     Detach(detach::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completion::CompletionArgs),
+    /// Write the man pages into a directory (packaging).
+    #[command(hide = true)]
+    Manpages(completion::ManArgs),
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -61,6 +67,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(config, args).await,
         Command::Top(args) => top::run(config, args).await,
         Command::Detach(args) => detach::run(config, args).await,
+        Command::Completions(args) => completion::completions(args),
+        Command::Manpages(args) => completion::manpages(args),
     }
 }
 

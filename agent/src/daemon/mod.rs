@@ -8,6 +8,7 @@
 mod apply;
 mod enforcer;
 mod handler;
+pub mod preflight;
 mod status;
 mod tasks;
 
@@ -71,6 +72,8 @@ pub enum DaemonError {
     Telemetry(#[from] TelemetryError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("this host cannot run the daemon")]
+    Preflight(#[from] preflight::PreflightError),
 }
 
 fn lines(d: &[Diagnostic]) -> String {
@@ -382,6 +385,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
 /// `rampart run`: returns on SIGTERM/SIGINT, leaving enforcement in place.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let (config, policy) = config::load_all(config_path).map_err(DaemonError::Config)?;
+    preflight::check(&config.bpffs_dir)?;
     let control_socket = config.control_socket.clone();
     let metrics_addr = config.metrics_addr;
     let daemon = {
