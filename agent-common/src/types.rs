@@ -26,6 +26,42 @@ impl Fingerprint {
     pub const ZERO: Fingerprint = Fingerprint([0, 0]);
 }
 
+/// The one text form of a fingerprint, wherever it is shown or stored: 32 lower-case hex
+/// digits, `{:016x}{:016x}` of its words.
+impl core::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:016x}{:016x}", self.0[0], self.0[1])
+    }
+}
+
+/// Text that is not 32 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParseFingerprintError;
+
+impl core::fmt::Display for ParseFingerprintError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a fingerprint is 32 hex digits")
+    }
+}
+
+impl core::error::Error for ParseFingerprintError {}
+
+/// Parses the `Display` form, in either case (policy files ask for lower case themselves).
+impl core::str::FromStr for Fingerprint {
+    type Err = ParseFingerprintError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // `from_str_radix` alone would also take a sign.
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ParseFingerprintError);
+        }
+        let word = |r: core::ops::Range<usize>| {
+            u64::from_str_radix(&s[r], 16).map_err(|_| ParseFingerprintError)
+        };
+        Ok(Fingerprint([word(0..16)?, word(16..32)?]))
+    }
+}
+
 /// The 128-bit fingerprint key, loaded by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -290,16 +290,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Lower-case hex as used everywhere a fingerprint is shown: `{:016x}{:016x}`.
-pub fn fingerprint_hex(fp: &Fingerprint) -> String {
-    crate::policy::format_fingerprint(fp)
-}
-
-/// Parses the 32-hex-character form of a fingerprint (either case, unlike policy files).
-pub fn parse_fingerprint_hex(s: &str) -> Option<Fingerprint> {
-    crate::policy::parse_fingerprint(&s.to_ascii_lowercase())
-}
-
 /// Now, in Unix seconds.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -350,10 +340,12 @@ struct RawRecord {
 
 impl RawRecord {
     fn parse(self) -> Result<TokenRecord, StoreError> {
-        let fingerprint = parse_fingerprint_hex(&self.fingerprint)
-            .ok_or_else(|| corrupt_fp(&self.fingerprint))?;
+        let fingerprint = self
+            .fingerprint
+            .parse::<Fingerprint>()
+            .map_err(|_| corrupt_fp(&self.fingerprint))?;
         let rotated_from = match self.rotated_from {
-            Some(s) => Some(parse_fingerprint_hex(&s).ok_or_else(|| corrupt_fp(&s))?),
+            Some(s) => Some(s.parse::<Fingerprint>().map_err(|_| corrupt_fp(&s))?),
             None => None,
         };
         let scopes = serde_json::from_str(&self.scopes).map_err(|e| StoreError::Corrupt {
@@ -376,7 +368,7 @@ impl RawRecord {
 fn get_in(conn: &Connection, fp: &Fingerprint) -> Result<Option<TokenRecord>, StoreError> {
     conn.query_row(
         &format!("SELECT {RECORD_COLUMNS} FROM tokens WHERE fingerprint = ?1"),
-        params![fingerprint_hex(fp)],
+        params![fp.to_string()],
         row_to_record,
     )
     .optional()
@@ -390,7 +382,7 @@ fn insert_token(
     t: &NewToken,
     rotated_from: Option<&Fingerprint>,
 ) -> Result<(), StoreError> {
-    let fp = fingerprint_hex(&t.fingerprint);
+    let fp = t.fingerprint.to_string();
     let scopes = serde_json::to_string(&t.scopes).map_err(|e| StoreError::Corrupt {
         what: format!("scope list: {e}"),
     })?;
@@ -405,7 +397,7 @@ fn insert_token(
             t.issued_at,
             t.not_before,
             t.expires_at,
-            rotated_from.map(fingerprint_hex),
+            rotated_from.map(ToString::to_string),
         ],
     );
     match res {
@@ -435,7 +427,7 @@ fn audit_in(
             unix_now(),
             uid,
             action.as_str(),
-            fp.map(fingerprint_hex),
+            fp.map(ToString::to_string),
             detail
         ],
     )
@@ -520,7 +512,7 @@ impl Store {
             &detail,
         )?;
         let rec = get_in(&tx, &t.fingerprint)?.ok_or_else(|| StoreError::NotFound {
-            fingerprint: fingerprint_hex(&t.fingerprint),
+            fingerprint: t.fingerprint.to_string(),
         })?;
         tx.commit().map_err(sql("commit issue"))?;
         Ok(rec)
@@ -553,11 +545,11 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
         let old_rec = get_in(&tx, old)?.ok_or_else(|| StoreError::NotFound {
-            fingerprint: fingerprint_hex(old),
+            fingerprint: old.to_string(),
         })?;
         if old_rec.status != TokenStatus::Active {
             return Err(StoreError::NotActive {
-                fingerprint: fingerprint_hex(old),
+                fingerprint: old.to_string(),
                 status: old_rec.status,
             });
         }
@@ -566,14 +558,11 @@ impl Store {
             .map_or(old_expires_at, |e| e.min(old_expires_at));
         tx.execute(
             "UPDATE tokens SET expires_at = ?2 WHERE fingerprint = ?1",
-            params![fingerprint_hex(old), expiry],
+            params![old.to_string(), expiry],
         )
         .map_err(sql("shorten rotated token"))?;
         insert_token(&tx, new, Some(old))?;
-        let detail = format!(
-            "rotated from {} (old expires at {expiry})",
-            fingerprint_hex(old)
-        );
+        let detail = format!("rotated from {} (old expires at {expiry})", old);
         audit_in(
             &tx,
             Some(uid),
@@ -582,10 +571,10 @@ impl Store {
             &detail,
         )?;
         let old_now = get_in(&tx, old)?.ok_or_else(|| StoreError::NotFound {
-            fingerprint: fingerprint_hex(old),
+            fingerprint: old.to_string(),
         })?;
         let new_now = get_in(&tx, &new.fingerprint)?.ok_or_else(|| StoreError::NotFound {
-            fingerprint: fingerprint_hex(&new.fingerprint),
+            fingerprint: new.fingerprint.to_string(),
         })?;
         tx.commit().map_err(sql("commit rotate"))?;
         Ok((old_now, new_now))
@@ -597,7 +586,7 @@ impl Store {
     pub fn revoke(&self, fp: &Fingerprint, reason: &str, uid: u32) -> Result<Revoked, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        let hex = fingerprint_hex(fp);
+        let hex = fp.to_string();
         if get_in(&tx, fp)?.is_none() {
             return Err(StoreError::NotFound { fingerprint: hex });
         }
@@ -670,7 +659,7 @@ impl Store {
         };
         let mut out = Vec::with_capacity(due.len());
         for hex in due {
-            let fp = parse_fingerprint_hex(&hex).ok_or_else(|| corrupt_fp(&hex))?;
+            let fp = hex.parse::<Fingerprint>().map_err(|_| corrupt_fp(&hex))?;
             tx.execute(
                 "UPDATE tokens SET status = 'expired' WHERE fingerprint = ?1",
                 params![hex],
@@ -797,7 +786,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let hex = row.map_err(sql("list revocations"))?;
-            out.push(parse_fingerprint_hex(&hex).ok_or_else(|| corrupt_fp(&hex))?);
+            out.push(hex.parse::<Fingerprint>().map_err(|_| corrupt_fp(&hex))?);
         }
         Ok(out)
     }
@@ -806,7 +795,7 @@ impl Store {
         self.conn()
             .query_row(
                 "SELECT revoked_at, reason, uid FROM revocations WHERE fingerprint = ?1",
-                params![fingerprint_hex(fp)],
+                params![fp.to_string()],
                 |r| {
                     Ok(Revocation {
                         fingerprint: *fp,
@@ -846,7 +835,7 @@ impl Store {
         for row in rows {
             let (id, time, uid, action, fp, detail) = row.map_err(sql("read audit"))?;
             let fingerprint = match fp {
-                Some(s) => Some(parse_fingerprint_hex(&s).ok_or_else(|| corrupt_fp(&s))?),
+                Some(s) => Some(s.parse::<Fingerprint>().map_err(|_| corrupt_fp(&s))?),
                 None => None,
             };
             out.push(AuditEntry {

@@ -25,8 +25,7 @@ use rand::{rngs::OsRng, RngCore};
 use crate::{
     datapath::clock::unix_to_tai_ns,
     store::{
-        fingerprint_hex, unix_now, ListFilter, NewToken, Revocation, Store, StoreError,
-        TokenRecord, TokenStatus,
+        unix_now, ListFilter, NewToken, Revocation, Store, StoreError, TokenRecord, TokenStatus,
     },
 };
 
@@ -493,7 +492,7 @@ impl Lifecycle {
             self.store
                 .revoke(&fp, "kernel install failed at issue", uid)?;
             return Err(LifecycleError::Install {
-                fingerprint: fingerprint_hex(&fp),
+                fingerprint: fp.to_string(),
                 source,
             });
         }
@@ -510,7 +509,7 @@ impl Lifecycle {
         ttl: Option<Duration>,
         uid: u32,
     ) -> Result<Rotated, LifecycleError> {
-        let hex = fingerprint_hex(old);
+        let hex = old.to_string();
         let prev = self.store.get(old)?.ok_or_else(|| StoreError::NotFound {
             fingerprint: hex.clone(),
         })?;
@@ -567,7 +566,7 @@ impl Lifecycle {
         self.enforcer
             .revoke(*fp)
             .map_err(|source| LifecycleError::KernelRevoke {
-                fingerprint: fingerprint_hex(fp),
+                fingerprint: fp.to_string(),
                 source,
             })?;
         Ok(revoked.revocation)
@@ -582,7 +581,7 @@ impl Lifecycle {
             self.enforcer
                 .revoke(fp)
                 .map_err(|source| LifecycleError::KernelRevoke {
-                    fingerprint: fingerprint_hex(&fp),
+                    fingerprint: fp.to_string(),
                     source,
                 })?;
             report.revoked += 1;
@@ -1067,13 +1066,13 @@ mod tests {
                 assert!(
                     !found,
                     "plaintext of token {} found in {}",
-                    fingerprint_hex(&rec.fingerprint),
+                    rec.fingerprint,
                     path.display()
                 );
             }
         }
         // The fingerprint, by contrast, is there (the search itself works).
-        let hex = fingerprint_hex(&issued.record.fingerprint);
+        let hex = issued.record.fingerprint.to_string();
         let stored = fs::read_dir(dir.path()).unwrap().any(|e| {
             let bytes = fs::read(e.unwrap().path()).unwrap();
             bytes.windows(32).any(|w| w == hex.as_bytes())

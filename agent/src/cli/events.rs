@@ -18,11 +18,12 @@ use rampart::{
     config::Config,
     control::{self, Client, EventKind, Fp, NoticeKind, StreamEvent, StreamItem},
     telemetry::{
-        event::{fingerprint_hex, rfc3339_from_tai},
-        export::numbered,
-        EventContext, EventFilter, EventRecord, ExpiryRecord, Record,
+        event::rfc3339_from_tai, export::numbered, EventContext, EventFilter, EventRecord,
+        ExpiryRecord, Record,
     },
 };
+
+use super::parse_fingerprint;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -105,7 +106,7 @@ fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Resul
         );
     };
     let filter = EventFilter {
-        token: args.token.as_ref().map(fingerprint_hex),
+        token: args.token.as_ref().map(ToString::to_string),
         verdict: args.verdict.map(|v| v.name().to_owned()),
     };
     // Newest file first, until enough records are gathered.
@@ -192,15 +193,6 @@ fn decision_from_wire(ev: &control::EventRecord, ctx: &EventContext) -> EventRec
         method: ev.method.clone(),
         path_hash: ev.path_hash.clone(),
     }
-}
-
-fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("a fingerprint is 32 hex digits (see `rampart token list`)".into());
-    }
-    let word =
-        |r: std::ops::Range<usize>| u64::from_str_radix(&s[r], 16).map_err(|e| e.to_string());
-    Ok(Fingerprint([word(0..16)?, word(16..32)?]))
 }
 
 fn parse_verdict(s: &str) -> Result<EventKind, String> {
@@ -364,12 +356,12 @@ mod tests {
         .await;
         // A verdict filter leaves expiry warnings out.
         assert_eq!(sports(&out), ["1", "4"], "{out}");
-        assert!(out.lines().all(|l| l.contains(&fingerprint_hex(&FP_A))));
+        assert!(out.lines().all(|l| l.contains(&FP_A.to_string())));
     }
 
     #[tokio::test]
     async fn follow_shows_expiry_warnings_by_token_or_as_their_own_verdict() {
-        let a = fingerprint_hex(&FP_A);
+        let a = FP_A.to_string();
         let out = follow_output(&args(true, Some(FP_A), None), mixed_feed()).await;
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 4, "{out}");
@@ -405,7 +397,7 @@ mod tests {
             panic!("a decision renders as a decision")
         };
         assert_eq!(r.time, "2024-05-01T12:00:00.000000000Z");
-        assert_eq!(r.fingerprint, Some(fingerprint_hex(&FP_A)));
+        assert_eq!(r.fingerprint, Some(FP_A.to_string()));
         assert_eq!(r.verdict, "revoked");
         assert_eq!(r.listener, "listener_4");
         assert_eq!(r.src, "[2001:db8::5]:5000");

@@ -12,7 +12,6 @@ use agent_common::{siphash::fingerprint, MAX_TOKEN_LEN};
 use anyhow::{bail, Context as _};
 use rampart::{
     config::Config,
-    store::fingerprint_hex,
     token::{load_key, validate_token},
 };
 
@@ -38,7 +37,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
     let fp = fingerprint(&key, &token);
     token.fill(0);
     checked.context("stdin does not hold one RFC 6750 bearer token")?;
-    println!("{}", fingerprint_hex(&fp));
+    println!("{fp}");
     Ok(())
 }
 

@@ -64,6 +64,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A fingerprint argument: `Fingerprint`'s text form, with a hint where to find one.
+pub fn parse_fingerprint(s: &str) -> Result<agent_common::Fingerprint, String> {
+    s.parse()
+        .map_err(|e| format!("{e} (see `rampart token list`)"))
+}
+
 /// The daemon's control socket: from the configuration file when it exists, else the
 /// default path (so `rampart status`/`token` work on a host configured by defaults).
 pub fn control_socket(config: &std::path::Path) -> anyhow::Result<PathBuf> {

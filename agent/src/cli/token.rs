@@ -10,12 +10,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use rampart::{
-    control::{
-        protocol::{IssuedBody, ListBody, RevokeBody, ShowBody, TokenView},
-        Client, Fp, Request, Response,
-    },
-    store::parse_fingerprint_hex,
+use rampart::control::{
+    protocol::{IssuedBody, ListBody, RevokeBody, ShowBody, TokenView},
+    Client, Fp, Request, Response,
 };
 
 #[derive(clap::Args, Debug)]
@@ -93,9 +90,7 @@ enum Command {
 }
 
 fn parse_fp(s: &str) -> Result<Fp, String> {
-    parse_fingerprint_hex(s)
-        .map(Fp)
-        .ok_or_else(|| "a fingerprint is 32 hex digits (see `rampart token list`)".into())
+    super::parse_fingerprint(s).map(Fp)
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
@@ -460,7 +455,7 @@ prefix = "/v1/"
         let token = out.strip_suffix('\n').expect("newline-terminated");
         assert!(token.starts_with("rmp_") && !token.contains('\n'));
         let fp = fingerprint(&KEY, token.as_bytes());
-        let hex = rampart::store::fingerprint_hex(&fp);
+        let hex = fp.to_string();
         assert!(
             err.contains(&format!("fingerprint: {hex}")),
             "stderr: {err}"

@@ -12,7 +12,7 @@ use super::protocol::{
 };
 use crate::{
     datapath::clock::tai_offset_ns,
-    store::{fingerprint_hex, unix_now, ListFilter, TokenRecord},
+    store::{unix_now, ListFilter, TokenRecord},
     token::{error_chain, IssueRequest, Lifecycle, Resolve},
 };
 
@@ -103,10 +103,7 @@ pub fn token_op(lc: &Lifecycle, policy: &dyn Resolve, uid: u32, req: &Request) -
             Ok(Some(rec)) => Response::ok(&ShowBody {
                 record: view(lc, &rec, true),
             }),
-            Ok(None) => Response::error(format!(
-                "no token with fingerprint {}",
-                fingerprint_hex(&fingerprint.0)
-            )),
+            Ok(None) => Response::error(format!("no token with fingerprint {}", fingerprint.0)),
             Err(e) => Response::error(error_chain(&e)),
         },
         Request::TokenImport { path } => match std::fs::read_to_string(path) {

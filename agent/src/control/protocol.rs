@@ -14,7 +14,7 @@ use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializ
 use serde_json::{Map, Value};
 
 use crate::{
-    store::{fingerprint_hex, parse_fingerprint_hex, TokenRecord, TokenStatus},
+    store::{TokenRecord, TokenStatus},
     token::TokenRuntime,
 };
 
@@ -24,22 +24,22 @@ pub struct Fp(pub Fingerprint);
 
 impl Serialize for Fp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&fingerprint_hex(&self.0))
+        s.collect_str(&self.0)
     }
 }
 
 impl<'de> Deserialize<'de> for Fp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_fingerprint_hex(&s)
+        s.parse::<Fingerprint>()
             .map(Fp)
-            .ok_or_else(|| serde::de::Error::custom("fingerprint must be 32 hex characters"))
+            .map_err(|_| serde::de::Error::custom("fingerprint must be 32 hex characters"))
     }
 }
 
 impl std::fmt::Display for Fp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&fingerprint_hex(&self.0))
+        self.0.fmt(f)
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
     config::Mode,
     control::{ops::token_op, Handler, Peer, Request, Response, StreamEvent},
     datapath::clock::tai_offset_ns,
-    store::{fingerprint_hex, unix_now},
+    store::unix_now,
     telemetry::{event::rfc3339_from_tai, TopRow, TopSnapshot},
     token::error_chain,
 };
@@ -168,7 +168,7 @@ fn top(d: &Daemon, limit: Option<usize>) -> Response {
             rows.push((
                 fp,
                 TopRow {
-                    fingerprint: fingerprint_hex(&fp),
+                    fingerprint: fp.to_string(),
                     label,
                     contract,
                     stage: state.stage,

@@ -15,7 +15,7 @@ use super::{handler::token_counts, Daemon, DaemonError};
 use crate::{
     control::{self, Fp, NoticeKind, StreamEvent, TokenNotice},
     datapath::{clock, parse_event},
-    store::{fingerprint_hex, unix_now, TokenRecord},
+    store::{unix_now, TokenRecord},
     telemetry::{
         DatapathSnapshot, EventContext, EventRecord, ExpiryRecord, ListenerRequests, MapFill,
         Record, TokenCounts,
@@ -154,7 +154,7 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     match store.mark_expired(now) {
         Ok(expired) => {
             for fp in expired {
-                tracing::info!(fingerprint = %fingerprint_hex(&fp), "token expired");
+                tracing::info!(fingerprint = %fp.to_string(), "token expired");
             }
         }
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot mark expired tokens"),
@@ -175,7 +175,7 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     for &i in &due {
         let (rec, exp) = &soon[i];
         tracing::warn!(
-            fingerprint = %fingerprint_hex(&rec.fingerprint),
+            fingerprint = %rec.fingerprint.to_string(),
             label = rec.label.as_deref().unwrap_or(""),
             expires_in_secs = exp - now,
             "token expires soon; rotate it"

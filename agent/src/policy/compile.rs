@@ -14,7 +14,7 @@ use toml_edit::{ImDocument, Item};
 use super::{
     contract::{expand_ramp, to_contract, to_stage, Ramp, StageSpec},
     diagnostic::{Diagnostic, SourceText},
-    format_fingerprint, parse_fingerprint,
+    parse_fingerprint,
     toml_walk::{get, Entry, Located, Span, Walk},
     units, CompiledPolicy, StaticToken,
 };
@@ -288,10 +288,7 @@ impl Compiler {
             if let Some(first) = self.fingerprint_at.get(&fp) {
                 w.error(
                     value.span,
-                    format!(
-                        "fingerprint {} is already listed at {first}",
-                        format_fingerprint(&fp)
-                    ),
+                    format!("fingerprint {} is already listed at {first}", fp),
                 );
                 return None;
             }

@@ -73,8 +73,7 @@ impl EventRecord {
         };
         EventRecord {
             time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
-            fingerprint: (ev.fingerprint != Fingerprint::ZERO)
-                .then(|| fingerprint_hex(&ev.fingerprint)),
+            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then(|| ev.fingerprint.to_string()),
             verdict,
             action: action_name(ev.action),
             listener: ctx.listener_name(ev.listener),
@@ -138,7 +137,7 @@ impl ExpiryRecord {
         ExpiryRecord {
             time: rfc3339_from_tai(time_tai_ns, tai_offset_ns),
             kind: Self::KIND.to_owned(),
-            fingerprint: fingerprint_hex(fp),
+            fingerprint: fp.to_string(),
             expires_at: rfc3339_from_unix(expires_at),
             label,
         }
@@ -231,11 +230,6 @@ impl EventFilter {
         };
         token_ok && self.verdict.as_ref().is_none_or(|v| v == r.kind())
     }
-}
-
-/// The fingerprint's canonical text form.
-pub fn fingerprint_hex(fp: &Fingerprint) -> String {
-    crate::policy::format_fingerprint(fp)
 }
 
 /// `action::*` as a word.
