@@ -121,6 +121,11 @@ impl Verdict {
     pub fn from_u32(v: u32) -> Option<Verdict> {
         Verdict::ALL.get(v as usize).copied()
     }
+
+    /// The verdict `name` names (`Verdict::name`).
+    pub fn from_name(name: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.name() == name)
+    }
 }
 
 /// What the datapath did with a judged request (in events).
@@ -130,6 +135,15 @@ pub mod action {
     pub const DROPPED: u8 = 1;
     /// The server side got an RST in place of the request.
     pub const RESET: u8 = 2;
+
+    /// Each action's name in events, indexed by its value: like `Verdict::name`, named
+    /// where it is defined.
+    pub const NAMES: [&str; 3] = ["passed", "dropped", "reset"];
+
+    /// `None` for a value this build does not know.
+    pub fn name(action: u8) -> Option<&'static str> {
+        NAMES.get(usize::from(action)).copied()
+    }
 }
 
 /// Listener `mode`.

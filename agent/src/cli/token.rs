@@ -402,7 +402,7 @@ prefix = "/v1/"
         fn subscribe(
             &self,
             _peer: Peer,
-        ) -> Result<broadcast::Receiver<control::StreamEvent>, String> {
+        ) -> Result<broadcast::Receiver<rampart::telemetry::Record>, String> {
             Err("no events here".into())
         }
     }

@@ -108,7 +108,7 @@ mod tests {
     use std::sync::Arc;
 
     use rampart::{
-        control::{self, Handler, Peer, Response, ServerOptions, StreamEvent},
+        control::{self, Handler, Peer, Response, ServerOptions},
         telemetry::TopRow,
     };
     use tokio::sync::broadcast;
@@ -127,7 +127,10 @@ mod tests {
             }
         }
 
-        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
+        fn subscribe(
+            &self,
+            _peer: Peer,
+        ) -> Result<broadcast::Receiver<rampart::telemetry::Record>, String> {
             Err("not in this test".into())
         }
     }

@@ -2,19 +2,19 @@
 //!
 //! Request: `{"op": "<name>", ...fields}`. Response: `{"ok": true, ...body}` or
 //! `{"ok": false, "error": "..."}`. After a successful `events.subscribe` the server sends one
-//! event object per line until the client disconnects.
+//! event object per line until the client disconnects: a `telemetry::event::Record`, as the
+//! export file holds it.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
-};
+use std::collections::BTreeMap;
 
-use agent_common::{http::method, Event, Fingerprint, Verdict};
+use agent_common::{Fingerprint, Verdict};
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+pub use crate::telemetry::event::{EventFilter, EventKind};
 use crate::{
     store::{TokenRecord, TokenStatus},
+    telemetry::event::Record,
     token::TokenRuntime,
 };
 
@@ -40,97 +40,6 @@ impl<'de> Deserialize<'de> for Fp {
 impl std::fmt::Display for Fp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
-    }
-}
-
-/// A verdict on the wire, by name (`allow`, `revoked`, `out_of_scope`, ...).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VerdictName(pub Verdict);
-
-impl Serialize for VerdictName {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.0.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for VerdictName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Verdict::ALL
-            .iter()
-            .find(|v| v.name() == s)
-            .map(|&v| VerdictName(v))
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
-    }
-}
-
-/// What `--verdict` selects: a datapath verdict, or `expiring` for the daemon's expiry
-/// warnings (which have no verdict). On the wire, by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    Verdict(Verdict),
-    Expiring,
-}
-
-impl EventKind {
-    pub const EXPIRING: &'static str = "expiring";
-
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::Verdict(v) => v.name(),
-            EventKind::Expiring => Self::EXPIRING,
-        }
-    }
-
-    /// Every name `parse` accepts, for help and error messages.
-    pub fn names() -> Vec<&'static str> {
-        Verdict::ALL
-            .iter()
-            .map(|v| v.name())
-            .chain([Self::EXPIRING])
-            .collect()
-    }
-
-    pub fn parse(s: &str) -> Option<EventKind> {
-        if s == Self::EXPIRING {
-            return Some(EventKind::Expiring);
-        }
-        Verdict::ALL
-            .iter()
-            .find(|v| v.name() == s)
-            .map(|&v| EventKind::Verdict(v))
-    }
-}
-
-impl Serialize for EventKind {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for EventKind {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        EventKind::parse(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
-    }
-}
-
-/// Which events a subscriber wants; unset fields match everything.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventFilter {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<Fp>,
-    /// A verdict selects only decisions with it; `expiring` only expiry warnings.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<EventKind>,
-}
-
-impl EventFilter {
-    pub fn matches(&self, ev: &StreamEvent) -> bool {
-        self.fingerprint.is_none_or(|f| ev.fingerprint() == Some(f))
-            && self.verdict.is_none_or(|k| ev.kind() == k)
     }
 }
 
@@ -467,109 +376,6 @@ pub struct RevokeBody {
     pub already: bool,
 }
 
-/// One streamed datapath event. No request bytes leave the kernel: the path is a keyed hash.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EventRecord {
-    /// CLOCK_TAI nanoseconds.
-    pub time_ns: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<Fp>,
-    pub verdict: VerdictName,
-    /// passed, dropped or reset.
-    pub action: String,
-    pub method: String,
-    pub listener: u32,
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
-    pub path_hash: String,
-}
-
-fn mapped_ip(a: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(a);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
-impl EventRecord {
-    /// `None` for an event whose verdict number this build does not know.
-    pub fn from_event(ev: &Event) -> Option<EventRecord> {
-        let verdict = Verdict::from_u32(ev.verdict)?;
-        let action = match ev.action {
-            agent_common::action::PASSED => "passed",
-            agent_common::action::DROPPED => "dropped",
-            agent_common::action::RESET => "reset",
-            _ => "unknown",
-        };
-        Some(EventRecord {
-            time_ns: ev.time_ns,
-            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then_some(Fp(ev.fingerprint)),
-            verdict: VerdictName(verdict),
-            action: action.into(),
-            method: method::name(ev.method).into(),
-            listener: ev.listener,
-            src: mapped_ip(ev.saddr),
-            sport: ev.sport,
-            dst: mapped_ip(ev.daddr),
-            dport: ev.dport,
-            path_hash: format!("{:016x}", ev.path_hash),
-        })
-    }
-}
-
-/// Why the daemon itself speaks up about a token on the event stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NoticeKind {
-    /// Active, and its expiry is within the configured warning window.
-    Expiring,
-}
-
-/// A token event from the daemon rather than the datapath: sent once per token and expiry
-/// (a rotation that moves the expiry warns again).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenNotice {
-    /// CLOCK_TAI nanoseconds, like datapath events.
-    pub time_ns: u64,
-    pub kind: NoticeKind,
-    pub fingerprint: Fp,
-    /// Unix seconds.
-    pub expires_at: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-}
-
-/// One item of the event stream: a datapath decision or a daemon notice. Untagged: a
-/// notice has `kind`, a decision `verdict`, so each reads back as itself.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum StreamEvent {
-    Notice(TokenNotice),
-    Decision(EventRecord),
-}
-
-impl StreamEvent {
-    pub fn fingerprint(&self) -> Option<Fp> {
-        match self {
-            StreamEvent::Notice(n) => Some(n.fingerprint),
-            StreamEvent::Decision(d) => d.fingerprint,
-        }
-    }
-
-    /// What `EventFilter::verdict` compares against.
-    pub fn kind(&self) -> EventKind {
-        match self {
-            StreamEvent::Notice(n) => match n.kind {
-                NoticeKind::Expiring => EventKind::Expiring,
-            },
-            StreamEvent::Decision(d) => EventKind::Verdict(d.verdict.0),
-        }
-    }
-}
-
 /// What follows a successful `events.subscribe` response, one per line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -578,13 +384,11 @@ pub enum StreamItem {
     Lagged {
         lagged: u64,
     },
-    Event(Box<StreamEvent>),
+    Event(Box<Record>),
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
 
     #[test]
@@ -659,87 +463,5 @@ mod tests {
             e.into_result::<RevokeBody>(),
             Err(BodyError::Daemon(m)) if m == "nope"
         ));
-    }
-
-    #[test]
-    fn event_records_decode_kernel_events() {
-        let mut ev = Event {
-            time_ns: 7,
-            fingerprint: Fingerprint([3, 4]),
-            verdict: Verdict::Revoked as u32,
-            method: method::POST,
-            action: agent_common::action::DROPPED,
-            sport: 40000,
-            dport: 8080,
-            ..Default::default()
-        };
-        ev.saddr[10] = 0xff;
-        ev.saddr[11] = 0xff;
-        ev.saddr[12..].copy_from_slice(&[10, 0, 0, 1]);
-        let rec = EventRecord::from_event(&ev).unwrap();
-        assert_eq!(rec.src, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
-        assert_eq!(rec.dst, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
-        assert_eq!(rec.verdict, VerdictName(Verdict::Revoked));
-        assert_eq!(rec.action, "dropped");
-        assert_eq!(rec.method, "POST");
-        let rec = StreamEvent::Decision(rec);
-        let f = EventFilter {
-            fingerprint: Some(Fp(Fingerprint([3, 4]))),
-            verdict: None,
-        };
-        assert!(f.matches(&rec));
-        let f = EventFilter {
-            fingerprint: None,
-            verdict: Some(EventKind::Verdict(Verdict::Allow)),
-        };
-        assert!(!f.matches(&rec));
-        ev.verdict = 99;
-        assert!(EventRecord::from_event(&ev).is_none());
-    }
-
-    #[test]
-    fn expiry_notices_share_the_stream_and_its_filter() {
-        let fp = Fp(Fingerprint([3, 4]));
-        let notice = StreamEvent::Notice(TokenNotice {
-            time_ns: 9,
-            kind: NoticeKind::Expiring,
-            fingerprint: fp,
-            expires_at: 1_714_564_800,
-            label: Some("ci".into()),
-        });
-        let decision = StreamEvent::Decision(
-            EventRecord::from_event(&Event {
-                fingerprint: fp.0,
-                verdict: Verdict::Throttled as u32,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-        // Each reads back as what it was, also inside a stream item.
-        for ev in [&notice, &decision] {
-            let line = serde_json::to_string(&StreamItem::Event(Box::new(ev.clone()))).unwrap();
-            let back: StreamItem = serde_json::from_str(&line).unwrap();
-            assert_eq!(back, StreamItem::Event(Box::new(ev.clone())), "{line}");
-        }
-        let v = serde_json::to_value(&notice).unwrap();
-        assert_eq!(v["kind"], "expiring");
-        assert_eq!(v["fingerprint"], "00000000000000030000000000000004");
-        assert_eq!(v["expires_at"], 1_714_564_800);
-
-        let filter = |fingerprint: Option<Fp>, verdict: Option<EventKind>| EventFilter {
-            fingerprint,
-            verdict,
-        };
-        // No verdict filter: both. `expiring`: only the notice. A verdict: only decisions.
-        assert!(filter(Some(fp), None).matches(&notice));
-        assert!(filter(Some(fp), None).matches(&decision));
-        assert!(filter(None, Some(EventKind::Expiring)).matches(&notice));
-        assert!(!filter(None, Some(EventKind::Expiring)).matches(&decision));
-        let throttled = Some(EventKind::Verdict(Verdict::Throttled));
-        assert!(!filter(None, throttled).matches(&notice));
-        assert!(filter(None, throttled).matches(&decision));
-        assert!(!filter(Some(Fp(Fingerprint([3, 5]))), None).matches(&notice));
-        assert_eq!(EventKind::parse("expiring"), Some(EventKind::Expiring));
-        assert!(EventKind::names().contains(&"throttled"));
     }
 }

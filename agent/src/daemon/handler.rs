@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     config::Mode,
-    control::{ops::token_op, Handler, Peer, Request, Response, StreamEvent},
+    control::{ops::token_op, Handler, Peer, Request, Response},
     datapath::clock::tai_offset_ns,
     store::unix_now,
     telemetry::{event::rfc3339_from_tai, TopRow, TopSnapshot},
@@ -53,7 +53,10 @@ impl Handler for ControlHandler {
         resp.unwrap_or_else(|| Response::error("the daemon failed while answering"))
     }
 
-    fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
+    fn subscribe(
+        &self,
+        _peer: Peer,
+    ) -> Result<broadcast::Receiver<crate::telemetry::Record>, String> {
         Ok(self.0.events.subscribe())
     }
 }

@@ -100,7 +100,7 @@ pub struct Daemon {
     pub enforcer: Arc<DatapathEnforcer>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
-    pub events: broadcast::Sender<control::StreamEvent>,
+    pub events: broadcast::Sender<crate::telemetry::Record>,
     /// The event export file, shared by the datapath event reader and expiry warnings.
     exporter: Mutex<Option<EventExporter>>,
     pub listeners: Vec<AttachedListener>,

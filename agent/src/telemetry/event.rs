@@ -1,7 +1,9 @@
-//! Events as records an operator can read: JSON lines for machines, a one-liner for
-//! humans. Decisions are built from `agent_common::Event`, which carries only a fingerprint
-//! and a keyed path hash, so a record never holds a token or a request path; the daemon's
-//! own notices (a token about to expire) carry a fingerprint, an expiry and the label.
+//! The one model of an event: what the daemon streams on the control socket, writes to the
+//! export file and `rampart events` prints, as JSON lines for machines and a one-liner for
+//! humans. Decisions are built from `agent_common::Event` here and nowhere else; it carries
+//! only a fingerprint and a keyed path hash, so a record never holds a token or a request
+//! path. The daemon's own notices (a token about to expire) carry a fingerprint, an expiry
+//! and the label.
 
 use std::{
     collections::HashMap,
@@ -11,10 +13,10 @@ use std::{
 };
 
 use agent_common::{action, http::method, Event, Fingerprint, Verdict};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::TelemetryError;
-use crate::datapath::clock;
+use crate::{control::Fp, datapath::clock};
 
 /// What an event needs from outside itself to be rendered.
 #[derive(Clone, Debug, Default)]
@@ -49,11 +51,11 @@ impl EventContext {
 pub struct EventRecord {
     /// RFC 3339, UTC, nanosecond precision.
     pub time: String,
-    /// 32 hex digits; `null` when the request carried no well-formed token.
-    pub fingerprint: Option<String>,
-    /// `Verdict::name()`.
+    /// `null` when the request carried no well-formed token.
+    pub fingerprint: Option<Fp>,
+    /// `Verdict::name()`, or `verdict_<n>` for a number this build does not know.
     pub verdict: String,
-    /// `passed`, `dropped` or `reset`.
+    /// `action::name()`: `passed`, `dropped` or `reset` (`action_<n>` if unknown).
     pub action: String,
     /// The listener's configured name.
     pub listener: String,
@@ -67,15 +69,15 @@ pub struct EventRecord {
 
 impl EventRecord {
     pub fn from_event(ev: &Event, ctx: &EventContext) -> Self {
-        let verdict = match Verdict::from_u32(ev.verdict) {
-            Some(v) => v.name().to_owned(),
-            None => format!("verdict_{}", ev.verdict),
-        };
         EventRecord {
             time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
-            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then(|| ev.fingerprint.to_string()),
-            verdict,
-            action: action_name(ev.action),
+            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then_some(Fp(ev.fingerprint)),
+            verdict: Verdict::from_u32(ev.verdict).map_or_else(
+                || format!("verdict_{}", ev.verdict),
+                |v| v.name().to_owned(),
+            ),
+            action: action::name(ev.action)
+                .map_or_else(|| format!("action_{}", ev.action), str::to_owned),
             listener: ctx.listener_name(ev.listener),
             src: endpoint(ev.saddr, ev.sport).to_string(),
             dst: endpoint(ev.daddr, ev.dport).to_string(),
@@ -103,7 +105,7 @@ impl fmt::Display for EventRecord {
             self.method,
             self.src,
             self.dst,
-            self.fingerprint.as_deref().unwrap_or("-"),
+            Token(self.fingerprint),
             self.path_hash,
         )
     }
@@ -116,7 +118,7 @@ pub struct ExpiryRecord {
     pub time: String,
     /// Always `expiring`: what tells this record from a decision in a JSON line.
     pub kind: String,
-    pub fingerprint: String,
+    pub fingerprint: Fp,
     /// RFC 3339, UTC.
     pub expires_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,7 +139,7 @@ impl ExpiryRecord {
         ExpiryRecord {
             time: rfc3339_from_tai(time_tai_ns, tai_offset_ns),
             kind: Self::KIND.to_owned(),
-            fingerprint: fp.to_string(),
+            fingerprint: Fp(*fp),
             expires_at: rfc3339_from_unix(expires_at),
             label,
         }
@@ -170,10 +172,10 @@ pub enum Record {
 }
 
 impl Record {
-    pub fn fingerprint(&self) -> Option<&str> {
+    pub fn fingerprint(&self) -> Option<Fp> {
         match self {
-            Record::Expiry(e) => Some(&e.fingerprint),
-            Record::Decision(d) => d.fingerprint.as_deref(),
+            Record::Expiry(e) => Some(e.fingerprint),
+            Record::Decision(d) => d.fingerprint,
         }
     }
 
@@ -211,34 +213,83 @@ impl From<ExpiryRecord> for Record {
     }
 }
 
-/// Which records an event consumer wants.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+/// What `--verdict` selects: a datapath verdict, or `expiring` for the daemon's expiry
+/// warnings (which have no verdict). On the wire, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Verdict(Verdict),
+    Expiring,
+}
+
+impl EventKind {
+    pub const EXPIRING: &'static str = ExpiryRecord::KIND;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Verdict(v) => v.name(),
+            EventKind::Expiring => Self::EXPIRING,
+        }
+    }
+
+    /// Every name `parse` accepts, for help and error messages.
+    pub fn names() -> Vec<&'static str> {
+        Verdict::ALL
+            .iter()
+            .map(|v| v.name())
+            .chain([Self::EXPIRING])
+            .collect()
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        if s == Self::EXPIRING {
+            return Some(EventKind::Expiring);
+        }
+        Verdict::from_name(s).map(EventKind::Verdict)
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EventKind::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
+    }
+}
+
+/// Which records an event consumer wants (a subscriber, or `rampart events` reading the
+/// export file); unset fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventFilter {
-    /// Only this fingerprint (32 hex digits, any case).
-    pub token: Option<String>,
-    /// Only this verdict name (`expiring`: only expiry warnings).
-    pub verdict: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fp>,
+    /// A verdict selects only decisions with it; `expiring` only expiry warnings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<EventKind>,
 }
 
 impl EventFilter {
     pub fn matches(&self, r: &Record) -> bool {
-        let token_ok = match (&self.token, r.fingerprint()) {
-            (None, _) => true,
-            (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
-            (Some(_), None) => false,
-        };
-        token_ok && self.verdict.as_ref().is_none_or(|v| v == r.kind())
+        self.fingerprint.is_none_or(|f| r.fingerprint() == Some(f))
+            && self.verdict.is_none_or(|k| k.name() == r.kind())
     }
 }
 
-/// `action::*` as a word.
-pub fn action_name(a: u8) -> String {
-    match a {
-        action::PASSED => "passed".to_owned(),
-        action::DROPPED => "dropped".to_owned(),
-        action::RESET => "reset".to_owned(),
-        other => format!("action_{other}"),
+/// A fingerprint column of the one-liner: `-` for none.
+struct Token(Option<Fp>);
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(fp) => fp.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -371,8 +422,8 @@ mod tests {
         let r = EventRecord::from_event(&v4_event(), &ctx());
         let m = |f: &EventFilter, r: &EventRecord| f.matches(&Record::Decision(r.clone()));
         let f = |token: Option<&str>, verdict: Option<&str>| EventFilter {
-            token: token.map(str::to_owned),
-            verdict: verdict.map(str::to_owned),
+            fingerprint: token.map(|t| Fp(t.parse().unwrap())),
+            verdict: verdict.map(|v| EventKind::parse(v).unwrap()),
         };
         assert!(m(&f(None, None), &r));
         assert!(m(
@@ -438,8 +489,8 @@ mod tests {
 
         // `--verdict expiring` finds it; any real verdict does not; `--token` does.
         let f = |token: Option<&str>, verdict: Option<&str>| EventFilter {
-            token: token.map(str::to_owned),
-            verdict: verdict.map(str::to_owned),
+            fingerprint: token.map(|t| Fp(t.parse().unwrap())),
+            verdict: verdict.map(|v| EventKind::parse(v).unwrap()),
         };
         let r = Record::from(unlabelled);
         assert!(f(None, Some("expiring")).matches(&r));
@@ -447,6 +498,94 @@ mod tests {
         assert!(f(Some("0123456789ABCDEFFEDCBA9876543210"), None).matches(&r));
         assert!(!f(Some("0123456789abcdeffedcba9876543211"), None).matches(&r));
         assert!(!f(None, Some("expiring")).matches(&Record::Decision(decision)));
+    }
+
+    #[test]
+    fn event_records_decode_kernel_events() {
+        let mut ev = Event {
+            time_ns: 7,
+            fingerprint: Fingerprint([3, 4]),
+            verdict: Verdict::Revoked as u32,
+            method: method::POST,
+            action: action::DROPPED,
+            sport: 40000,
+            dport: 8080,
+            ..Default::default()
+        };
+        ev.saddr[10] = 0xff;
+        ev.saddr[11] = 0xff;
+        ev.saddr[12..].copy_from_slice(&[10, 0, 0, 1]);
+        let rec = EventRecord::from_event(&ev, &ctx());
+        assert_eq!(rec.src, "10.0.0.1:40000");
+        assert_eq!(rec.dst, "[::]:8080");
+        assert_eq!(rec.verdict, "revoked");
+        assert_eq!(rec.action, "dropped");
+        assert_eq!(rec.method, "POST");
+        let rec = Record::Decision(rec);
+        let f = EventFilter {
+            fingerprint: Some(Fp(Fingerprint([3, 4]))),
+            verdict: None,
+        };
+        assert!(f.matches(&rec));
+        let f = EventFilter {
+            fingerprint: None,
+            verdict: Some(EventKind::Verdict(Verdict::Allow)),
+        };
+        assert!(!f.matches(&rec));
+        // Numbers from a newer datapath still make a record, named by number, on the
+        // stream as in the export file.
+        ev.verdict = 99;
+        ev.action = 7;
+        let rec = EventRecord::from_event(&ev, &ctx());
+        assert_eq!(rec.verdict, "verdict_99");
+        assert_eq!(rec.action, "action_7");
+    }
+
+    #[test]
+    fn expiry_notices_share_the_stream_and_its_filter() {
+        let fp = Fp(Fingerprint([3, 4]));
+        let notice = Record::Expiry(ExpiryRecord::new(
+            9,
+            &fp.0,
+            1_714_564_800,
+            Some("ci".into()),
+            0,
+        ));
+        let decision = Record::Decision(EventRecord::from_event(
+            &Event {
+                fingerprint: fp.0,
+                verdict: Verdict::Throttled as u32,
+                ..Default::default()
+            },
+            &ctx(),
+        ));
+        // Each reads back as what it was, also inside a stream item.
+        for ev in [&notice, &decision] {
+            let item = crate::control::StreamItem::Event(Box::new(ev.clone()));
+            let line = serde_json::to_string(&item).unwrap();
+            let back: crate::control::StreamItem = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, item, "{line}");
+        }
+        let v = serde_json::to_value(&notice).unwrap();
+        assert_eq!(v["kind"], "expiring");
+        assert_eq!(v["fingerprint"], "00000000000000030000000000000004");
+        assert_eq!(v["expires_at"], "2024-05-01T12:00:00Z");
+
+        let filter = |fingerprint: Option<Fp>, verdict: Option<EventKind>| EventFilter {
+            fingerprint,
+            verdict,
+        };
+        // No verdict filter: both. `expiring`: only the notice. A verdict: only decisions.
+        assert!(filter(Some(fp), None).matches(&notice));
+        assert!(filter(Some(fp), None).matches(&decision));
+        assert!(filter(None, Some(EventKind::Expiring)).matches(&notice));
+        assert!(!filter(None, Some(EventKind::Expiring)).matches(&decision));
+        let throttled = Some(EventKind::Verdict(Verdict::Throttled));
+        assert!(!filter(None, throttled).matches(&notice));
+        assert!(filter(None, throttled).matches(&decision));
+        assert!(!filter(Some(Fp(Fingerprint([3, 5]))), None).matches(&notice));
+        assert_eq!(EventKind::parse("expiring"), Some(EventKind::Expiring));
+        assert!(EventKind::names().contains(&"throttled"));
     }
 
     #[test]
