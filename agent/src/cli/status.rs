@@ -3,10 +3,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
-use rampart::{
-    control::{Client, Request},
-    daemon::StatusBody,
-};
+use rampart::control::{protocol::StatusBody, Client, Request};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -90,7 +87,7 @@ pub fn render(s: &StatusBody) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use rampart::daemon::ListenerStatus;
+    use rampart::control::protocol::ListenerStatus;
 
     use super::*;
 

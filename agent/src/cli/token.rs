@@ -336,7 +336,8 @@ mod tests {
         VERDICT_COUNT,
     };
     use rampart::{
-        control::{self, ops::token_op, Handler, Peer, ServerOptions},
+        control::{self, Handler, Peer, ServerOptions},
+        daemon::ops::{answer, DaemonOps},
         policy::CompiledPolicy,
         store::Store,
         token::{EnforceError, Enforcer, Lifecycle, TokenRuntime},
@@ -394,10 +395,24 @@ prefix = "/v1/"
         policy: CompiledPolicy,
     }
 
+    /// Only the token ops are in these tests.
+    struct NoDaemon;
+
+    impl DaemonOps for NoDaemon {
+        fn status(&self) -> Response {
+            Response::error("not in this test")
+        }
+        fn reload(&self) -> Response {
+            Response::error("not in this test")
+        }
+        fn top(&self, _limit: Option<usize>) -> Response {
+            Response::error("not in this test")
+        }
+    }
+
     impl Handler for Daemon {
         async fn handle(&self, peer: Peer, req: Request) -> Response {
-            token_op(&self.lc, &self.policy, peer.uid, &req)
-                .unwrap_or_else(|| Response::error("not in this test"))
+            answer(&self.lc, &self.policy, &NoDaemon, peer.uid, &req)
         }
         fn subscribe(
             &self,

@@ -13,8 +13,8 @@ use std::{
 use anyhow::Context as _;
 use rampart::{
     config::Config,
-    control::{Client, Request},
-    telemetry::{render_frame, TopSnapshot},
+    control::{protocol::TopSnapshot, Client, Request},
+    telemetry::render_frame,
 };
 
 #[derive(clap::Args, Debug)]
@@ -107,10 +107,7 @@ fn terminal_size() -> Option<(usize, usize)> {
 mod tests {
     use std::sync::Arc;
 
-    use rampart::{
-        control::{self, Handler, Peer, Response, ServerOptions},
-        telemetry::TopRow,
-    };
+    use rampart::control::{self, protocol::TopRow, Handler, Peer, Response, ServerOptions};
     use tokio::sync::broadcast;
 
     use super::*;

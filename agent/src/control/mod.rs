@@ -1,12 +1,11 @@
 //! The root-only control socket: line-delimited JSON requests from the CLI to the daemon.
 //!
-//! - `protocol`: request / response / event types (shared by both ends).
+//! - `protocol`: requests, every reply body, and the event stream's items (shared by both
+//!   ends). What answers the requests is the daemon's (`daemon::ops`).
 //! - `server`: the transport; the daemon plugs in a `Handler`.
 //! - `client`: what the CLI uses.
-//! - `ops`: the `token.*` ops over a `token::Lifecycle`, for the daemon's handler.
 
 pub mod client;
-pub mod ops;
 pub mod protocol;
 pub mod server;
 

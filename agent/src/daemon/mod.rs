@@ -8,7 +8,7 @@
 mod apply;
 mod enforcer;
 mod handler;
-mod status;
+pub mod ops;
 mod tasks;
 
 use std::{
@@ -24,7 +24,6 @@ use agent_common::{Fingerprint, GlobalConfig, ListenerKey, CLOCK_REAL};
 pub use apply::{Applied, ApplyError};
 pub use enforcer::{stage_rate, DatapathEnforcer};
 pub use handler::ControlHandler;
-pub use status::{ListenerStatus, StatusBody, TokenCountsView};
 use tokio::sync::broadcast;
 
 use crate::{

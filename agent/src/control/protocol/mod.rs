@@ -5,18 +5,15 @@
 //! event object per line until the client disconnects: a `telemetry::event::Record`, as the
 //! export file holds it.
 
-use std::collections::BTreeMap;
+mod body;
 
-use agent_common::{Fingerprint, Verdict};
+use agent_common::Fingerprint;
+pub use body::*;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use crate::telemetry::event::Record;
 pub use crate::telemetry::event::{EventFilter, EventKind};
-use crate::{
-    store::{TokenRecord, TokenStatus},
-    telemetry::event::Record,
-    token::TokenRuntime,
-};
 
 /// A fingerprint on the wire: 32 lower-case hex characters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -244,138 +241,6 @@ impl Response {
     }
 }
 
-/// Datapath view of a token, as `token.show` reports it. Times are Unix seconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RuntimeView {
-    pub stage: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_per_sec: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_seen: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_seen: Option<i64>,
-    pub breaches: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub penalty_until: Option<i64>,
-    /// Requests by verdict name (zero counts omitted).
-    pub requests: BTreeMap<String, u64>,
-}
-
-impl RuntimeView {
-    /// `tai_offset_ns` is CLOCK_TAI − CLOCK_REALTIME (`datapath::clock::tai_offset_ns`).
-    pub fn from_runtime(rt: &TokenRuntime, tai_offset_ns: i64) -> RuntimeView {
-        let unix =
-            |tai: u64| (tai != 0).then(|| (tai as i64 - tai_offset_ns).div_euclid(1_000_000_000));
-        RuntimeView {
-            stage: rt.state.stage,
-            rate_per_sec: rt.rate_per_sec,
-            first_seen: unix(rt.state.first_seen_ns),
-            last_seen: unix(rt.state.last_seen_ns),
-            breaches: rt.state.breaches,
-            penalty_until: unix(rt.state.penalty_until_ns),
-            requests: Verdict::ALL
-                .iter()
-                .zip(rt.by_verdict)
-                .filter(|(_, n)| *n != 0)
-                .map(|(v, n)| (v.name().to_owned(), n))
-                .collect(),
-        }
-    }
-}
-
-/// A token as the control socket reports it. Times are Unix seconds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenView {
-    pub fingerprint: Fp,
-    pub contract: String,
-    pub scopes: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-    pub issued_at: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_before: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotated_from: Option<Fp>,
-    pub status: TokenStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime: Option<RuntimeView>,
-}
-
-impl TokenView {
-    /// `now` (Unix seconds) turns a lapsed active token into `expired`.
-    pub fn new(rec: &TokenRecord, now: i64, runtime: Option<RuntimeView>) -> TokenView {
-        TokenView {
-            fingerprint: Fp(rec.fingerprint),
-            contract: rec.contract.clone(),
-            scopes: rec.scopes.clone(),
-            label: rec.label.clone(),
-            issued_at: rec.issued_at,
-            not_before: rec.not_before,
-            expires_at: rec.expires_at,
-            rotated_from: rec.rotated_from.map(Fp),
-            status: rec.status_at(now),
-            runtime,
-        }
-    }
-}
-
-/// Body of `token.issue` and `token.rotate`. `token` is the plaintext, sent exactly once.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct IssuedBody {
-    pub token: String,
-    pub record: TokenView,
-    /// `token.rotate` only: the predecessor with its shortened expiry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub old: Option<TokenView>,
-}
-
-impl std::fmt::Debug for IssuedBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedBody")
-            .field("token", &"<redacted>")
-            .field("record", &self.record)
-            .field("old", &self.old)
-            .finish()
-    }
-}
-
-/// Body of `token.show`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ShowBody {
-    pub record: TokenView,
-}
-
-/// Body of `token.list`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ListBody {
-    pub tokens: Vec<TokenView>,
-}
-
-/// Body of `token.import`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ImportBody {
-    pub imported: usize,
-}
-
-/// Body of `token.export`: the active tokens, as `rampart token export` prints them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ExportBody {
-    pub tokens: Vec<crate::token_io::TokenLine>,
-}
-
-/// Body of `token.revoke`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RevokeBody {
-    pub fingerprint: Fp,
-    pub revoked_at: i64,
-    pub reason: String,
-    /// The token had been revoked before; the fields describe the original revocation.
-    #[serde(default)]
-    pub already: bool,
-}
-
 /// What follows a successful `events.subscribe` response, one per line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -389,6 +254,8 @@ pub enum StreamItem {
 
 #[cfg(test)]
 mod tests {
+    use agent_common::Verdict;
+
     use super::*;
 
     #[test]
@@ -453,6 +320,13 @@ mod tests {
         let back: Response = serde_json::from_str(&line).unwrap();
         let body: RevokeBody = back.into_result().unwrap();
         assert_eq!(body.revoked_at, 5);
+
+        // `reload` answers as it did when it was built from `json!`.
+        let r = Response::ok(&ReloadBody { generation: 3 });
+        assert_eq!(
+            String::from_utf8(r.to_line()).unwrap(),
+            "{\"ok\":true,\"generation\":3}\n"
+        );
 
         let e = Response::error("nope");
         assert_eq!(
