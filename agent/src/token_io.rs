@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{
+    error_chain,
     policy::units::parse_timestamp,
     store::{unix_now, NewToken, StoreError, TokenRecord},
-    token::{error_chain, token_info, EnforceError, Lifecycle, Resolve},
+    token::{token_info, EnforceError, Lifecycle, Resolve},
 };
 
 /// One token as a line of an import or export file.

@@ -17,9 +17,9 @@ use crate::{
         Handler, Peer, Request, Response,
     },
     datapath::clock::tai_offset_ns,
+    error_chain,
     store::unix_now,
     telemetry::event::rfc3339_from_tai,
-    token::error_chain,
 };
 
 pub struct ControlHandler(pub Arc<Daemon>);

@@ -151,7 +151,7 @@ impl Daemon {
                     tracing::warn!(fingerprint = %fp.to_string(), "token not installed: {msg}");
                 }
                 if let Err(e) = store.record(AuditAction::Reload, None, None, &detail) {
-                    tracing::error!(error = %crate::token::error_chain(&e), "cannot audit-log the reload");
+                    tracing::error!(error = %crate::error_chain(&e), "cannot audit-log the reload");
                 }
             }
             Err(e) => {
@@ -164,12 +164,12 @@ impl Daemon {
                         }
                     }
                     ReloadError::Apply(e) => {
-                        tracing::error!(error = %crate::token::error_chain(e), "reload failed")
+                        tracing::error!(error = %crate::error_chain(e), "reload failed")
                     }
                 }
                 let detail = format!("{why}: failed, keeping generation {}", self.generation());
                 if let Err(e) = store.record(AuditAction::Reload, None, None, &detail) {
-                    tracing::error!(error = %crate::token::error_chain(&e), "cannot audit-log the reload");
+                    tracing::error!(error = %crate::error_chain(&e), "cannot audit-log the reload");
                 }
             }
         }
@@ -359,7 +359,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         None,
         &format!("{} listeners", listeners.len()),
     ) {
-        tracing::warn!(error = %crate::token::error_chain(&e), "cannot audit-log the start");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot audit-log the start");
     }
     Ok(Daemon {
         config,
@@ -441,7 +441,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         .store()
         .record(AuditAction::Stop, None, None, "")
     {
-        tracing::warn!(error = %crate::token::error_chain(&e), "cannot audit-log the stop");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot audit-log the stop");
     }
     tasks.abort_all();
     let _ = std::fs::remove_file(&control_socket);

@@ -14,8 +14,9 @@ use crate::{
         RuntimeView, ShowBody, TokenView,
     },
     datapath::clock::tai_offset_ns,
+    error_chain,
     store::{unix_now, ListFilter, TokenRecord},
-    token::{error_chain, IssueRequest, Lifecycle, Resolve},
+    token::{IssueRequest, Lifecycle, Resolve},
 };
 
 /// Revocation reason when the operator gives none.

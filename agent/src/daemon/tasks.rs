@@ -14,12 +14,12 @@ use tokio::{io::unix::AsyncFd, task::JoinSet};
 use super::{handler::token_counts, Daemon, DaemonError};
 use crate::{
     datapath::{clock, parse_event},
+    error_chain,
     store::{unix_now, TokenRecord},
     telemetry::{
         DatapathSnapshot, EventContext, EventRecord, ExpiryRecord, ListenerRequests, MapFill,
         Record, TokenCounts,
     },
-    token::error_chain,
 };
 
 /// How often metrics are refreshed from the maps.
