@@ -42,8 +42,7 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config)
-        .with_context(|| format!("loading configuration {}", config.display()))?;
+    let config = super::load_config(config)?;
     let mut out = io::stdout();
     if args.follow {
         follow(&config, &args, &mut out).await

@@ -13,7 +13,7 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let socket = super::control_socket(config)?;
+    let socket = super::load_config(config)?.control_socket;
     let mut client = Client::connect(&socket).await?;
     let resp = client.request(&Request::Status).await?;
     if !resp.ok {

@@ -94,7 +94,7 @@ fn parse_fp(s: &str) -> Result<Fp, String> {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let socket = super::control_socket(config)?;
+    let socket = super::load_config(config)?.control_socket;
     let mut client = Client::connect(&socket).await?;
     exec(
         &mut client,

@@ -31,8 +31,7 @@ pub struct Args {
 const REDRAW: &str = "\x1b[H\x1b[2J";
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config)
-        .with_context(|| format!("loading configuration {}", config.display()))?;
+    let config = super::load_config(config)?;
     let tty = io::stdout().is_terminal();
     show(&config, &args, tty, &mut io::stdout()).await
 }
