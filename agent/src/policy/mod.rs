@@ -30,6 +30,7 @@ pub mod contract;
 mod diagnostic;
 mod toml_walk;
 pub mod units;
+mod values;
 
 use std::{
     fmt,
