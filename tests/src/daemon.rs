@@ -262,12 +262,6 @@ impl DaemonProcess {
         }
     }
 
-    /// `kill -9` and reap: nothing of the daemon runs afterwards, its pins stay.
-    pub fn kill9(&mut self, tokens: &[BearerToken]) -> Result<ExitStatus> {
-        self.signal(libc::SIGKILL)?;
-        self.wait_exit(tokens)
-    }
-
     /// SIGTERM and the exit it leads to.
     pub fn stop(&mut self, tokens: &[BearerToken]) -> Result<ExitStatus> {
         self.signal(libc::SIGTERM)?;

@@ -473,18 +473,21 @@ impl Gateway {
 
     /// `kill -9` and reap: nothing of the daemon runs afterwards, its pins stay.
     pub fn kill9(&mut self, side: Side) -> Result<ExitStatus> {
-        let pid = self.pid(side);
-        let st = self.daemons[side.index()].process.kill9(&self.tokens);
-        if let Some(pid) = pid {
-            untrack_pid(pid);
-        }
-        Ok(st?)
+        self.end(side, libc::SIGKILL)
     }
 
     /// SIGTERM and wait for the exit.
     pub fn stop(&mut self, side: Side) -> Result<ExitStatus> {
+        self.end(side, libc::SIGTERM)
+    }
+
+    /// Sends `sig`, reaps the daemon and forgets its pid (a reaped pid may be reused).
+    fn end(&mut self, side: Side, sig: libc::c_int) -> Result<ExitStatus> {
         let pid = self.pid(side);
-        let st = self.daemons[side.index()].process.stop(&self.tokens);
+        let process = &mut self.daemons[side.index()].process;
+        let st = process
+            .signal(sig)
+            .and_then(|()| process.wait_exit(&self.tokens));
         if let Some(pid) = pid {
             untrack_pid(pid);
         }

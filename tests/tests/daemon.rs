@@ -784,6 +784,19 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
     assert_eq!(link_pins(&fx), [tag("xdpskb")]);
 }
 
+/// An unpinned datapath with room for the 100k-token tests.
+fn datapath_for_100k() -> rampart::datapath::Datapath {
+    rampart_tests::netns::require_root().expect("root");
+    rampart::datapath::Datapath::load(rampart::datapath::LoadOptions {
+        max_tokens: 131_072,
+        max_revoked: 1024,
+        token_stats: 1024,
+        ring_bytes: 65_536,
+        pin_dir: None,
+    })
+    .expect("load the datapath")
+}
+
 /// `rampart_breaches_total` and the map fill levels are refreshed every few seconds. With
 /// 100k tokens that must stay cheap: TOKEN_STATE is read through its mmap and TOKENS in
 /// batches, not token by token through bpf(2). Prints both costs (`--nocapture`); measured
@@ -791,18 +804,9 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
 #[test]
 fn metrics_over_100k_tokens_cost_milliseconds() {
     use agent_common::{Fingerprint, TokenInfo, TokenState};
-    use rampart::datapath::{Datapath, LoadOptions};
 
     const N: u64 = 100_000;
-    rampart_tests::netns::require_root().expect("root");
-    let mut dp = Datapath::load(LoadOptions {
-        max_tokens: 131_072,
-        max_revoked: 1024,
-        token_stats: 1024,
-        ring_bytes: 65_536,
-        pin_dir: None,
-    })
-    .expect("load the datapath");
+    let mut dp = datapath_for_100k();
     for i in 0..N {
         let fp = Fingerprint([i, !i]);
         dp.install_token(fp, TokenInfo::default()).expect("install");
@@ -862,18 +866,9 @@ fn metrics_over_100k_tokens_cost_milliseconds() {
 #[test]
 fn a_reload_that_changes_one_token_of_100k_writes_one_entry() {
     use agent_common::{Fingerprint, TokenInfo};
-    use rampart::datapath::{Datapath, LoadOptions};
 
     const N: u64 = 100_000;
-    rampart_tests::netns::require_root().expect("root");
-    let mut dp = Datapath::load(LoadOptions {
-        max_tokens: 131_072,
-        max_revoked: 1024,
-        token_stats: 1024,
-        ring_bytes: 65_536,
-        pin_dir: None,
-    })
-    .expect("load the datapath");
+    let mut dp = datapath_for_100k();
     let policy = |changed: Option<u64>| {
         (0..N).map(move |i| {
             let info = TokenInfo {

@@ -139,7 +139,7 @@ impl Daemon {
                 );
                 tracing::info!("policy reloaded ({detail})");
                 for (fp, msg) in &applied.lifecycle.failed {
-                    tracing::warn!(fingerprint = %fp.to_string(), "token not installed: {msg}");
+                    tracing::warn!(fingerprint = %fp, "token not installed: {msg}");
                 }
                 if let Err(e) = store.record(AuditAction::Reload, None, None, &detail) {
                     tracing::error!(error = %crate::error_chain(&e), "cannot audit-log the reload");
@@ -218,7 +218,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         "policy applied"
     );
     for (fp, msg) in &applied.lifecycle.failed {
-        tracing::warn!(fingerprint = %fp.to_string(), "token not installed: {msg}");
+        tracing::warn!(fingerprint = %fp, "token not installed: {msg}");
     }
 
     // Only now, with every revocation in REVOKED, does this daemon's program judge traffic.

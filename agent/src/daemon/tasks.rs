@@ -149,7 +149,7 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     match store.mark_expired(now) {
         Ok(expired) => {
             for fp in expired {
-                tracing::info!(fingerprint = %fp.to_string(), "token expired");
+                tracing::info!(fingerprint = %fp, "token expired");
             }
         }
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot mark expired tokens"),
@@ -170,7 +170,7 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     for &i in &due {
         let (rec, exp) = &soon[i];
         tracing::warn!(
-            fingerprint = %rec.fingerprint.to_string(),
+            fingerprint = %rec.fingerprint,
             label = rec.label.as_deref().unwrap_or(""),
             expires_in_secs = exp - now,
             "token expires soon; rotate it"
