@@ -26,6 +26,42 @@ impl Fingerprint {
     pub const ZERO: Fingerprint = Fingerprint([0, 0]);
 }
 
+/// The one text form of a fingerprint, wherever it is shown or stored: 32 lower-case hex
+/// digits, `{:016x}{:016x}` of its words.
+impl core::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:016x}{:016x}", self.0[0], self.0[1])
+    }
+}
+
+/// Text that is not 32 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParseFingerprintError;
+
+impl core::fmt::Display for ParseFingerprintError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a fingerprint is 32 hex digits")
+    }
+}
+
+impl core::error::Error for ParseFingerprintError {}
+
+/// Parses the `Display` form, in either case (policy files ask for lower case themselves).
+impl core::str::FromStr for Fingerprint {
+    type Err = ParseFingerprintError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // `from_str_radix` alone would also take a sign.
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ParseFingerprintError);
+        }
+        let word = |r: core::ops::Range<usize>| {
+            u64::from_str_radix(&s[r], 16).map_err(|_| ParseFingerprintError)
+        };
+        Ok(Fingerprint([word(0..16)?, word(16..32)?]))
+    }
+}
+
 /// The 128-bit fingerprint key, loaded by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +121,11 @@ impl Verdict {
     pub fn from_u32(v: u32) -> Option<Verdict> {
         Verdict::ALL.get(v as usize).copied()
     }
+
+    /// The verdict `name` names (`Verdict::name`).
+    pub fn from_name(name: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.name() == name)
+    }
 }
 
 /// What the datapath did with a judged request (in events).
@@ -94,6 +135,15 @@ pub mod action {
     pub const DROPPED: u8 = 1;
     /// The server side got an RST in place of the request.
     pub const RESET: u8 = 2;
+
+    /// Each action's name in events, indexed by its value: like `Verdict::name`, named
+    /// where it is defined.
+    pub const NAMES: [&str; 3] = ["passed", "dropped", "reset"];
+
+    /// `None` for a value this build does not know.
+    pub fn name(action: u8) -> Option<&'static str> {
+        NAMES.get(usize::from(action)).copied()
+    }
 }
 
 /// Listener `mode`.

@@ -16,13 +16,15 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use agent_common::Fingerprint;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{
+    error_chain,
     policy::units::parse_timestamp,
-    store::{fingerprint_hex, parse_fingerprint_hex, unix_now, NewToken, StoreError, TokenRecord},
-    token::{error_chain, token_info, EnforceError, Lifecycle, Resolve},
+    store::{unix_now, NewToken, StoreError, TokenRecord},
+    token::{token_info, EnforceError, Lifecycle, Resolve},
 };
 
 /// One token as a line of an import or export file.
@@ -120,8 +122,9 @@ fn parse_line(text: &str, line: usize, issued_at: i64) -> Result<NewToken, Impor
             format!("unknown field {shown:?} (expected {})", KEYS.join(", ")),
         ));
     }
-    let fingerprint =
-        parse_fingerprint_hex(&string_field(&obj, "fingerprint", line)?).ok_or_else(|| {
+    let fingerprint = string_field(&obj, "fingerprint", line)?
+        .parse::<Fingerprint>()
+        .map_err(|_| {
             line_err(
                 line,
                 "`fingerprint` must be 32 hex digits (what `rampart fingerprint` prints; \
@@ -183,10 +186,7 @@ pub fn import(
         if let Some(first) = seen.insert(t.fingerprint, line) {
             return Err(line_err(
                 line,
-                format!(
-                    "fingerprint {} is already on line {first}",
-                    fingerprint_hex(&t.fingerprint)
-                ),
+                format!("fingerprint {} is already on line {first}", t.fingerprint),
             ));
         }
         let grant = policy
@@ -235,7 +235,7 @@ pub fn export(lc: &Lifecycle) -> Result<Vec<TokenLine>, StoreError> {
         .active()?
         .into_iter()
         .map(|r| TokenLine {
-            fingerprint: fingerprint_hex(&r.fingerprint),
+            fingerprint: r.fingerprint.to_string(),
             contract: r.contract,
             scopes: r.scopes,
             not_before: r.not_before.map(rfc3339),

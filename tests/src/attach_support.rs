@@ -82,7 +82,7 @@ pub fn fp(token: &BearerToken) -> Fingerprint {
 
 /// `{:016x}{:016x}`: the only form a token may appear in output.
 pub fn fp_hex(f: &Fingerprint) -> String {
-    rampart::policy::format_fingerprint(f)
+    f.to_string()
 }
 
 /// Installs `token` for any scope under [`CONTRACT`].

@@ -24,7 +24,7 @@ use std::{
     io::{self, Write as _},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Command, ExitStatus, Output, Stdio},
     sync::Mutex,
     thread,
     time::{Duration, Instant},
@@ -35,6 +35,7 @@ use rampart::datapath::{Datapath, DatapathError, LoadOptions};
 
 use crate::{
     client::{BearerToken, ClientError, Curl, Request, Response},
+    daemon::{redact, ConfigTemplate, DaemonError, DaemonProcess},
     netns::{self, NetnsError},
     topology::{Role, Topology, TopologyError},
     upstream::UpstreamServer,
@@ -45,9 +46,6 @@ pub const BPFFS_ENV: &str = "RAMPART_BPFFS";
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// Pin directories are `<bpffs>/<PIN_PREFIX><pid>-<seq>-<daemon>`.
 const PIN_PREFIX: &str = "rampart-test-";
-/// How long a daemon may take to verify, load and attach (the verifier is slow on a
-/// loaded 2-core machine and slower in the VM).
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -76,20 +74,8 @@ pub enum GatewayError {
         daemon: &'static str,
         text: String,
     },
-    #[error("{daemon} exited during start-up ({status}); its log:\n{log}")]
-    Exited {
-        daemon: &'static str,
-        status: ExitStatus,
-        log: String,
-    },
-    #[error("{daemon} did not answer within {waited:?}; its log:\n{log}")]
-    NotReady {
-        daemon: &'static str,
-        waited: Duration,
-        log: String,
-    },
-    #[error("{daemon} is not running")]
-    NotRunning { daemon: &'static str },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
     #[error("{daemon} neither applied nor rejected the reload within {waited:?}; its log:\n{log}")]
     ReloadTimeout {
         daemon: &'static str,
@@ -271,16 +257,13 @@ pub enum Reload {
     Rejected,
 }
 
-/// One `rampart run` and its files.
+/// One `rampart run`, where it runs and what it pins.
 #[derive(Debug)]
 struct Daemon {
-    name: &'static str,
+    process: DaemonProcess,
     role: Role,
-    config: PathBuf,
     bpffs: PathBuf,
-    log: PathBuf,
     metrics_port: u16,
-    child: Option<Child>,
 }
 
 /// The topology with its daemons. Dropping it stops and detaches everything.
@@ -333,11 +316,11 @@ impl Gateway {
     }
 
     pub fn daemon_name(&self, side: Side) -> &'static str {
-        self.d(side).name
+        self.d(side).process.name
     }
 
     pub fn config_path(&self, side: Side) -> &Path {
-        &self.d(side).config
+        &self.d(side).process.config
     }
 
     pub fn bpffs_dir(&self, side: Side) -> &Path {
@@ -350,6 +333,7 @@ impl Gateway {
 
     fn daemon_dir(&self, side: Side) -> PathBuf {
         self.d(side)
+            .process
             .config
             .parent()
             .expect("a config file has a dir")
@@ -402,34 +386,21 @@ impl Gateway {
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bpffs = bpffs_root().join(format!("{PIN_PREFIX}{}-{seq}-{name}", std::process::id()));
         let config = dir.join("rampart.toml");
-        let text = format!(
-            r#"state_dir = "{d}/state"
-bpffs_dir = "{bpffs}"
-control_socket = "{d}/control.sock"
-metrics_addr = "127.0.0.1:{metrics_port}"
-policy = ["policy.toml"]
-
-[maps]
-max_tokens = 4096
-max_revoked = 4096
-token_stats = 4096
-ring_bytes = 65536
-
-[events]
-export_file = "{d}/events.jsonl"
-
-[[listener]]
-{listener}mode = "{mode}"
-action = "{action}"
-on_missing = "deny"
-on_unknown = "deny"
-on_incomplete = "deny"
-"#,
-            d = dir.display(),
-            bpffs = bpffs.display(),
+        let listener = format!(
+            "{listener}mode = \"{mode}\"\naction = \"{action}\"\non_missing = \"deny\"\n\
+             on_unknown = \"deny\"\non_incomplete = \"deny\"\n",
             mode = opts.mode,
             action = opts.action,
         );
+        let text = ConfigTemplate {
+            dir: &dir,
+            bpffs_dir: &bpffs,
+            control_socket: &dir.join("control.sock"),
+            metrics_port,
+            extra: "",
+            listener: &listener,
+        }
+        .text();
         fs::write(&config, text).map_err(io_err("writing a daemon config"))?;
         fs::write(dir.join("policy.toml"), &opts.policy).map_err(io_err("writing the policy"))?;
         track(|t| {
@@ -437,13 +408,10 @@ on_incomplete = "deny"
                 .push((self.rampart.clone(), config.clone(), bpffs.clone()))
         });
         self.daemons.push(Daemon {
-            name,
+            process: DaemonProcess::new(name, self.rampart.clone(), config, dir.join("daemon.log")),
             role,
-            config,
             bpffs,
-            log: dir.join("daemon.log"),
             metrics_port,
-            child: None,
         });
         Ok(())
     }
@@ -463,65 +431,10 @@ on_incomplete = "deny"
 
     /// Starts `side`'s daemon in its namespace and waits until it answers `status`.
     pub fn start(&mut self, side: Side) -> Result<()> {
-        self.spawn(side)?;
-        self.wait_ready(side)
-    }
-
-    fn spawn(&mut self, side: Side) -> Result<()> {
-        let d = self.d(side);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&d.log)
-            .map_err(io_err("opening the daemon log"))?;
-        let child = self
-            .topo
-            .ns(d.role)
-            .command(&self.rampart)
-            .arg("--config")
-            .arg(&d.config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io_err("daemon log"))?)
-            .stderr(log)
-            .spawn()
-            .map_err(io_err("starting rampart run"))?;
-        let pid = child.id();
+        let d = &mut self.daemons[side.index()];
+        let pid = d.process.spawn(self.topo.ns(d.role))?;
         track(|t| t.pids.push(pid));
-        self.daemons[side.index()].child = Some(child);
-        Ok(())
-    }
-
-    fn wait_ready(&mut self, side: Side) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let name = self.d(side).name;
-            if let Some(status) = self.daemons[side.index()]
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.daemons[side.index()].child = None;
-                return Err(GatewayError::Exited {
-                    daemon: name,
-                    status,
-                    log: self.log(side),
-                });
-            }
-            if self.cli(side, &["status"])?.status.success() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(GatewayError::NotReady {
-                    daemon: name,
-                    waited: READY_TIMEOUT,
-                    log: self.log(side),
-                });
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        Ok(d.process.wait_ready(&self.tokens)?)
     }
 
     /// The pass-through XDP program on `gw-up`: a frame XDP_TX'd on `up-gw` (the reset
@@ -550,59 +463,45 @@ on_incomplete = "deny"
 
     /// The daemon's pid, if it runs.
     pub fn pid(&self, side: Side) -> Option<u32> {
-        self.d(side).child.as_ref().map(Child::id)
+        self.d(side).process.pid()
     }
 
     /// Sends `sig` to the running daemon.
     pub fn signal(&self, side: Side, sig: libc::c_int) -> Result<()> {
-        let pid = self.pid(side).ok_or(GatewayError::NotRunning {
-            daemon: self.d(side).name,
-        })?;
-        // SAFETY: kill(2) on our own child; no memory is involved.
-        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-            return Err(GatewayError::Io {
-                what: format!("kill({pid}, {sig})"),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        Ok(self.d(side).process.signal(sig)?)
     }
 
     /// `kill -9` and reap: nothing of the daemon runs afterwards, its pins stay.
     pub fn kill9(&mut self, side: Side) -> Result<ExitStatus> {
-        self.signal(side, libc::SIGKILL)?;
-        let mut child = self.daemons[side.index()]
-            .child
-            .take()
-            .expect("signal checked it runs");
-        let st = child.wait().map_err(io_err("reaping the daemon"));
-        untrack_pid(child.id());
-        st
+        self.end(side, libc::SIGKILL)
     }
 
     /// SIGTERM and wait for the exit.
     pub fn stop(&mut self, side: Side) -> Result<ExitStatus> {
-        self.signal(side, libc::SIGTERM)?;
-        let mut child = self.daemons[side.index()]
-            .child
-            .take()
-            .expect("signal checked it runs");
-        let st = child.wait().map_err(io_err("waiting for the daemon"));
-        untrack_pid(child.id());
-        st
+        self.end(side, libc::SIGTERM)
+    }
+
+    /// Sends `sig`, reaps the daemon and forgets its pid (a reaped pid may be reused).
+    fn end(&mut self, side: Side, sig: libc::c_int) -> Result<ExitStatus> {
+        let pid = self.pid(side);
+        let process = &mut self.daemons[side.index()].process;
+        let st = process
+            .signal(sig)
+            .and_then(|()| process.wait_exit(&self.tokens));
+        if let Some(pid) = pid {
+            untrack_pid(pid);
+        }
+        Ok(st?)
     }
 
     /// The daemon log so far, redacted.
     pub fn log(&self, side: Side) -> String {
-        self.redact(&fs::read(&self.d(side).log).unwrap_or_default())
+        self.d(side).process.log_text(&self.tokens)
     }
 
     /// Replaces every token this gateway handled with `<token>`.
     pub fn redact(&self, bytes: &[u8]) -> String {
-        let text = String::from_utf8_lossy(bytes).into_owned();
-        self.tokens
-            .iter()
-            .fold(text, |t, tok| t.replace(tok.expose(), "<token>"))
+        redact(&String::from_utf8_lossy(bytes), &self.tokens)
             .trim_end()
             .to_owned()
     }
@@ -621,13 +520,7 @@ on_incomplete = "deny"
 
     /// `rampart --config <side's config> <args>`; exit status not checked.
     pub fn cli(&self, side: Side, args: &[&str]) -> Result<Output> {
-        Command::new(&self.rampart)
-            .arg("--config")
-            .arg(&self.d(side).config)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io_err(format!("running rampart {}", args.join(" "))))
+        Ok(self.d(side).process.cli(None, args)?)
     }
 
     /// A CLI call that must succeed; its redacted stdout.
@@ -636,7 +529,7 @@ on_incomplete = "deny"
         if !out.status.success() {
             return Err(GatewayError::Cli {
                 args: args.join(" "),
-                daemon: self.d(side).name,
+                daemon: self.d(side).process.name,
                 status: out.status,
                 stderr: self.redact(&out.stderr),
             });
@@ -648,7 +541,7 @@ on_incomplete = "deny"
         let text = self.cli_ok(side, args)?;
         serde_json::from_str(&text).map_err(|_| GatewayError::Output {
             args: args.join(" "),
-            daemon: self.d(side).name,
+            daemon: self.d(side).process.name,
             text,
         })
     }
@@ -682,14 +575,14 @@ on_incomplete = "deny"
         if !out.status.success() {
             return Err(GatewayError::Cli {
                 args: args.join(" "),
-                daemon: self.d(side).name,
+                daemon: self.d(side).process.name,
                 status: out.status,
                 stderr: self.redact(&out.stderr),
             });
         }
         let fp = fp.ok_or_else(|| GatewayError::Output {
             args: args.join(" "),
-            daemon: self.d(side).name,
+            daemon: self.d(side).process.name,
             text: self.redact(&out.stderr),
         })?;
         Ok(Issued { token, fp })
@@ -704,9 +597,10 @@ on_incomplete = "deny"
     /// stdin), e.g. for a static `[[token]]` entry or a token nobody issued.
     pub fn fingerprint(&mut self, token: &BearerToken) -> Result<String> {
         self.remember(token);
-        let mut child = Command::new(&self.rampart)
-            .arg("--config")
-            .arg(&self.d(Side::Veth).config)
+        let mut child = self
+            .d(Side::Veth)
+            .process
+            .cli_command(None)
             .arg("fingerprint")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -729,7 +623,7 @@ on_incomplete = "deny"
         if !out.status.success() || fp.len() != 32 {
             return Err(GatewayError::Output {
                 args: "fingerprint".into(),
-                daemon: self.d(Side::Veth).name,
+                daemon: self.d(Side::Veth).process.name,
                 text: format!("{text} {}", self.redact(&out.stderr)),
             });
         }
@@ -782,7 +676,7 @@ on_incomplete = "deny"
             }
             if Instant::now() > deadline {
                 return Err(GatewayError::ReloadTimeout {
-                    daemon: self.d(side).name,
+                    daemon: self.d(side).process.name,
                     waited,
                     log: self.log(side),
                 });
@@ -868,7 +762,7 @@ on_incomplete = "deny"
         for side in self.sides() {
             let recorded = format!("{:?}", self.upstream(side).requests());
             out.push((
-                format!("upstream-{}-recorded", self.d(side).name).into(),
+                format!("upstream-{}-recorded", self.d(side).process.name).into(),
                 recorded.into_bytes(),
             ));
         }
@@ -896,11 +790,9 @@ on_incomplete = "deny"
         let mut said = Vec::new();
         for i in 0..self.daemons.len() {
             let side = [Side::Veth, Side::Loopback][i];
-            if let Some(mut c) = self.daemons[i].child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-                untrack_pid(c.id());
-                said.push(format!("{} stopped", self.daemons[i].name));
+            if let Some(pid) = self.daemons[i].process.kill() {
+                untrack_pid(pid);
+                said.push(format!("{} stopped", self.daemons[i].process.name));
             }
             if self.daemons[i].bpffs.exists() {
                 match self.cli(side, &["detach", "--force"]) {

@@ -3,6 +3,7 @@
 pub mod attach_support;
 pub mod cli;
 pub mod client;
+pub mod daemon;
 pub mod gateway;
 pub mod netns;
 pub mod nginx;

@@ -18,6 +18,8 @@ use std::{
 
 use rampart_tests::{
     client::{BearerToken, Curl, Request},
+    daemon::{redact, ConfigTemplate, DaemonProcess},
+    gateway::rampart_binary,
     netns::{Netns, VethConfig, VethPair},
     upstream::UpstreamServer,
 };
@@ -43,67 +45,38 @@ methods = ["*"]
 prefix = "/"
 "#;
 
-/// `target/debug/rampart`, next to this test's `deps/` directory.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join("rampart");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p rampart` first",
-        bin.display()
-    );
-    bin
-}
-
+/// The daemon's configuration file: the one template with this file's listener (TC on
+/// `lo`, reset) and its expiry warning window.
 fn config_text(dir: &Path, bpffs: &Path) -> String {
-    format!(
-        r#"state_dir = "{dir}/state"
-bpffs_dir = "{bpffs}/rampart"
-control_socket = "{dir}/run/control.sock"
-metrics_addr = "127.0.0.1:9464"
-policy = ["policy.toml"]
-expiry_warning = "1h"
-
-[maps]
-max_tokens = 4096
-max_revoked = 4096
-token_stats = 4096
-ring_bytes = 65536
-
-[events]
-export_file = "{dir}/events.jsonl"
-
-[[listener]]
-name = "api"
-interface = "lo"
-hook = "tc"
-ports = [{PORT}]
-mode = "enforce"
-action = "reset"
-"#,
-        dir = dir.display(),
-        bpffs = bpffs.display()
-    )
+    ConfigTemplate {
+        dir,
+        bpffs_dir: &bpffs.join("rampart"),
+        control_socket: &dir.join("run/control.sock"),
+        metrics_port: 9464,
+        extra: "expiry_warning = \"1h\"\n",
+        listener: &format!(
+            "name = \"api\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [{PORT}]\n\
+             mode = \"enforce\"\naction = \"reset\"\n"
+        ),
+    }
+    .text()
 }
 
-/// Replaces every known token in `text` before it can reach a failure message.
-fn redact(text: &str, tokens: &[BearerToken]) -> String {
-    tokens
-        .iter()
-        .fold(text.to_owned(), |t, tok| t.replace(tok.expose(), "<token>"))
+fn daemon_process(dir: &Path) -> DaemonProcess {
+    DaemonProcess::new(
+        "rampart",
+        rampart_binary().unwrap_or_else(|e| panic!("{e}")),
+        dir.join("rampart.toml"),
+        dir.join("daemon.log"),
+    )
 }
 
 struct Fixture {
     dir: tempfile::TempDir,
     bpffs: PathBuf,
-    config: PathBuf,
     ns: Netns,
     upstream: UpstreamServer,
-    daemon: Option<Child>,
+    daemon: DaemonProcess,
     tokens: Vec<BearerToken>,
 }
 
@@ -112,7 +85,7 @@ impl Fixture {
     /// leaves it.
     fn write_config(&self, edit: impl FnOnce(String) -> String) {
         let text = edit(config_text(self.dir.path(), &self.bpffs));
-        fs::write(&self.config, text).expect("config");
+        fs::write(&self.daemon.config, text).expect("config");
     }
 
     fn new(name: &str) -> Fixture {
@@ -131,8 +104,8 @@ impl Fixture {
             .output()
             .expect("mount");
         assert!(out.status.success(), "mount bpffs: {out:?}");
-        let config = dir.path().join("rampart.toml");
-        fs::write(&config, config_text(dir.path(), &bpffs)).expect("config");
+        let daemon = daemon_process(dir.path());
+        fs::write(&daemon.config, config_text(dir.path(), &bpffs)).expect("config");
         fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
         let upstream =
             UpstreamServer::start(&ns, "upstream", SocketAddr::from(([127, 0, 0, 1], PORT)))
@@ -140,10 +113,9 @@ impl Fixture {
         let fx = Fixture {
             dir,
             bpffs,
-            config,
             ns,
             upstream,
-            daemon: None,
+            daemon,
             tokens: Vec::new(),
         };
         let out = fx.cli(&["keygen"]);
@@ -155,78 +127,34 @@ impl Fixture {
         redact(&String::from_utf8_lossy(bytes), &self.tokens)
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("daemon.log")
-    }
-
     fn log(&self) -> String {
-        self.show(&fs::read(self.log_path()).unwrap_or_default())
+        self.daemon.log_text(&self.tokens)
     }
 
     /// `rampart <args>` in the daemon's network namespace (where `detach` finds netlink
     /// filters; control socket and pins are files, reachable from anywhere).
     fn cli(&self, args: &[&str]) -> Output {
-        self.ns
-            .command(binary())
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("run rampart")
+        self.daemon
+            .cli(Some(&self.ns), args)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn start(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("daemon log");
-        let child = self
-            .ns
-            .command(binary())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start rampart run");
-        self.daemon = Some(child);
-        // Loading runs the verifier over the programs; give it time on a slow machine.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(st) = self
-                .daemon
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("rampart run exited ({st}) during start-up:\n{}", self.log());
-            }
-            if self.cli(&["status"]).status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not ready in time:\n{}",
-                self.log()
-            );
-            sleep(Duration::from_millis(200));
-        }
+        self.daemon
+            .start(&self.ns, &self.tokens)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn signal(&self, sig: libc::c_int) {
-        let pid = self.daemon.as_ref().expect("daemon running").id() as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+        self.daemon.signal(sig).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// SIGTERM, and the clean exit it must lead to.
     fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        let st = self.wait_exit();
+        let st = self
+            .daemon
+            .stop(&self.tokens)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(
             st.success(),
             "rampart run after SIGTERM: {st}\n{}",
@@ -235,19 +163,9 @@ impl Fixture {
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.daemon.take().expect("daemon running");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit:\n{}",
-                self.log()
-            );
-            sleep(Duration::from_millis(50));
-        }
+        self.daemon
+            .wait_exit(&self.tokens)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Issues a token; returns it (kept for redaction and the final scan) and its fingerprint.
@@ -305,9 +223,9 @@ impl Fixture {
 
     /// `rampart events --follow --json <args>`: the child and its lines as they come.
     fn follow(&self, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
-        let mut sub = Command::new(binary())
-            .arg("--config")
-            .arg(&self.config)
+        let mut sub = self
+            .daemon
+            .cli_command(None)
             .args(["events", "--follow", "--json"])
             .args(args)
             .stdout(Stdio::piped())
@@ -349,10 +267,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.kill();
         // Unmounting the private bpffs drops every pin, and with them links and maps.
         let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
     }
@@ -869,6 +784,19 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
     assert_eq!(link_pins(&fx), [tag("xdpskb")]);
 }
 
+/// An unpinned datapath with room for the 100k-token tests.
+fn datapath_for_100k() -> rampart::datapath::Datapath {
+    rampart_tests::netns::require_root().expect("root");
+    rampart::datapath::Datapath::load(rampart::datapath::LoadOptions {
+        max_tokens: 131_072,
+        max_revoked: 1024,
+        token_stats: 1024,
+        ring_bytes: 65_536,
+        pin_dir: None,
+    })
+    .expect("load the datapath")
+}
+
 /// `rampart_breaches_total` and the map fill levels are refreshed every few seconds. With
 /// 100k tokens that must stay cheap: TOKEN_STATE is read through its mmap and TOKENS in
 /// batches, not token by token through bpf(2). Prints both costs (`--nocapture`); measured
@@ -876,18 +804,9 @@ fn restart_from_native_to_generic_xdp_on_one_interface() {
 #[test]
 fn metrics_over_100k_tokens_cost_milliseconds() {
     use agent_common::{Fingerprint, TokenInfo, TokenState};
-    use rampart::datapath::{Datapath, LoadOptions};
 
     const N: u64 = 100_000;
-    rampart_tests::netns::require_root().expect("root");
-    let mut dp = Datapath::load(LoadOptions {
-        max_tokens: 131_072,
-        max_revoked: 1024,
-        token_stats: 1024,
-        ring_bytes: 65_536,
-        pin_dir: None,
-    })
-    .expect("load the datapath");
+    let mut dp = datapath_for_100k();
     for i in 0..N {
         let fp = Fingerprint([i, !i]);
         dp.install_token(fp, TokenInfo::default()).expect("install");
@@ -947,18 +866,9 @@ fn metrics_over_100k_tokens_cost_milliseconds() {
 #[test]
 fn a_reload_that_changes_one_token_of_100k_writes_one_entry() {
     use agent_common::{Fingerprint, TokenInfo};
-    use rampart::datapath::{Datapath, LoadOptions};
 
     const N: u64 = 100_000;
-    rampart_tests::netns::require_root().expect("root");
-    let mut dp = Datapath::load(LoadOptions {
-        max_tokens: 131_072,
-        max_revoked: 1024,
-        token_stats: 1024,
-        ring_bytes: 65_536,
-        pin_dir: None,
-    })
-    .expect("load the datapath");
+    let mut dp = datapath_for_100k();
     let policy = |changed: Option<u64>| {
         (0..N).map(move |i| {
             let info = TokenInfo {
@@ -1218,14 +1128,13 @@ fn run_without_a_key_says_to_run_keygen() {
 /// `rampart run` in a fresh directory (no key) with `policy`, to its exit.
 fn run_with_policy(policy: &str) -> (tempfile::TempDir, Output) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("rampart.toml");
-    fs::write(&config, config_text(dir.path(), &dir.path().join("bpffs"))).expect("config");
+    let daemon = daemon_process(dir.path());
+    fs::write(
+        &daemon.config,
+        config_text(dir.path(), &dir.path().join("bpffs")),
+    )
+    .expect("config");
     fs::write(dir.path().join("policy.toml"), policy).expect("policy");
-    let out = Command::new(binary())
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .output()
-        .expect("run");
+    let out = daemon.cli(None, &["run"]).unwrap_or_else(|e| panic!("{e}"));
     (dir, out)
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use rampart::{config::Config, control::Client, datapath::detach_pinned};
+use rampart::{control::Client, datapath::detach_pinned};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -18,12 +18,7 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let config = if config.exists() {
-        Config::load(config)
-            .with_context(|| format!("loading configuration {}", config.display()))?
-    } else {
-        Config::default()
-    };
+    let config = super::load_config(config)?;
     if !args.force && Client::connect(&config.control_socket).await.is_ok() {
         anyhow::bail!(
             "the daemon is running (control socket {}); stop it first (systemctl stop rampart), or pass --force",

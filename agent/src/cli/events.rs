@@ -6,9 +6,7 @@
 //! a plain `rampart events` answers "what just happened" like `journalctl` does.
 
 use std::{
-    collections::HashMap,
     io::{self, Write},
-    net::SocketAddr,
     path::Path,
 };
 
@@ -16,13 +14,11 @@ use agent_common::Fingerprint;
 use anyhow::{bail, Context as _};
 use rampart::{
     config::Config,
-    control::{self, Client, EventKind, Fp, NoticeKind, StreamEvent, StreamItem},
-    telemetry::{
-        event::{fingerprint_hex, rfc3339_from_tai},
-        export::numbered,
-        EventContext, EventFilter, EventRecord, ExpiryRecord, Record,
-    },
+    control::{Client, EventFilter, EventKind, Fp, StreamItem},
+    telemetry::{export::numbered, Record},
 };
+
+use super::parse_fingerprint;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -46,38 +42,28 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config)
-        .with_context(|| format!("loading configuration {}", config.display()))?;
+    let config = super::load_config(config)?;
     let mut out = io::stdout();
     if args.follow {
-        let ctx = EventContext::new(listener_names(&config));
-        follow(&config, &ctx, &args, &mut out).await
+        follow(&config, &args, &mut out).await
     } else {
         recorded(&config, &args, &mut out)
     }
 }
 
-/// Listener statistics ids are the listeners' positions in the configuration.
-fn listener_names(config: &Config) -> HashMap<u32, String> {
-    (0u32..)
-        .zip(&config.listeners)
-        .map(|(id, l)| (id, l.name.clone()))
-        .collect()
+impl Args {
+    fn filter(&self) -> EventFilter {
+        EventFilter {
+            fingerprint: self.token.map(Fp),
+            verdict: self.verdict,
+        }
+    }
 }
 
-/// Live events; the daemon applies the filter before sending.
-async fn follow(
-    config: &Config,
-    ctx: &EventContext,
-    args: &Args,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
+/// Live events, as the daemon records them; it applies the filter before sending.
+async fn follow(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Result<()> {
     let client = Client::connect(&config.control_socket).await?;
-    let filter = control::EventFilter {
-        fingerprint: args.token.map(Fp),
-        verdict: args.verdict,
-    };
-    let mut events = client.subscribe(filter).await?;
+    let mut events = client.subscribe(args.filter()).await?;
     loop {
         let item = tokio::select! {
             item = events.next() => item?,
@@ -89,7 +75,7 @@ async fn follow(
                 eprintln!("rampart: {lagged} events skipped: this reader fell behind");
             }
             Some(StreamItem::Event(ev)) => {
-                if !print(out, &from_wire(&ev, ctx), args.json)? {
+                if !print(out, &ev, args.json)? {
                     return Ok(());
                 }
             }
@@ -104,10 +90,7 @@ fn recorded(config: &Config, args: &Args, out: &mut impl Write) -> anyhow::Resul
              use --follow to stream live events"
         );
     };
-    let filter = EventFilter {
-        token: args.token.as_ref().map(fingerprint_hex),
-        verdict: args.verdict.map(|v| v.name().to_owned()),
-    };
+    let filter = args.filter();
     // Newest file first, until enough records are gathered.
     let mut chunks: Vec<Vec<Record>> = Vec::new();
     let mut have = 0;
@@ -164,45 +147,6 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> anyhow::Result<bool> {
     }
 }
 
-/// The daemon streams raw fields (TAI time, listener id); render them like the export file.
-fn from_wire(ev: &StreamEvent, ctx: &EventContext) -> Record {
-    match ev {
-        StreamEvent::Decision(d) => Record::Decision(decision_from_wire(d, ctx)),
-        StreamEvent::Notice(n) => match n.kind {
-            NoticeKind::Expiring => Record::Expiry(ExpiryRecord::new(
-                n.time_ns,
-                &n.fingerprint.0,
-                n.expires_at,
-                n.label.clone(),
-                ctx.tai_offset_ns,
-            )),
-        },
-    }
-}
-
-fn decision_from_wire(ev: &control::EventRecord, ctx: &EventContext) -> EventRecord {
-    EventRecord {
-        time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
-        fingerprint: ev.fingerprint.map(|f| f.to_string()),
-        verdict: ev.verdict.0.name().to_owned(),
-        action: ev.action.clone(),
-        listener: ctx.listener_name(ev.listener),
-        src: SocketAddr::new(ev.src, ev.sport).to_string(),
-        dst: SocketAddr::new(ev.dst, ev.dport).to_string(),
-        method: ev.method.clone(),
-        path_hash: ev.path_hash.clone(),
-    }
-}
-
-fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("a fingerprint is 32 hex digits (see `rampart token list`)".into());
-    }
-    let word =
-        |r: std::ops::Range<usize>| u64::from_str_radix(&s[r], 16).map_err(|e| e.to_string());
-    Ok(Fingerprint([word(0..16)?, word(16..32)?]))
-}
-
 fn parse_verdict(s: &str) -> Result<EventKind, String> {
     EventKind::parse(s)
         .ok_or_else(|| format!("unknown verdict; one of: {}", EventKind::names().join(", ")))
@@ -210,14 +154,15 @@ fn parse_verdict(s: &str) -> Result<EventKind, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
 
-    use agent_common::Verdict;
+    use agent_common::{action, http::method, Event, Verdict};
     use rampart::{
-        control::{
-            self, Handler, Peer, Request, Response, ServerOptions, TokenNotice, VerdictName,
-        },
-        telemetry::EventExporter,
+        control::{self, Handler, Peer, Request, Response, ServerOptions},
+        telemetry::{EventContext, EventExporter, EventRecord, ExpiryRecord},
     };
     use tokio::sync::{broadcast, Notify};
 
@@ -253,37 +198,49 @@ mod tests {
         }
     }
 
-    /// An event as the daemon streams it; `sport` tells events apart.
-    fn wire(fp: Fingerprint, verdict: Verdict, sport: u16) -> StreamEvent {
-        StreamEvent::Decision(control::EventRecord {
+    /// The kernel's event; `sport` tells events apart.
+    fn kernel_event(fp: Fingerprint, verdict: Verdict, sport: u16) -> Event {
+        Event {
             time_ns: 1_714_564_800_000_000_000 + OFFSET as u64,
-            fingerprint: Some(Fp(fp)),
-            verdict: VerdictName(verdict),
-            action: "dropped".into(),
-            method: "GET".into(),
+            fingerprint: fp,
+            verdict: verdict as u32,
+            action: action::DROPPED,
+            method: method::GET,
             listener: 0,
-            src: "192.0.2.1".parse().unwrap(),
+            saddr: "192.0.2.1"
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets(),
             sport,
-            dst: "10.0.0.1".parse().unwrap(),
+            daddr: "10.0.0.1"
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets(),
             dport: 80,
-            path_hash: "00000000000000ff".into(),
-        })
+            path_hash: 0xff,
+            ..Default::default()
+        }
     }
 
-    /// An expiry warning as the daemon streams it.
-    fn notice(fp: Fingerprint) -> StreamEvent {
-        StreamEvent::Notice(TokenNotice {
-            time_ns: 1_714_564_800_000_000_000 + OFFSET as u64,
-            kind: NoticeKind::Expiring,
-            fingerprint: Fp(fp),
-            expires_at: 1_714_568_400,
-            label: None,
-        })
-    }
-
-    /// The same event as the daemon exports it.
+    /// An event as the daemon streams and exports it.
     fn record(fp: Fingerprint, verdict: Verdict, sport: u16) -> Record {
-        from_wire(&wire(fp, verdict, sport), &ctx())
+        Record::Decision(EventRecord::from_event(
+            &kernel_event(fp, verdict, sport),
+            &ctx(),
+        ))
+    }
+
+    /// An expiry warning as the daemon streams and exports it.
+    fn notice(fp: Fingerprint) -> Record {
+        Record::Expiry(ExpiryRecord::new(
+            1_714_564_800_000_000_000 + OFFSET as u64,
+            &fp,
+            1_714_568_400,
+            None,
+            OFFSET,
+        ))
     }
 
     fn sports(out: &str) -> Vec<&str> {
@@ -293,7 +250,7 @@ mod tests {
     }
 
     struct Daemon {
-        events: Mutex<Option<broadcast::Sender<StreamEvent>>>,
+        events: Mutex<Option<broadcast::Sender<Record>>>,
         subscribed: Notify,
     }
 
@@ -302,7 +259,7 @@ mod tests {
             Response::error("not in this test")
         }
 
-        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
+        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<Record>, String> {
             let rx = self.events.lock().unwrap().as_ref().unwrap().subscribe();
             self.subscribed.notify_one();
             Ok(rx)
@@ -310,7 +267,7 @@ mod tests {
     }
 
     /// Runs `follow` with `args` against a daemon that streams `feed` and then closes.
-    async fn follow_output(args: &Args, feed: Vec<StreamEvent>) -> String {
+    async fn follow_output(args: &Args, feed: Vec<Record>) -> String {
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path(), "");
         let (tx, _) = broadcast::channel(16);
@@ -335,8 +292,7 @@ mod tests {
             // Dropping the last sender ends the stream.
         };
         let mut out = Vec::new();
-        let ctx = ctx();
-        let (res, ()) = tokio::join!(follow(&config, &ctx, args, &mut out), feed);
+        let (res, ()) = tokio::join!(follow(&config, args, &mut out), feed);
         assert!(res
             .unwrap_err()
             .to_string()
@@ -344,14 +300,14 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    fn mixed_feed() -> Vec<StreamEvent> {
+    fn mixed_feed() -> Vec<Record> {
         vec![
-            wire(FP_A, Verdict::Throttled, 1),
+            record(FP_A, Verdict::Throttled, 1),
             notice(FP_B),
-            wire(FP_B, Verdict::Throttled, 2),
+            record(FP_B, Verdict::Throttled, 2),
             notice(FP_A),
-            wire(FP_A, Verdict::Revoked, 3),
-            wire(FP_A, Verdict::Throttled, 4),
+            record(FP_A, Verdict::Revoked, 3),
+            record(FP_A, Verdict::Throttled, 4),
         ]
     }
 
@@ -364,12 +320,12 @@ mod tests {
         .await;
         // A verdict filter leaves expiry warnings out.
         assert_eq!(sports(&out), ["1", "4"], "{out}");
-        assert!(out.lines().all(|l| l.contains(&fingerprint_hex(&FP_A))));
+        assert!(out.lines().all(|l| l.contains(&FP_A.to_string())));
     }
 
     #[tokio::test]
     async fn follow_shows_expiry_warnings_by_token_or_as_their_own_verdict() {
-        let a = fingerprint_hex(&FP_A);
+        let a = FP_A.to_string();
         let out = follow_output(&args(true, Some(FP_A), None), mixed_feed()).await;
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 4, "{out}");
@@ -386,26 +342,24 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let want: Vec<Record> = [notice(FP_B), notice(FP_A)]
-            .iter()
-            .map(|n| from_wire(n, &ctx()))
-            .collect();
+        let want: Vec<Record> = vec![notice(FP_B), notice(FP_A)];
         assert_eq!(got, want, "{out}");
-        assert!(matches!(&got[1], Record::Expiry(e) if e.fingerprint == a && e.kind == "expiring"));
+        assert!(
+            matches!(&got[1], Record::Expiry(e) if e.fingerprint.to_string() == a && e.kind == "expiring")
+        );
     }
 
     #[test]
-    fn wire_events_render_like_exported_ones() {
-        let StreamEvent::Decision(mut w) = wire(FP_A, Verdict::Revoked, 5000) else {
-            unreachable!("wire() builds decisions")
-        };
-        w.src = "2001:db8::5".parse().unwrap();
-        w.listener = 4;
-        let Record::Decision(r) = from_wire(&StreamEvent::Decision(w), &ctx()) else {
-            panic!("a decision renders as a decision")
-        };
+    fn streamed_events_are_the_exported_records() {
+        let mut ev = kernel_event(FP_A, Verdict::Revoked, 5000);
+        ev.saddr = "2001:db8::5"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        ev.listener = 4;
+        let r = EventRecord::from_event(&ev, &ctx());
         assert_eq!(r.time, "2024-05-01T12:00:00.000000000Z");
-        assert_eq!(r.fingerprint, Some(fingerprint_hex(&FP_A)));
+        assert_eq!(r.fingerprint, Some(Fp(FP_A)));
         assert_eq!(r.verdict, "revoked");
         assert_eq!(r.listener, "listener_4");
         assert_eq!(r.src, "[2001:db8::5]:5000");
@@ -457,7 +411,7 @@ mod tests {
         assert_eq!(parsed, want);
 
         // An expiry warning in the file: `--verdict expiring` finds only it, `--token` too.
-        let warning = from_wire(&notice(FP_A), &ctx());
+        let warning = notice(FP_A);
         x.write(&warning).unwrap();
         let mut a = args(false, None, None);
         a.verdict = Some(EventKind::Expiring);

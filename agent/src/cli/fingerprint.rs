@@ -10,11 +10,7 @@ use std::{
 
 use agent_common::{siphash::fingerprint, MAX_TOKEN_LEN};
 use anyhow::{bail, Context as _};
-use rampart::{
-    config::Config,
-    store::fingerprint_hex,
-    token::{load_key, validate_token},
-};
+use rampart::token::{load_key, validate_token};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,7 +22,7 @@ pub struct Args {
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
     let key_path = match args.key {
         Some(p) => p,
-        None => load_config(config)?.key_path(),
+        None => super::load_config(config)?.key_path(),
     };
     let key = load_key(&key_path)
         .with_context(|| format!("loading the fingerprint key {}", key_path.display()))?;
@@ -38,7 +34,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
     let fp = fingerprint(&key, &token);
     token.fill(0);
     checked.context("stdin does not hold one RFC 6750 bearer token")?;
-    println!("{}", fingerprint_hex(&fp));
+    println!("{fp}");
     Ok(())
 }
 
@@ -62,13 +58,6 @@ fn read_token(input: &mut impl Read) -> anyhow::Result<Vec<u8>> {
         }
     }
     Ok(buf)
-}
-
-fn load_config(path: &Path) -> anyhow::Result<Config> {
-    if !path.exists() {
-        return Ok(Config::default());
-    }
-    Config::load(path).with_context(|| format!("loading configuration {}", path.display()))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use rampart::{config::Config, token::write_key};
+use rampart::token::write_key;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,19 +16,10 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let config = load_config(config)?;
+    let config = super::load_config(config)?;
     let path = config.key_path();
     write_key(&path, args.force)
         .with_context(|| format!("writing the fingerprint key {}", path.display()))?;
     println!("{}", path.display());
     Ok(())
-}
-
-/// The configuration, or the defaults when the file does not exist (keygen typically runs
-/// before anything is configured).
-fn load_config(path: &Path) -> anyhow::Result<Config> {
-    if !path.exists() {
-        return Ok(Config::default());
-    }
-    Config::load(path).with_context(|| format!("loading configuration {}", path.display()))
 }

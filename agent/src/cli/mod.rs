@@ -12,10 +12,11 @@ pub mod token;
 pub mod token_io;
 pub mod top;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use rampart::paths;
+use rampart::{config::Config, paths};
 
 /// Kernel-level API token enforcement.
 #[derive(Parser, Debug)]
@@ -72,15 +73,37 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The daemon's control socket: from the configuration file when it exists, else the
-/// default path (so `rampart status`/`token` work on a host configured by defaults).
-pub fn control_socket(config: &std::path::Path) -> anyhow::Result<PathBuf> {
-    use anyhow::Context as _;
-    if config.exists() {
-        Ok(rampart::config::Config::load(config)
-            .with_context(|| format!("loading configuration {}", config.display()))?
-            .control_socket)
-    } else {
-        Ok(rampart::config::Config::default().control_socket)
+/// A fingerprint argument: `Fingerprint`'s text form, with a hint where to find one.
+pub fn parse_fingerprint(s: &str) -> Result<agent_common::Fingerprint, String> {
+    s.parse()
+        .map_err(|e| format!("{e} (see `rampart token list`)"))
+}
+
+/// The configuration every verb but `run` and `check` reads: the file when it exists, else
+/// the defaults, so the CLI works on a host configured by defaults and `keygen` runs before
+/// anything is configured. A file that exists but does not load is an error.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    if !path.exists() {
+        return Ok(Config::default());
+    }
+    Config::load(path).with_context(|| format!("loading configuration {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_config_is_the_defaults_a_broken_one_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.toml");
+        assert_eq!(
+            load_config(&missing).unwrap().control_socket,
+            Config::default().control_socket
+        );
+        let broken = dir.path().join("broken.toml");
+        std::fs::write(&broken, "control_socket = 5\n").unwrap();
+        let err = format!("{:#}", load_config(&broken).unwrap_err());
+        assert!(err.contains("loading configuration"), "{err}");
     }
 }

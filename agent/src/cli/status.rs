@@ -3,10 +3,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
-use rampart::{
-    control::{Client, Request},
-    daemon::StatusBody,
-};
+use rampart::control::{protocol::StatusBody, Client, Request};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,7 +13,7 @@ pub struct Args {
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let socket = super::control_socket(config)?;
+    let socket = super::load_config(config)?.control_socket;
     let mut client = Client::connect(&socket).await?;
     let resp = client.request(&Request::Status).await?;
     if !resp.ok {
@@ -90,7 +87,7 @@ pub fn render(s: &StatusBody) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use rampart::daemon::ListenerStatus;
+    use rampart::control::protocol::ListenerStatus;
 
     use super::*;
 

@@ -10,12 +10,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use rampart::{
-    control::{
-        protocol::{IssuedBody, ListBody, RevokeBody, ShowBody, TokenView},
-        Client, Fp, Request, Response,
-    },
-    store::parse_fingerprint_hex,
+use rampart::control::{
+    protocol::{IssuedBody, ListBody, RevokeBody, ShowBody, TokenView},
+    Client, Fp, Request, Response,
 };
 
 #[derive(clap::Args, Debug)]
@@ -93,13 +90,11 @@ enum Command {
 }
 
 fn parse_fp(s: &str) -> Result<Fp, String> {
-    parse_fingerprint_hex(s)
-        .map(Fp)
-        .ok_or_else(|| "a fingerprint is 32 hex digits (see `rampart token list`)".into())
+    super::parse_fingerprint(s).map(Fp)
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let socket = super::control_socket(config)?;
+    let socket = super::load_config(config)?.control_socket;
     let mut client = Client::connect(&socket).await?;
     exec(
         &mut client,
@@ -341,7 +336,8 @@ mod tests {
         VERDICT_COUNT,
     };
     use rampart::{
-        control::{self, ops::token_op, Handler, Peer, ServerOptions},
+        control::{self, Handler, Peer, ServerOptions},
+        daemon::ops::{answer, DaemonOps},
         policy::CompiledPolicy,
         store::Store,
         token::{EnforceError, Enforcer, Lifecycle, TokenRuntime},
@@ -399,15 +395,29 @@ prefix = "/v1/"
         policy: CompiledPolicy,
     }
 
+    /// Only the token ops are in these tests.
+    struct NoDaemon;
+
+    impl DaemonOps for NoDaemon {
+        fn status(&self) -> Response {
+            Response::error("not in this test")
+        }
+        fn reload(&self) -> Response {
+            Response::error("not in this test")
+        }
+        fn top(&self, _limit: Option<usize>) -> Response {
+            Response::error("not in this test")
+        }
+    }
+
     impl Handler for Daemon {
         async fn handle(&self, peer: Peer, req: Request) -> Response {
-            token_op(&self.lc, &self.policy, peer.uid, &req)
-                .unwrap_or_else(|| Response::error("not in this test"))
+            answer(&self.lc, &self.policy, &NoDaemon, peer.uid, &req)
         }
         fn subscribe(
             &self,
             _peer: Peer,
-        ) -> Result<broadcast::Receiver<control::StreamEvent>, String> {
+        ) -> Result<broadcast::Receiver<rampart::telemetry::Record>, String> {
             Err("no events here".into())
         }
     }
@@ -460,7 +470,7 @@ prefix = "/v1/"
         let token = out.strip_suffix('\n').expect("newline-terminated");
         assert!(token.starts_with("rmp_") && !token.contains('\n'));
         let fp = fingerprint(&KEY, token.as_bytes());
-        let hex = rampart::store::fingerprint_hex(&fp);
+        let hex = fp.to_string();
         assert!(
             err.contains(&format!("fingerprint: {hex}")),
             "stderr: {err}"

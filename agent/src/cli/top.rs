@@ -13,8 +13,8 @@ use std::{
 use anyhow::Context as _;
 use rampart::{
     config::Config,
-    control::{Client, Request},
-    telemetry::{render_frame, TopSnapshot},
+    control::{protocol::TopSnapshot, Client, Request},
+    telemetry::render_frame,
 };
 
 #[derive(clap::Args, Debug)]
@@ -31,8 +31,7 @@ pub struct Args {
 const REDRAW: &str = "\x1b[H\x1b[2J";
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config)
-        .with_context(|| format!("loading configuration {}", config.display()))?;
+    let config = super::load_config(config)?;
     let tty = io::stdout().is_terminal();
     show(&config, &args, tty, &mut io::stdout()).await
 }
@@ -107,10 +106,7 @@ fn terminal_size() -> Option<(usize, usize)> {
 mod tests {
     use std::sync::Arc;
 
-    use rampart::{
-        control::{self, Handler, Peer, Response, ServerOptions, StreamEvent},
-        telemetry::TopRow,
-    };
+    use rampart::control::{self, protocol::TopRow, Handler, Peer, Response, ServerOptions};
     use tokio::sync::broadcast;
 
     use super::*;
@@ -127,7 +123,10 @@ mod tests {
             }
         }
 
-        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
+        fn subscribe(
+            &self,
+            _peer: Peer,
+        ) -> Result<broadcast::Receiver<rampart::telemetry::Record>, String> {
             Err("not in this test".into())
         }
     }

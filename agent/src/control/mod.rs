@@ -1,20 +1,16 @@
 //! The root-only control socket: line-delimited JSON requests from the CLI to the daemon.
 //!
-//! - `protocol`: request / response / event types (shared by both ends).
+//! - `protocol`: requests, every reply body, and the event stream's items (shared by both
+//!   ends). What answers the requests is the daemon's (`daemon::ops`).
 //! - `server`: the transport; the daemon plugs in a `Handler`.
 //! - `client`: what the CLI uses.
-//! - `ops`: the `token.*` ops over a `token::Lifecycle`, for the daemon's handler.
 
 pub mod client;
-pub mod ops;
 pub mod protocol;
 pub mod server;
 
 pub use client::{Client, ClientError, Subscription};
-pub use protocol::{
-    EventFilter, EventKind, EventRecord, Fp, NoticeKind, Request, Response, StreamEvent,
-    StreamItem, TokenNotice, VerdictName,
-};
+pub use protocol::{EventFilter, EventKind, Fp, Request, Response, StreamItem};
 pub use server::{bind, serve, ControlError, Handler, Peer, ServerOptions};
 
 #[cfg(test)]
@@ -35,9 +31,10 @@ mod tests {
     };
 
     use super::*;
+    use crate::telemetry::{EventContext, EventRecord, Record};
 
     struct TestHandler {
-        events: broadcast::Sender<StreamEvent>,
+        events: broadcast::Sender<Record>,
     }
 
     impl Handler for TestHandler {
@@ -48,7 +45,7 @@ mod tests {
             Response::ok(&serde_json::json!({ "op": req.op(), "uid": peer.uid }))
         }
 
-        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
+        fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<Record>, String> {
             Ok(self.events.subscribe())
         }
     }
@@ -56,7 +53,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         path: PathBuf,
-        events: broadcast::Sender<StreamEvent>,
+        events: broadcast::Sender<Record>,
         task: JoinHandle<()>,
     }
 
@@ -275,20 +272,15 @@ mod tests {
         assert_status_works(&fx.path).await;
     }
 
-    fn event(fp: u64, verdict: Verdict) -> StreamEvent {
-        StreamEvent::Decision(EventRecord {
+    fn event(fp: u64, verdict: Verdict) -> Record {
+        let ev = agent_common::Event {
             time_ns: fp,
-            fingerprint: Some(Fp(Fingerprint([fp, fp]))),
-            verdict: VerdictName(verdict),
-            action: "dropped".into(),
-            method: "GET".into(),
-            listener: 0,
-            src: "10.0.0.1".parse().unwrap(),
-            sport: 1234,
-            dst: "10.0.0.2".parse().unwrap(),
-            dport: 80,
-            path_hash: "0000000000000000".into(),
-        })
+            fingerprint: Fingerprint([fp, fp]),
+            verdict: verdict as u32,
+            action: agent_common::action::DROPPED,
+            ..Default::default()
+        };
+        Record::Decision(EventRecord::from_event(&ev, &EventContext::default()))
     }
 
     #[tokio::test]

@@ -24,7 +24,8 @@ use tokio::{
     time::timeout,
 };
 
-use super::protocol::{EventFilter, Request, Response, StreamEvent, StreamItem};
+use super::protocol::{EventFilter, Request, Response, StreamItem};
+use crate::telemetry::event::Record;
 
 /// Who is on the other end, from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub trait Handler: Send + Sync + 'static {
 
     /// A receiver of all datapath events for `events.subscribe`; the server applies the
     /// client's filter. `Err` is sent to the client as the error response.
-    fn subscribe(&self, peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String>;
+    fn subscribe(&self, peer: Peer) -> Result<broadcast::Receiver<Record>, String>;
 }
 
 /// Transport limits.

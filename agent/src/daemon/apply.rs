@@ -109,7 +109,7 @@ pub fn apply_reload(
         use crate::token::Enforcer as _;
         enf.revoke(fp)
             .map_err(|source| LifecycleError::KernelRevoke {
-                fingerprint: crate::store::fingerprint_hex(&fp),
+                fingerprint: fp.to_string(),
                 source,
             })?;
     }

@@ -7,16 +7,19 @@ use tokio::sync::broadcast;
 
 use super::{
     enforcer::stage_rate,
-    status::{ListenerStatus, StatusBody, TokenCountsView},
+    ops::{answer, DaemonOps},
     Daemon, ReloadError,
 };
 use crate::{
     config::Mode,
-    control::{ops::token_op, Handler, Peer, Request, Response, StreamEvent},
+    control::{
+        protocol::{ListenerStatus, ReloadBody, StatusBody, TokenCountsView, TopRow, TopSnapshot},
+        Handler, Peer, Request, Response,
+    },
     datapath::clock::tai_offset_ns,
-    store::{fingerprint_hex, unix_now},
-    telemetry::{event::rfc3339_from_tai, TopRow, TopSnapshot},
-    token::error_chain,
+    error_chain,
+    store::unix_now,
+    telemetry::event::rfc3339_from_tai,
 };
 
 pub struct ControlHandler(pub Arc<Daemon>);
@@ -29,32 +32,40 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl Handler for ControlHandler {
     async fn handle(&self, peer: Peer, req: Request) -> Response {
         let d = self.0.clone();
-        let resp = blocking(move || match req {
-            Request::Status => status(&d),
-            Request::Reload => match d.reload("control socket") {
-                Ok(generation) => Response::ok(&serde_json::json!({ "generation": generation })),
-                Err(ReloadError::Invalid(diags)) => Response::error(format!(
-                    "policy rejected, previous policy still enforced:\n{}",
-                    super::lines(&diags)
-                )),
-                Err(e) => Response::error(error_chain(&e)),
-            },
-            Request::Top { limit } => top(&d, limit),
-            Request::EventsSubscribe { .. } => {
-                Response::error("events.subscribe is answered by the stream handler")
-            }
-            other => {
-                let policy = d.policy();
-                token_op(&d.lifecycle, &*policy, peer.uid, &other)
-                    .unwrap_or_else(|| Response::error(format!("unsupported op {}", other.op())))
-            }
+        let resp = blocking(move || {
+            let policy = d.policy();
+            answer(&d.lifecycle, &*policy, &*d, peer.uid, &req)
         })
         .await;
         resp.unwrap_or_else(|| Response::error("the daemon failed while answering"))
     }
 
-    fn subscribe(&self, _peer: Peer) -> Result<broadcast::Receiver<StreamEvent>, String> {
+    fn subscribe(
+        &self,
+        _peer: Peer,
+    ) -> Result<broadcast::Receiver<crate::telemetry::Record>, String> {
         Ok(self.0.events.subscribe())
+    }
+}
+
+impl DaemonOps for Daemon {
+    fn status(&self) -> Response {
+        status(self)
+    }
+
+    fn reload(&self) -> Response {
+        match Daemon::reload(self, "control socket") {
+            Ok(generation) => Response::ok(&ReloadBody { generation }),
+            Err(ReloadError::Invalid(diags)) => Response::error(format!(
+                "policy rejected, previous policy still enforced:\n{}",
+                super::lines(&diags)
+            )),
+            Err(e) => Response::error(error_chain(&e)),
+        }
+    }
+
+    fn top(&self, limit: Option<usize>) -> Response {
+        top(self, limit)
     }
 }
 
@@ -168,7 +179,7 @@ fn top(d: &Daemon, limit: Option<usize>) -> Response {
             rows.push((
                 fp,
                 TopRow {
-                    fingerprint: fingerprint_hex(&fp),
+                    fingerprint: fp.to_string(),
                     label,
                     contract,
                     stage: state.stage,

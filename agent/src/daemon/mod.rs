@@ -6,14 +6,15 @@
 //! enforcement continues without the daemon; only `rampart detach` removes it.
 
 mod apply;
+mod attach;
 mod enforcer;
 mod handler;
+pub mod ops;
 pub mod preflight;
-mod status;
 mod tasks;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -21,20 +22,17 @@ use std::{
     },
 };
 
-use agent_common::{Fingerprint, GlobalConfig, ListenerKey, CLOCK_REAL};
+use agent_common::{Fingerprint, GlobalConfig, CLOCK_REAL};
 pub use apply::{Applied, ApplyError};
+pub use attach::AttachedListener;
 pub use enforcer::{stage_rate, DatapathEnforcer};
 pub use handler::ControlHandler;
-pub use status::{ListenerStatus, StatusBody, TokenCountsView};
 use tokio::sync::broadcast;
 
 use crate::{
-    config::{self, Config, Hook, TcAttach, XdpMode},
+    config::{self, Config},
     control::{self, ControlError, ServerOptions},
-    datapath::{
-        prune_links, tcx_available, AttachError, AttachHook, Attached, Datapath, DatapathError,
-        LoadOptions,
-    },
+    datapath::{AttachError, Datapath, DatapathError, LoadOptions},
     policy::{CompiledPolicy, Diagnostic},
     store::{AuditAction, Store, StoreError},
     telemetry::{EventExporter, Metrics, RateEstimator, TelemetryError},
@@ -83,14 +81,6 @@ fn lines(d: &[Diagnostic]) -> String {
         .join("\n")
 }
 
-/// A listener as attached by this daemon.
-pub struct AttachedListener {
-    pub id: u32,
-    pub config: config::Listener,
-    /// Shared by the listeners of one interface.
-    pub attached: Arc<Attached>,
-}
-
 /// Everything the runtime tasks and the control handler share.
 pub struct Daemon {
     pub config: Config,
@@ -103,7 +93,7 @@ pub struct Daemon {
     pub enforcer: Arc<DatapathEnforcer>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
-    pub events: broadcast::Sender<control::StreamEvent>,
+    pub events: broadcast::Sender<crate::telemetry::Record>,
     /// The event export file, shared by the datapath event reader and expiry warnings.
     exporter: Mutex<Option<EventExporter>>,
     pub listeners: Vec<AttachedListener>,
@@ -152,10 +142,10 @@ impl Daemon {
                 );
                 tracing::info!("policy reloaded ({detail})");
                 for (fp, msg) in &applied.lifecycle.failed {
-                    tracing::warn!(fingerprint = %crate::store::fingerprint_hex(fp), "token not installed: {msg}");
+                    tracing::warn!(fingerprint = %fp, "token not installed: {msg}");
                 }
                 if let Err(e) = store.record(AuditAction::Reload, None, None, &detail) {
-                    tracing::error!(error = %crate::token::error_chain(&e), "cannot audit-log the reload");
+                    tracing::error!(error = %crate::error_chain(&e), "cannot audit-log the reload");
                 }
             }
             Err(e) => {
@@ -168,12 +158,12 @@ impl Daemon {
                         }
                     }
                     ReloadError::Apply(e) => {
-                        tracing::error!(error = %crate::token::error_chain(e), "reload failed")
+                        tracing::error!(error = %crate::error_chain(e), "reload failed")
                     }
                 }
                 let detail = format!("{why}: failed, keeping generation {}", self.generation());
                 if let Err(e) = store.record(AuditAction::Reload, None, None, &detail) {
-                    tracing::error!(error = %crate::token::error_chain(&e), "cannot audit-log the reload");
+                    tracing::error!(error = %crate::error_chain(&e), "cannot audit-log the reload");
                 }
             }
         }
@@ -198,13 +188,6 @@ impl Daemon {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Ok((generation, applied))
     }
-}
-
-fn interface_index(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string; the call only reads it.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
 }
 
 /// Loads everything and attaches; returns the shared state, ready for the runtime tasks.
@@ -238,114 +221,11 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         "policy applied"
     );
     for (fp, msg) in &applied.lifecycle.failed {
-        tracing::warn!(fingerprint = %crate::store::fingerprint_hex(fp), "token not installed: {msg}");
+        tracing::warn!(fingerprint = %fp, "token not installed: {msg}");
     }
 
     // Only now, with every revocation in REVOKED, does this daemon's program judge traffic.
-    let mut listeners = Vec::new();
-    {
-        let mut dp = enforcer.lock();
-        // Every listener's ports first: a program attached (or swapped in) below finds all
-        // of its interface's ports configured from its first packet on.
-        let mut keys = HashSet::new();
-        let mut ifindexes = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            let id = i as u32;
-            let ifindex =
-                interface_index(&l.interface).ok_or_else(|| DaemonError::NoInterface {
-                    listener: l.name.clone(),
-                    interface: l.interface.clone(),
-                })?;
-            for &port in &l.ports {
-                let key = ListenerKey {
-                    ifindex,
-                    port,
-                    _pad: 0,
-                };
-                dp.set_listener(key, l.datapath_config(id))?;
-                keys.insert(key);
-            }
-            ifindexes.push(ifindex);
-        }
-        // One program per interface (the configuration gives all listeners on an interface
-        // the same hook); the first listener on it owns the link.
-        let mut by_interface: HashMap<u32, Arc<Attached>> = HashMap::new();
-        for (i, (l, &ifindex)) in config.listeners.iter().zip(&ifindexes).enumerate() {
-            let id = i as u32;
-            if let Some(a) = by_interface.get(&ifindex) {
-                listeners.push(AttachedListener {
-                    id,
-                    config: l.clone(),
-                    attached: a.clone(),
-                });
-                continue;
-            }
-            let hook = match l.hook {
-                Hook::Xdp(XdpMode::Native) => AttachHook::Xdp(aya::programs::XdpMode::Driver),
-                Hook::Xdp(XdpMode::Generic) => AttachHook::Xdp(aya::programs::XdpMode::Skb),
-                Hook::Tc => match l.tc_attach {
-                    TcAttach::Tcx => AttachHook::TcIngress,
-                    TcAttach::Netlink => AttachHook::TcNetlink,
-                    TcAttach::Auto if tcx_available() => AttachHook::TcIngress,
-                    TcAttach::Auto => AttachHook::TcNetlink,
-                },
-            };
-            let attached = dp
-                .attach_pinned(id, &l.interface, ifindex, hook)
-                .map_err(|source| DaemonError::Attach {
-                    listener: l.name.clone(),
-                    interface: l.interface.clone(),
-                    source: Box::new(source),
-                })?;
-            for pin in &attached.displaced {
-                tracing::warn!(
-                    listener = %l.name,
-                    interface = %l.interface,
-                    old = %pin.display(),
-                    "XDP mode changed: the old mode's link was detached just before the new one \
-                     attached (the kernel allows one XDP mode per interface), so requests in \
-                     that instant were not judged"
-                );
-            }
-            if let Some(old) = &attached.moved_from {
-                tracing::info!(old = %old.display(), "took over the link of a renumbered listener");
-            }
-            tracing::info!(
-                listener = %l.name,
-                interface = %l.interface,
-                hook = %l.hook,
-                attach = ?hook,
-                program_id = attached.program_id,
-                adopted = attached.adopted,
-                pin = %attached.pin.display(),
-                "listener attached"
-            );
-            let attached = Arc::new(attached);
-            by_interface.insert(ifindex, attached.clone());
-            listeners.push(AttachedListener {
-                id,
-                config: l.clone(),
-                attached,
-            });
-        }
-        // What an earlier configuration attached or judged and this one does not: only now,
-        // with the current listeners in place, is it let go.
-        for (key, _) in dp.listeners() {
-            if !keys.contains(&key) {
-                dp.remove_listener(&key)?;
-            }
-        }
-        let keep: Vec<PathBuf> = listeners.iter().map(|l| l.attached.pin.clone()).collect();
-        let pruned =
-            prune_links(&config.bpffs_dir, &keep).map_err(|source| DaemonError::Attach {
-                listener: "(removed listeners)".to_owned(),
-                interface: String::new(),
-                source: Box::new(source),
-            })?;
-        for p in pruned {
-            tracing::info!(pin = %p.display(), "detached a listener the configuration no longer has");
-        }
-    }
+    let listeners = attach::attach_listeners(&enforcer, &config)?;
     let metrics = Arc::new(Metrics::default());
     metrics.set_policy_generation(1);
     let (events, _) = broadcast::channel(4096);
@@ -363,7 +243,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         None,
         &format!("{} listeners", listeners.len()),
     ) {
-        tracing::warn!(error = %crate::token::error_chain(&e), "cannot audit-log the start");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot audit-log the start");
     }
     Ok(Daemon {
         config,
@@ -446,7 +326,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         .store()
         .record(AuditAction::Stop, None, None, "")
     {
-        tracing::warn!(error = %crate::token::error_chain(&e), "cannot audit-log the stop");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot audit-log the stop");
     }
     tasks.abort_all();
     let _ = std::fs::remove_file(&control_socket);

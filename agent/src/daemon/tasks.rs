@@ -13,14 +13,13 @@ use tokio::{io::unix::AsyncFd, task::JoinSet};
 
 use super::{handler::token_counts, Daemon, DaemonError};
 use crate::{
-    control::{self, Fp, NoticeKind, StreamEvent, TokenNotice},
     datapath::{clock, parse_event},
-    store::{fingerprint_hex, unix_now, TokenRecord},
+    error_chain,
+    store::{unix_now, TokenRecord},
     telemetry::{
         DatapathSnapshot, EventContext, EventRecord, ExpiryRecord, ListenerRequests, MapFill,
         Record, TokenCounts,
     },
-    token::error_chain,
 };
 
 /// How often metrics are refreshed from the maps.
@@ -89,11 +88,7 @@ pub(super) fn spawn_events(
                 let Some(ev) = parse_event(&item) else {
                     continue;
                 };
-                if let Some(rec) = control::EventRecord::from_event(&ev) {
-                    // No subscriber is not an error.
-                    let _ = d.events.send(StreamEvent::Decision(rec));
-                }
-                d.export(&Record::Decision(EventRecord::from_event(&ev, &ctx)));
+                d.publish(Record::Decision(EventRecord::from_event(&ev, &ctx)));
             }
             guard.clear_ready();
         }
@@ -154,7 +149,7 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     match store.mark_expired(now) {
         Ok(expired) => {
             for fp in expired {
-                tracing::info!(fingerprint = %fingerprint_hex(&fp), "token expired");
+                tracing::info!(fingerprint = %fp, "token expired");
             }
         }
         Err(e) => tracing::warn!(error = %error_chain(&e), "cannot mark expired tokens"),
@@ -175,20 +170,12 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     for &i in &due {
         let (rec, exp) = &soon[i];
         tracing::warn!(
-            fingerprint = %fingerprint_hex(&rec.fingerprint),
+            fingerprint = %rec.fingerprint,
             label = rec.label.as_deref().unwrap_or(""),
             expires_in_secs = exp - now,
             "token expires soon; rotate it"
         );
-        // No subscriber is not an error.
-        let _ = d.events.send(StreamEvent::Notice(TokenNotice {
-            time_ns: tai_now,
-            kind: NoticeKind::Expiring,
-            fingerprint: Fp(rec.fingerprint),
-            expires_at: *exp,
-            label: rec.label.clone(),
-        }));
-        d.export(&Record::Expiry(ExpiryRecord::new(
+        d.publish(Record::Expiry(ExpiryRecord::new(
             tai_now,
             &rec.fingerprint,
             *exp,
@@ -216,15 +203,18 @@ fn newly_due(warned: &mut Warned, soon: &[(TokenRecord, i64)]) -> Vec<usize> {
 }
 
 impl Daemon {
-    /// Appends a record to the export file, if one is configured. A failed write is logged
-    /// and the record lost: the live stream and the datapath never wait on the disk.
-    fn export(&self, rec: &Record) {
+    /// Sends a record to the subscribers (none is not an error) and appends it to the export
+    /// file, if one is configured. A failed write is logged and the record lost: the live
+    /// stream and the datapath never wait on the disk.
+    fn publish(&self, rec: Record) {
         let mut x = self.exporter.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(x) = x.as_mut() {
-            if let Err(e) = x.write(rec) {
+            if let Err(e) = x.write(&rec) {
                 tracing::warn!(error = %error_chain(&e), "event export failed");
             }
         }
+        drop(x);
+        let _ = self.events.send(rec);
     }
 }
 

@@ -6,13 +6,15 @@ use agent_common::{
     Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS,
 };
+#[cfg(feature = "test-support")]
+use aya::programs::{
+    tc::{self, SchedClassifierLinkId, TcAttachType},
+    xdp::XdpLinkId,
+    TestRun, TestRunOptions, TestRunResult, XdpMode,
+};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachType},
-        xdp::XdpLinkId,
-        SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
-    },
+    programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 
@@ -29,6 +31,7 @@ pub const TC_PROGRAM: &str = "rampart_tc";
 /// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
 pub const PASS_PROGRAM: &str = "rampart_pass";
 /// The benchmark's floor: never attached.
+#[cfg(feature = "test-support")]
 pub const FLOOR_PROGRAM: &str = "rampart_floor";
 
 /// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
@@ -249,6 +252,34 @@ impl Datapath {
         Ok(p)
     }
 
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.options.pin_dir.as_deref()
+    }
+
+    /// Starts forwarding the programs' aya-log records into tracing (target
+    /// `rampart::ebpf`). `None` when the object logs nothing (it has no log ring) or the
+    /// ring cannot be opened (said at warn level: enforcement does not depend on it). The
+    /// returned logger must be flushed when its fd is readable.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<EbpfLogForwarder>> {
+        match aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLogForwarder) {
+            Ok(l) => Some(l),
+            Err(aya_log::Error::MapNotFound) => {
+                tracing::debug!("the eBPF programs have no log ring; nothing to forward");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the eBPF programs' log ring; their log records are lost");
+                None
+            }
+        }
+    }
+}
+
+/// What only tests and benchmarks use: attaching programs directly (the daemon attaches
+/// through pinned links, `attach_pinned`), the pass-through program, and
+/// BPF_PROG_TEST_RUN.
+#[cfg(feature = "test-support")]
+impl Datapath {
     /// The pass-through XDP program, loaded on first use.
     pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
         loaded_xdp(&mut self.ebpf, PASS_PROGRAM)
@@ -317,28 +348,6 @@ impl Datapath {
         let p = loaded_xdp(&mut self.ebpf, FLOOR_PROGRAM)?;
         test_run(p, FLOOR_PROGRAM, frame, &mut out, repeat)
     }
-
-    pub fn pin_dir(&self) -> Option<&Path> {
-        self.options.pin_dir.as_deref()
-    }
-
-    /// Starts forwarding the programs' aya-log records into tracing (target
-    /// `rampart::ebpf`). `None` when the object logs nothing (it has no log ring) or the
-    /// ring cannot be opened (said at warn level: enforcement does not depend on it). The
-    /// returned logger must be flushed when its fd is readable.
-    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<EbpfLogForwarder>> {
-        match aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLogForwarder) {
-            Ok(l) => Some(l),
-            Err(aya_log::Error::MapNotFound) => {
-                tracing::debug!("the eBPF programs have no log ring; nothing to forward");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the eBPF programs' log ring; their log records are lost");
-                None
-            }
-        }
-    }
 }
 
 /// Passes the eBPF programs' `log` records to tracing under one target, so
@@ -403,6 +412,7 @@ where
     p.try_into().map_err(prog_err(name))
 }
 
+#[cfg(feature = "test-support")]
 fn test_run<P>(
     prog: &mut P,
     name: &'static str,

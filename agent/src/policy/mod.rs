@@ -30,6 +30,7 @@ pub mod contract;
 mod diagnostic;
 mod toml_walk;
 pub mod units;
+mod values;
 
 use std::{
     fmt,
@@ -160,19 +161,13 @@ impl CompiledPolicy {
     }
 }
 
-/// A fingerprint as written in policy files, logs and the CLI: 32 lowercase hex digits.
+/// A fingerprint as written in policy files: its `Display` form, so lower case only (a
+/// file names each token one way, and `grep` finds it).
 pub fn parse_fingerprint(text: &str) -> Option<Fingerprint> {
-    if text.len() != 32 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    let hi = u64::from_str_radix(&text[..16], 16).ok()?;
-    let lo = u64::from_str_radix(&text[16..], 16).ok()?;
-    Some(Fingerprint([hi, lo]))
-}
-
-/// The one printed form of a fingerprint (`{:016x}{:016x}` of its words).
-pub fn format_fingerprint(fp: &Fingerprint) -> String {
-    format!("{:016x}{:016x}", fp.0[0], fp.0[1])
+    text.parse().ok()
 }
 
 #[cfg(test)]

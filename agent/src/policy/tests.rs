@@ -160,7 +160,7 @@ fn static_tokens_reference_contracts_and_scopes() {
     let p = compile(POLICY);
     assert_eq!(p.tokens.len(), 2);
     let billing = &p.tokens[0];
-    assert_eq!(format_fingerprint(&billing.fingerprint), FP1);
+    assert_eq!(billing.fingerprint.to_string(), FP1);
     assert_eq!(billing.label.as_deref(), Some("billing batch"));
     assert_eq!(billing.info.contract, 1);
     assert_eq!(billing.info.flags, 0);
@@ -214,14 +214,11 @@ fn lookups_for_token_issuing() {
 #[test]
 fn fingerprints_round_trip() {
     let fp = Fingerprint([0x0011_2233_4455_6677, 0x8899_aabb_ccdd_eeff]);
-    assert_eq!(format_fingerprint(&fp), FP1);
+    assert_eq!(fp.to_string(), FP1);
     assert_eq!(parse_fingerprint(FP1), Some(fp));
     let small = Fingerprint([1, 2]);
-    assert_eq!(
-        format_fingerprint(&small),
-        "00000000000000010000000000000002"
-    );
-    assert_eq!(parse_fingerprint(&format_fingerprint(&small)), Some(small));
+    assert_eq!(small.to_string(), "00000000000000010000000000000002");
+    assert_eq!(parse_fingerprint(&small.to_string()), Some(small));
     for bad in [
         "00112233445566778899AABBCCDDEEFF",
         "00112233445566778899aabbccddeef",

@@ -1,7 +1,9 @@
-//! Events as records an operator can read: JSON lines for machines, a one-liner for
-//! humans. Decisions are built from `agent_common::Event`, which carries only a fingerprint
-//! and a keyed path hash, so a record never holds a token or a request path; the daemon's
-//! own notices (a token about to expire) carry a fingerprint, an expiry and the label.
+//! The one model of an event: what the daemon streams on the control socket, writes to the
+//! export file and `rampart events` prints, as JSON lines for machines and a one-liner for
+//! humans. Decisions are built from `agent_common::Event` here and nowhere else; it carries
+//! only a fingerprint and a keyed path hash, so a record never holds a token or a request
+//! path. The daemon's own notices (a token about to expire) carry a fingerprint, an expiry
+//! and the label.
 
 use std::{
     collections::HashMap,
@@ -11,10 +13,10 @@ use std::{
 };
 
 use agent_common::{action, http::method, Event, Fingerprint, Verdict};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::TelemetryError;
-use crate::datapath::clock;
+use crate::{control::Fp, datapath::clock};
 
 /// What an event needs from outside itself to be rendered.
 #[derive(Clone, Debug, Default)]
@@ -49,11 +51,11 @@ impl EventContext {
 pub struct EventRecord {
     /// RFC 3339, UTC, nanosecond precision.
     pub time: String,
-    /// 32 hex digits; `null` when the request carried no well-formed token.
-    pub fingerprint: Option<String>,
-    /// `Verdict::name()`.
+    /// `null` when the request carried no well-formed token.
+    pub fingerprint: Option<Fp>,
+    /// `Verdict::name()`, or `verdict_<n>` for a number this build does not know.
     pub verdict: String,
-    /// `passed`, `dropped` or `reset`.
+    /// `action::name()`: `passed`, `dropped` or `reset` (`action_<n>` if unknown).
     pub action: String,
     /// The listener's configured name.
     pub listener: String,
@@ -67,16 +69,15 @@ pub struct EventRecord {
 
 impl EventRecord {
     pub fn from_event(ev: &Event, ctx: &EventContext) -> Self {
-        let verdict = match Verdict::from_u32(ev.verdict) {
-            Some(v) => v.name().to_owned(),
-            None => format!("verdict_{}", ev.verdict),
-        };
         EventRecord {
             time: rfc3339_from_tai(ev.time_ns, ctx.tai_offset_ns),
-            fingerprint: (ev.fingerprint != Fingerprint::ZERO)
-                .then(|| fingerprint_hex(&ev.fingerprint)),
-            verdict,
-            action: action_name(ev.action),
+            fingerprint: (ev.fingerprint != Fingerprint::ZERO).then_some(Fp(ev.fingerprint)),
+            verdict: Verdict::from_u32(ev.verdict).map_or_else(
+                || format!("verdict_{}", ev.verdict),
+                |v| v.name().to_owned(),
+            ),
+            action: action::name(ev.action)
+                .map_or_else(|| format!("action_{}", ev.action), str::to_owned),
             listener: ctx.listener_name(ev.listener),
             src: endpoint(ev.saddr, ev.sport).to_string(),
             dst: endpoint(ev.daddr, ev.dport).to_string(),
@@ -104,7 +105,7 @@ impl fmt::Display for EventRecord {
             self.method,
             self.src,
             self.dst,
-            self.fingerprint.as_deref().unwrap_or("-"),
+            Token(self.fingerprint),
             self.path_hash,
         )
     }
@@ -117,7 +118,7 @@ pub struct ExpiryRecord {
     pub time: String,
     /// Always `expiring`: what tells this record from a decision in a JSON line.
     pub kind: String,
-    pub fingerprint: String,
+    pub fingerprint: Fp,
     /// RFC 3339, UTC.
     pub expires_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,7 +139,7 @@ impl ExpiryRecord {
         ExpiryRecord {
             time: rfc3339_from_tai(time_tai_ns, tai_offset_ns),
             kind: Self::KIND.to_owned(),
-            fingerprint: fingerprint_hex(fp),
+            fingerprint: Fp(*fp),
             expires_at: rfc3339_from_unix(expires_at),
             label,
         }
@@ -171,10 +172,10 @@ pub enum Record {
 }
 
 impl Record {
-    pub fn fingerprint(&self) -> Option<&str> {
+    pub fn fingerprint(&self) -> Option<Fp> {
         match self {
-            Record::Expiry(e) => Some(&e.fingerprint),
-            Record::Decision(d) => d.fingerprint.as_deref(),
+            Record::Expiry(e) => Some(e.fingerprint),
+            Record::Decision(d) => d.fingerprint,
         }
     }
 
@@ -212,39 +213,83 @@ impl From<ExpiryRecord> for Record {
     }
 }
 
-/// Which records an event consumer wants.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+/// What `--verdict` selects: a datapath verdict, or `expiring` for the daemon's expiry
+/// warnings (which have no verdict). On the wire, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Verdict(Verdict),
+    Expiring,
+}
+
+impl EventKind {
+    pub const EXPIRING: &'static str = ExpiryRecord::KIND;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Verdict(v) => v.name(),
+            EventKind::Expiring => Self::EXPIRING,
+        }
+    }
+
+    /// Every name `parse` accepts, for help and error messages.
+    pub fn names() -> Vec<&'static str> {
+        Verdict::ALL
+            .iter()
+            .map(|v| v.name())
+            .chain([Self::EXPIRING])
+            .collect()
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        if s == Self::EXPIRING {
+            return Some(EventKind::Expiring);
+        }
+        Verdict::from_name(s).map(EventKind::Verdict)
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EventKind::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown verdict {s:?}")))
+    }
+}
+
+/// Which records an event consumer wants (a subscriber, or `rampart events` reading the
+/// export file); unset fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventFilter {
-    /// Only this fingerprint (32 hex digits, any case).
-    pub token: Option<String>,
-    /// Only this verdict name (`expiring`: only expiry warnings).
-    pub verdict: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fp>,
+    /// A verdict selects only decisions with it; `expiring` only expiry warnings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<EventKind>,
 }
 
 impl EventFilter {
     pub fn matches(&self, r: &Record) -> bool {
-        let token_ok = match (&self.token, r.fingerprint()) {
-            (None, _) => true,
-            (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
-            (Some(_), None) => false,
-        };
-        token_ok && self.verdict.as_ref().is_none_or(|v| v == r.kind())
+        self.fingerprint.is_none_or(|f| r.fingerprint() == Some(f))
+            && self.verdict.is_none_or(|k| k.name() == r.kind())
     }
 }
 
-/// The fingerprint's canonical text form.
-pub fn fingerprint_hex(fp: &Fingerprint) -> String {
-    crate::policy::format_fingerprint(fp)
-}
+/// A fingerprint column of the one-liner: `-` for none.
+struct Token(Option<Fp>);
 
-/// `action::*` as a word.
-pub fn action_name(a: u8) -> String {
-    match a {
-        action::PASSED => "passed".to_owned(),
-        action::DROPPED => "dropped".to_owned(),
-        action::RESET => "reset".to_owned(),
-        other => format!("action_{other}"),
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(fp) => fp.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -271,199 +316,4 @@ fn endpoint(addr: [u8; 16], port: u16) -> SocketAddr {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use serde_json::json;
-
-    use super::*;
-
-    const OFFSET: i64 = 37_000_000_000;
-    /// 2024-05-01T12:00:00.5Z as Unix ns.
-    const UNIX_NS: u64 = 1_714_564_800_500_000_000;
-
-    fn ctx() -> EventContext {
-        EventContext {
-            tai_offset_ns: OFFSET,
-            listeners: HashMap::from([(3, "public-api".to_owned())]),
-        }
-    }
-
-    fn v4_event() -> Event {
-        Event {
-            time_ns: UNIX_NS + OFFSET as u64,
-            fingerprint: Fingerprint([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210]),
-            path_hash: 0xdead_beef,
-            saddr: Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped().octets(),
-            daddr: Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets(),
-            sport: 40_000,
-            dport: 8080,
-            listener: 3,
-            verdict: Verdict::Throttled as u32,
-            method: method::POST,
-            action: action::DROPPED,
-            _pad: [0; 7],
-        }
-    }
-
-    #[test]
-    fn ipv4_event_as_json() {
-        let r = EventRecord::from_event(&v4_event(), &ctx());
-        let v: serde_json::Value = serde_json::from_str(&r.to_json_line().unwrap()).unwrap();
-        assert_eq!(
-            v,
-            json!({
-                "time": "2024-05-01T12:00:00.500000000Z",
-                "fingerprint": "0123456789abcdeffedcba9876543210",
-                "verdict": "throttled",
-                "action": "dropped",
-                "listener": "public-api",
-                "src": "192.0.2.7:40000",
-                "dst": "10.1.2.3:8080",
-                "method": "POST",
-                "path_hash": "00000000deadbeef",
-            })
-        );
-        // The record reads back as itself (the CLI receives records as JSON).
-        let back: EventRecord = serde_json::from_value(v).unwrap();
-        assert_eq!(back, r);
-    }
-
-    #[test]
-    fn ipv6_event_without_token() {
-        let ev = Event {
-            fingerprint: Fingerprint::ZERO,
-            saddr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
-            daddr: "::1".parse::<Ipv6Addr>().unwrap().octets(),
-            sport: 51_000,
-            dport: 443,
-            verdict: Verdict::Missing as u32,
-            method: method::GET,
-            action: action::RESET,
-            listener: 9,
-            ..v4_event()
-        };
-        let r = EventRecord::from_event(&ev, &ctx());
-        let v: serde_json::Value = serde_json::from_str(&r.to_json_line().unwrap()).unwrap();
-        assert_eq!(v["fingerprint"], serde_json::Value::Null);
-        assert_eq!(v["src"], "[2001:db8::1]:51000");
-        assert_eq!(v["dst"], "[::1]:443");
-        assert_eq!(v["verdict"], "missing");
-        assert_eq!(v["action"], "reset");
-        assert_eq!(v["method"], "GET");
-        // The listener went away in a reload: still identifiable by id.
-        assert_eq!(v["listener"], "listener_9");
-    }
-
-    #[test]
-    fn human_line_names_what_happened() {
-        let line = EventRecord::from_event(&v4_event(), &ctx()).to_string();
-        assert_eq!(
-            line,
-            "2024-05-01T12:00:00.500000000Z throttled     dropped public-api POST \
-             192.0.2.7:40000 -> 10.1.2.3:8080 token=0123456789abcdeffedcba9876543210 \
-             path=00000000deadbeef"
-        );
-        let ev = Event {
-            fingerprint: Fingerprint::ZERO,
-            ..v4_event()
-        };
-        let line = EventRecord::from_event(&ev, &ctx()).to_string();
-        assert!(line.contains(" token=- "), "{line}");
-    }
-
-    #[test]
-    fn filter_by_token_and_verdict() {
-        let r = EventRecord::from_event(&v4_event(), &ctx());
-        let m = |f: &EventFilter, r: &EventRecord| f.matches(&Record::Decision(r.clone()));
-        let f = |token: Option<&str>, verdict: Option<&str>| EventFilter {
-            token: token.map(str::to_owned),
-            verdict: verdict.map(str::to_owned),
-        };
-        assert!(m(&f(None, None), &r));
-        assert!(m(
-            &f(Some("0123456789ABCDEFFEDCBA9876543210"), Some("throttled")),
-            &r
-        ));
-        assert!(!m(&f(Some("0123456789abcdeffedcba9876543211"), None), &r));
-        assert!(!m(&f(None, Some("revoked")), &r));
-        let anon = EventRecord {
-            fingerprint: None,
-            ..r
-        };
-        assert!(!m(
-            &f(Some("0123456789abcdeffedcba9876543210"), None),
-            &anon
-        ));
-    }
-
-    #[test]
-    fn expiry_warning_as_json_line_and_one_liner() {
-        let fp = Fingerprint([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210]);
-        // Expires a day after the warning.
-        let rec = ExpiryRecord::new(
-            UNIX_NS + OFFSET as u64,
-            &fp,
-            1_714_651_200,
-            Some("ci deploy".into()),
-            OFFSET,
-        );
-        let line = Record::from(rec.clone()).to_json_line().unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(
-            v,
-            json!({
-                "time": "2024-05-01T12:00:00.500000000Z",
-                "kind": "expiring",
-                "fingerprint": "0123456789abcdeffedcba9876543210",
-                "expires_at": "2024-05-02T12:00:00Z",
-                "label": "ci deploy",
-            })
-        );
-        // Read back from a mixed file, each line is what it was.
-        let decision = EventRecord::from_event(&v4_event(), &ctx());
-        let back: Record = serde_json::from_str(&line).unwrap();
-        assert_eq!(back, Record::Expiry(rec.clone()));
-        let back: Record = serde_json::from_str(&decision.to_json_line().unwrap()).unwrap();
-        assert_eq!(back, Record::Decision(decision.clone()));
-
-        assert_eq!(
-            Record::from(rec.clone()).to_string(),
-            "2024-05-01T12:00:00.500000000Z expiring      \
-             token=0123456789abcdeffedcba9876543210 expires=2024-05-02T12:00:00Z \
-             label=\"ci deploy\""
-        );
-        let unlabelled = ExpiryRecord { label: None, ..rec };
-        assert!(!Record::from(unlabelled.clone())
-            .to_string()
-            .contains("label"));
-        assert!(!Record::from(unlabelled.clone())
-            .to_json_line()
-            .unwrap()
-            .contains("label"));
-
-        // `--verdict expiring` finds it; any real verdict does not; `--token` does.
-        let f = |token: Option<&str>, verdict: Option<&str>| EventFilter {
-            token: token.map(str::to_owned),
-            verdict: verdict.map(str::to_owned),
-        };
-        let r = Record::from(unlabelled);
-        assert!(f(None, Some("expiring")).matches(&r));
-        assert!(!f(None, Some("throttled")).matches(&r));
-        assert!(f(Some("0123456789ABCDEFFEDCBA9876543210"), None).matches(&r));
-        assert!(!f(Some("0123456789abcdeffedcba9876543211"), None).matches(&r));
-        assert!(!f(None, Some("expiring")).matches(&Record::Decision(decision)));
-    }
-
-    #[test]
-    fn tai_times_before_the_offset_clamp_to_epoch() {
-        assert_eq!(
-            rfc3339_from_tai(5, OFFSET),
-            "1970-01-01T00:00:00.000000000Z"
-        );
-        assert_eq!(
-            rfc3339_from_tai(UNIX_NS + OFFSET as u64, OFFSET),
-            "2024-05-01T12:00:00.500000000Z"
-        );
-    }
-}
+mod tests;

@@ -142,7 +142,7 @@ mod tests {
     fn record(n: usize) -> EventRecord {
         EventRecord {
             time: format!("2024-05-01T12:00:{:02}.000000000Z", n % 60),
-            fingerprint: Some(format!("{n:032x}")),
+            fingerprint: Some(crate::control::Fp(agent_common::Fingerprint([0, n as u64]))),
             verdict: "throttled".into(),
             action: "dropped".into(),
             listener: "api".into(),

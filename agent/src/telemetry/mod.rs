@@ -19,7 +19,7 @@ pub use event::{EventContext, EventFilter, EventRecord, ExpiryRecord, Record};
 pub use export::EventExporter;
 pub use http::serve_metrics;
 pub use metrics::{BuildInfo, DatapathSnapshot, ListenerRequests, MapFill, Metrics, TokenCounts};
-pub use top::{render_frame, RateEstimator, TopRow, TopSnapshot};
+pub use top::{render_frame, RateEstimator};
 
 /// Errors of the telemetry area.
 #[derive(Debug, thiserror::Error)]

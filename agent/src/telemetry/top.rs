@@ -11,37 +11,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use serde::{Deserialize, Serialize};
-
-/// One token's line in `top`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TopRow {
-    /// 32 hex digits.
-    pub fingerprint: String,
-    /// The operator's label for the token, if it was issued with one.
-    pub label: Option<String>,
-    /// The ramp contract's name.
-    pub contract: String,
-    /// Index of the ramp stage the last admission used (after any penalty demotion).
-    pub stage: u32,
-    /// Requests per second the current stage allows.
-    pub stage_rate: f64,
-    /// Requests per second measured over the last sampling interval.
-    pub current_rate: f64,
-    /// Requests throttled, ever.
-    pub throttles: u64,
-    /// Contract breaches, ever.
-    pub breaches: u64,
-    /// RFC 3339 UTC time of the last request; `None` if never used.
-    pub last_seen: Option<String>,
-}
-
-/// Body of the control socket's `top` response: the tokens seen recently, any order.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TopSnapshot {
-    pub rows: Vec<TopRow>,
-}
+use crate::control::protocol::TopRow;
 
 /// Renders one frame: a title line, a column header, then rows sorted by current rate
 /// (descending), every line at most `width` characters and at most `height` lines in all.

@@ -1,28 +1,43 @@
-//! The `token.*` ops over a `Lifecycle`, so the daemon's `Handler` only has to delegate and
-//! the bodies always match what the CLI decodes.
+//! The answer to every control request: one exhaustive `match` over `Request`, so an op
+//! added to the protocol does not compile until it is answered here. The `token.*` ops
+//! need only a `Lifecycle`; the others go to the daemon through `DaemonOps`, which a test
+//! can stand in for.
 //!
 //! These calls commit to SQLite (fsync) and touch kernel maps: call them from
 //! `tokio::task::spawn_blocking` or accept a few milliseconds of blocking per request.
 
 use std::time::Duration;
 
-use super::protocol::{
-    ExportBody, Fp, ImportBody, IssuedBody, ListBody, Request, Response, RevokeBody, RuntimeView,
-    ShowBody, TokenView,
-};
 use crate::{
+    control::protocol::{
+        ExportBody, Fp, ImportBody, IssuedBody, ListBody, Request, Response, RevokeBody,
+        RuntimeView, ShowBody, TokenView,
+    },
     datapath::clock::tai_offset_ns,
-    store::{fingerprint_hex, unix_now, ListFilter, TokenRecord},
-    token::{error_chain, IssueRequest, Lifecycle, Resolve},
+    error_chain,
+    store::{unix_now, ListFilter, TokenRecord},
+    token::{IssueRequest, Lifecycle, Resolve},
 };
 
 /// Revocation reason when the operator gives none.
 pub const DEFAULT_REASON: &str = "revoked by operator";
 
-/// Answers `token.issue|rotate|revoke|list|show`; `None` for any other op. `uid` is the
-/// caller (`Peer::uid`), recorded in the audit log.
-pub fn token_op(lc: &Lifecycle, policy: &dyn Resolve, uid: u32, req: &Request) -> Option<Response> {
-    let resp = match req {
+/// The ops that need the whole daemon (its datapath, listeners and policy reloads).
+pub trait DaemonOps {
+    fn status(&self) -> Response;
+    fn reload(&self) -> Response;
+    fn top(&self, limit: Option<usize>) -> Response;
+}
+
+/// Answers `req`. `uid` is the caller (`Peer::uid`), recorded in the audit log.
+pub fn answer(
+    lc: &Lifecycle,
+    policy: &dyn Resolve,
+    daemon: &dyn DaemonOps,
+    uid: u32,
+    req: &Request,
+) -> Response {
+    match req {
         Request::TokenIssue {
             contract,
             scopes,
@@ -103,10 +118,7 @@ pub fn token_op(lc: &Lifecycle, policy: &dyn Resolve, uid: u32, req: &Request) -
             Ok(Some(rec)) => Response::ok(&ShowBody {
                 record: view(lc, &rec, true),
             }),
-            Ok(None) => Response::error(format!(
-                "no token with fingerprint {}",
-                fingerprint_hex(&fingerprint.0)
-            )),
+            Ok(None) => Response::error(format!("no token with fingerprint {}", fingerprint.0)),
             Err(e) => Response::error(error_chain(&e)),
         },
         Request::TokenImport { path } => match std::fs::read_to_string(path) {
@@ -120,9 +132,13 @@ pub fn token_op(lc: &Lifecycle, policy: &dyn Resolve, uid: u32, req: &Request) -
             Ok(tokens) => Response::ok(&ExportBody { tokens }),
             Err(e) => Response::error(error_chain(&e)),
         },
-        _ => return None,
-    };
-    Some(resp)
+        Request::Status => daemon.status(),
+        Request::Reload => daemon.reload(),
+        Request::Top { limit } => daemon.top(*limit),
+        Request::EventsSubscribe { .. } => {
+            Response::error("events.subscribe is answered by the stream handler")
+        }
+    }
 }
 
 fn view(lc: &Lifecycle, rec: &TokenRecord, with_runtime: bool) -> TokenView {
