@@ -133,7 +133,7 @@ mod tests {
 
     fn row(n: u64, rate: f64) -> TopRow {
         TopRow {
-            fingerprint: format!("{n:032x}"),
+            fingerprint: rampart::control::Fp(agent_common::Fingerprint([0, n])),
             label: None,
             contract: "standard".into(),
             stage: 1,

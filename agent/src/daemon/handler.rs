@@ -14,7 +14,7 @@ use crate::{
     config::Mode,
     control::{
         protocol::{ListenerStatus, ReloadBody, StatusBody, TokenCountsView, TopRow, TopSnapshot},
-        Handler, Peer, Request, Response,
+        Fp, Handler, Peer, Request, Response,
     },
     datapath::clock::tai_offset_ns,
     error_chain,
@@ -179,7 +179,7 @@ fn top(d: &Daemon, limit: Option<usize>) -> Response {
             rows.push((
                 fp,
                 TopRow {
-                    fingerprint: fp.to_string(),
+                    fingerprint: Fp(fp),
                     label,
                     contract,
                     stage: state.stage,

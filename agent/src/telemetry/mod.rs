@@ -1,9 +1,11 @@
 //! Telemetry: what the daemon shows operators about the datapath.
 //!
 //! - `metrics`: the Prometheus registry, fed from periodic map snapshots, and its HTTP endpoint.
-//! - `event`: one datapath event as a serialisable record (JSON line or human one-liner).
+//! - `event`: the one event model: a datapath decision or an expiry warning as a record
+//!   (JSON line or human one-liner), streamed to subscribers and exported alike, and the
+//!   filter both use.
 //! - `export`: an append-only JSON-lines event file with size-based rotation.
-//! - `top`: per-token rows for `rampart top`, their rendering, and rate estimation.
+//! - `top`: rendering `rampart top`'s rows (`control::protocol::TopRow`) and rate estimation.
 //!
 //! Only fingerprints ever pass through here; the datapath never hands plaintext tokens up.
 

@@ -53,7 +53,7 @@ fn busiest_first(a: &TopRow, b: &TopRow) -> Ordering {
     b.current_rate
         .total_cmp(&a.current_rate)
         .then(b.throttles.cmp(&a.throttles))
-        .then_with(|| a.fingerprint.cmp(&b.fingerprint))
+        .then_with(|| a.fingerprint.0.cmp(&b.fingerprint.0))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +139,7 @@ impl Layout {
 
     fn row(&self, r: &TopRow, now: SystemTime) -> String {
         self.join(|c| match c {
-            Col::Fingerprint => r.fingerprint.clone(),
+            Col::Fingerprint => r.fingerprint.to_string(),
             Col::Label => r.label.clone().unwrap_or_else(|| "-".to_owned()),
             Col::Contract => r.contract.clone(),
             Col::Stage => r.stage.to_string(),
@@ -254,11 +254,14 @@ impl<K: Eq + Hash + Clone> RateEstimator<K> {
 mod tests {
     use std::time::Duration;
 
+    use agent_common::Fingerprint;
+
     use super::*;
+    use crate::control::Fp;
 
     fn row(n: u64, rate: f64) -> TopRow {
         TopRow {
-            fingerprint: format!("{n:032x}"),
+            fingerprint: Fp(Fingerprint([0, n])),
             label: Some(format!("client-{n}")),
             contract: "standard".into(),
             stage: 2,
@@ -298,16 +301,16 @@ mod tests {
         assert_eq!(
             order,
             [
-                &rows[1].fingerprint,
-                &rows[2].fingerprint,
-                &rows[0].fingerprint
+                rows[1].fingerprint.to_string(),
+                rows[2].fingerprint.to_string(),
+                rows[0].fingerprint.to_string()
             ]
         );
         let busiest: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(
             busiest,
             [
-                rows[1].fingerprint.as_str(),
+                rows[1].fingerprint.to_string().as_str(),
                 "client-2",
                 "standard",
                 "2",
@@ -346,7 +349,7 @@ mod tests {
         let frame = render_frame("t", &rows, 60, 24, now());
         let first = frame.lines().nth(2).unwrap();
         assert!(
-            first.starts_with(&format!("{} ", &rows[4].fingerprint[..16])),
+            first.starts_with(&format!("{} ", &rows[4].fingerprint.to_string()[..16])),
             "{first:?}"
         );
     }
@@ -358,7 +361,7 @@ mod tests {
         let lines: Vec<&str> = frame.lines().collect();
         assert_eq!(lines.len(), 10);
         assert_eq!(lines[9], "… 23 more");
-        assert!(lines[2].starts_with(&rows[29].fingerprint));
+        assert!(lines[2].starts_with(&rows[29].fingerprint.to_string()));
         // Everything fits: no "more" line.
         let frame = render_frame("t", &rows[..3], 200, 10, now());
         assert_eq!(frame.lines().count(), 5);

@@ -205,7 +205,7 @@ pub struct TokenCountsView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TopRow {
     /// 32 hex digits.
-    pub fingerprint: String,
+    pub fingerprint: Fp,
     /// The operator's label for the token, if it was issued with one.
     pub label: Option<String>,
     /// The ramp contract's name.
