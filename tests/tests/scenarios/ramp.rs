@@ -190,10 +190,15 @@ fn s5_ramp_accuracy_and_penalty() {
         err2.abs() <= 3.0,
         "stage 1 admitted {measured2}, expected {expected2} (offered {offered_rps:.0}/s)"
     );
-    assert_eq!(
-        allowed as usize,
-        arrivals.len(),
-        "Rampart's allow count and what reached the upstream differ"
+    // Every request that reached the upstream was allowed. The other way round, a request
+    // allowed as its client was killed can die with the client's connection (nginx drops
+    // its upstream request when the client goes) before the upstream reads it: at most one
+    // per client connection, as each has one request in flight.
+    let in_flight = allowed as usize - arrivals.len().min(allowed as usize);
+    assert!(
+        arrivals.len() <= allowed as usize && in_flight <= 2,
+        "Rampart allowed {allowed}, the upstream saw {}",
+        arrivals.len()
     );
     let stage_at = stage_at.expect("stage 1 was never reported");
     let stage0_at = stage0_at.expect("stage 0 was never reported");
