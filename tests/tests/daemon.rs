@@ -19,7 +19,7 @@ use std::{
 use rampart_tests::{
     client::{BearerToken, Curl, Request},
     daemon::{redact, ConfigTemplate, DaemonProcess},
-    gateway::rampart_binary,
+    gateway::{bpffs_root, rampart_binary},
     netns::{Netns, VethConfig, VethPair},
     upstream::UpstreamServer,
 };
@@ -1103,7 +1103,7 @@ fn tokens_near_expiry_are_announced_once_on_the_event_stream() {
 /// A bad policy stops `rampart run` before it touches the kernel, with every location.
 #[test]
 fn run_refuses_an_invalid_policy_with_its_location() {
-    let (dir, out) = run_with_policy(BROKEN_POLICY);
+    let (dir, pins, out) = run_with_policy(BROKEN_POLICY, "broken");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -1113,28 +1113,26 @@ fn run_refuses_an_invalid_policy_with_its_location() {
         )),
         "{stderr}"
     );
-    assert!(!dir.path().join("bpffs").exists(), "nothing pinned");
+    assert!(!pins.exists(), "nothing pinned");
 }
 
 /// Without a key the daemon says how to make one.
 #[test]
 fn run_without_a_key_says_to_run_keygen() {
-    let (_dir, out) = run_with_policy(POLICY);
+    let (_dir, _pins, out) = run_with_policy(POLICY, "nokey");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("rampart keygen"), "{stderr}");
 }
 
-/// `rampart run` in a fresh directory (no key) with `policy`, to its exit.
-fn run_with_policy(policy: &str) -> (tempfile::TempDir, Output) {
+/// `rampart run` in a fresh directory (no key) with `policy`, to its exit; pins would go
+/// to a fresh directory on bpffs (the daemon refuses a pin directory elsewhere first).
+fn run_with_policy(policy: &str, tag: &str) -> (tempfile::TempDir, std::path::PathBuf, Output) {
     let dir = tempfile::tempdir().expect("temp dir");
+    let pins = bpffs_root().join(format!("rampart-test-{}-run-{tag}", std::process::id()));
     let daemon = daemon_process(dir.path());
-    fs::write(
-        &daemon.config,
-        config_text(dir.path(), &dir.path().join("bpffs")),
-    )
-    .expect("config");
+    fs::write(&daemon.config, config_text(dir.path(), &pins)).expect("config");
     fs::write(dir.path().join("policy.toml"), policy).expect("policy");
     let out = daemon.cli(None, &["run"]).unwrap_or_else(|e| panic!("{e}"));
-    (dir, out)
+    (dir, pins, out)
 }
