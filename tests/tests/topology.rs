@@ -208,11 +208,16 @@ fn failures_after_nginx_surface_as_504_on_stall_and_502_on_reset() {
         stalled.status, 504,
         "a dropped request must look like a gateway timeout"
     );
+    // What nginx saw decides, not how long it took (this also runs under emulation on a
+    // busy machine): only a lower bound holds everywhere.
     assert!(
-        stalled.time_total >= Duration::from_millis(700)
-            && stalled.time_total < Duration::from_secs(4),
-        "504 after {:?}",
+        stalled.time_total >= Duration::from_millis(700),
+        "504 after {:?}, before nginx's read timeout",
         stalled.time_total
+    );
+    assert!(
+        topo.nginx().error_log().contains("upstream timed out"),
+        "nginx logged no upstream timeout"
     );
     assert_eq!(up.requests_with_test_id("stall").len(), 1);
     // nginx closes the timed-out upstream connection; nothing stays half-open.
@@ -228,9 +233,8 @@ fn failures_after_nginx_surface_as_504_on_stall_and_502_on_reset() {
         "a reset upstream connection must look like a bad gateway"
     );
     assert!(
-        reset.time_total < Duration::from_millis(700),
-        "502 took {:?}",
-        reset.time_total
+        topo.nginx().error_log().contains("reset by peer"),
+        "nginx logged no reset of its upstream connection"
     );
     // proxy_next_upstream off: exactly one attempt, no silent retry.
     assert_eq!(up.requests_with_test_id("reset").len(), 1);
