@@ -129,29 +129,9 @@ const fn build_class() -> [u8; 256] {
     t
 }
 
-/// The index of the lowest marked byte of `m`, a SWAR byte mask (0x80 in each marked
-/// byte, nothing else; at least one marked). A multiply instead of `trailing_zeros`,
-/// which BPF lowers to a table lookup: the lowest mark, moved to bit 8k, shifts byte k of
-/// the constant (7, 6 .. 0 from the top) into the top byte.
-#[inline(always)]
-pub fn first_marked_byte(m: u64) -> usize {
-    (((m & m.wrapping_neg()) >> 7).wrapping_mul(0x0001_0203_0405_0607) >> 56) as usize
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn first_marked_byte_is_the_lowest_mark() {
-        for k in 0..8 {
-            let lowest = 0x80u64 << (8 * k);
-            assert_eq!(first_marked_byte(lowest), k);
-            // Marks above the lowest do not matter.
-            let above = (0x8080_8080_8080_8080u64 << (8 * k)) | lowest;
-            assert_eq!(first_marked_byte(above), k);
-        }
-    }
 
     fn first8(s: &[u8]) -> u64 {
         let mut b = [0u8; 8];

@@ -9,6 +9,7 @@ pub mod gcra;
 pub mod http;
 pub mod ports;
 pub mod siphash;
+pub mod swar;
 pub mod types;
 
 pub use types::*;

@@ -42,7 +42,7 @@ pub fn emit(p: &impl Packet, cfg: &GlobalConfig, now: u64, fill: impl FnOnce(&mu
             let ev = slot.as_mut_ptr();
             // SAFETY: the reserved slot is ours until submit; zero it, then fill.
             unsafe {
-                crate::http::zero_words(ev);
+                crate::scratch::zero_words(ev);
                 (*ev).time_ns = now;
                 fill(&mut *ev);
             }

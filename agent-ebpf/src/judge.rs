@@ -1,27 +1,31 @@
-//! The per-request decision, in the documented order: not a request → pass; missing;
-//! malformed; incomplete; unknown; revoked; not yet valid / expired; out of scope;
-//! throttled; allow.
-
-use core::ffi::c_void;
+//! The per-request decision, in the order the checks run: not a request → pass; an
+//! unfinished request line → incomplete; a broken one → malformed; a malformed header
+//! block (obs-fold, a second Authorization field, whitespace before its colon) →
+//! malformed; no Authorization field → missing (incomplete when the block does not end in
+//! the segment); its line cut off → incomplete; not `Bearer <token>` → malformed; a
+//! fingerprint not in TOKENS → unknown (malformed when the token breaks the b64token
+//! grammar); revoked; not yet valid; expired; out of scope; throttled; allow.
 
 use agent_common::{
     default_policy,
     http::{known_method, method},
     mode,
     ports::{self, PortListener},
-    GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, MAX_SCOPES,
-    SCAN_BYTES, TOKEN_ANY_SCOPE, TOKEN_REVOKED,
+    GlobalConfig, ListenerConfig, ListenerKey, TokenInfo, Verdict, CLOCK_FIXED, SCAN_BYTES,
+    TOKEN_ANY_SCOPE, TOKEN_REVOKED,
 };
 use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
 use crate::{
-    events,
-    http::{self, Buf, LineError, SCAN_COMPLETE, SCAN_MALFORMED},
-    maps::{CONFIG, LISTENERS, PORTS, SCOPES, SCRATCH, TOKENS, TOKEN_STATS},
+    bearer, events, headers,
+    maps::{CONFIG, LISTENERS, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
     packet::{copy_in, Packet, DIRECT_COPY_MAX, HEADER_OFF_MASK},
     parse::{self, Flow},
     ramp,
     reply::{self, write_addrs},
+    request_line::{self, LineError, RequestLine},
+    scope::in_scope,
+    scratch::{zero_words, Buf, Seen, SCAN_COMPLETE, SCAN_MALFORMED},
 };
 
 /// Segments up to this size are copied at once (see `decide`; `copy_in`).
@@ -50,16 +54,6 @@ impl Decision {
             rebound: false,
         }
     }
-}
-
-/// Request facts gathered along the way, for the event (in the scratch value: the stack
-/// is nearly full).
-#[repr(C)]
-pub struct Seen {
-    method: u64,
-    target_off: u64,
-    target_len: u64,
-    fingerprint: agent_common::Fingerprint,
 }
 
 #[inline(always)]
@@ -108,7 +102,7 @@ pub fn judge(p: &impl Packet) -> Decision {
     };
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let seen = unsafe { &mut (*scratch).seen };
-    http::zero_words(seen as *mut Seen);
+    zero_words(seen as *mut Seen);
     let verdict = settle(buf, decide(p, cfg, buf, &flow, seen));
     let deny = listener.mode == mode::ENFORCE && denies(verdict, &listener);
     if verdict != Verdict::Pass && verdict != Verdict::Allow {
@@ -197,7 +191,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     }
     let (method, mlen, known) = match known_method(buf.word(0)) {
         Some((m, l)) if l <= first => (m, l, true),
-        _ => match http::extension_method(buf, first) {
+        _ => match request_line::extension_method(buf, first) {
             Some(l) => (method::OTHER, l, false),
             None => return Verdict::Pass,
         },
@@ -209,8 +203,8 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     {
         return Verdict::Malformed;
     }
-    let scan = http::scan_headers(buf, n);
-    let line = match http::request_line(buf, scan, method, mlen, known) {
+    let scan = headers::scan_headers(buf, n);
+    let line = match request_line::request_line(buf, scan, method, mlen, known) {
         Ok(l) => l,
         Err(LineError::NotRequest) => return Verdict::Pass,
         Err(LineError::Malformed) => return Verdict::Malformed,
@@ -234,14 +228,15 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
         // The Authorization field itself is cut off.
         return Verdict::Incomplete;
     }
-    let Ok(token) = http::bearer_token(buf, scan.auth_start as usize, scan.auth_lf as usize) else {
+    let Ok(token) = bearer::bearer_token(buf, scan.auth_start as usize, scan.auth_lf as usize)
+    else {
         return Verdict::Malformed;
     };
-    let fp = http::token_fingerprint(&cfg.key, buf, &token);
+    let fp = bearer::token_fingerprint(&cfg.key, buf, &token);
     let Some(info) = TOKENS.get_ptr(fp) else {
         // Only now is the grammar checked (see `token_fingerprint`); a malformed token
         // gets no fingerprint in its event.
-        if !http::token_is_valid(buf, &token) {
+        if !bearer::token_is_valid(buf, &token) {
             return Verdict::Malformed;
         }
         seen.fingerprint = fp;
@@ -263,7 +258,7 @@ fn known_token(
     cfg: &GlobalConfig,
     info: &TokenInfo,
     buf: Buf,
-    line: &http::RequestLine,
+    line: &RequestLine,
     method: u32,
 ) -> Verdict {
     // Kept in step with REVOKED by userspace (see `TOKEN_REVOKED`).
@@ -287,63 +282,6 @@ fn known_token(
     }
 }
 
-/// Scope matching state, in the scratch map value (see `http::HeaderScan`).
-#[repr(C)]
-pub struct ScopeScan {
-    pub scopes: u64,
-    pub method: u64,
-    pub path_off: u64,
-    pub path_len: u64,
-    pub hit: u64,
-}
-
-/// One scope per call (bpf_loop callback, index = scope number).
-extern "C" fn scope_step(index: u32, ctx: *mut c_void) -> i64 {
-    let scratch = http::loop_scratch(ctx);
-    // SAFETY: the per-CPU scratch map value.
-    let s = unsafe { &mut (*scratch).scope };
-    let i = index & 63;
-    if s.scopes >> i == 0 {
-        return 1;
-    }
-    if s.scopes & (1 << i) == 0 {
-        return 0;
-    }
-    let Some(scope) = SCOPES.get(i) else {
-        return 0;
-    };
-    if scope.methods as u64 & s.method != 0
-        && http::has_prefix(
-            Buf::new(scratch),
-            s.path_off as usize,
-            s.path_len as usize,
-            &scope.prefix,
-            scope.prefix_len as usize,
-        )
-    {
-        s.hit = 1;
-        return 1;
-    }
-    0
-}
-
-#[inline(always)]
-fn in_scope(scopes: u64, buf: Buf, line: &http::RequestLine, method: u32) -> bool {
-    let Some(path) = http::scoped_path(buf, line.target_off, line.target_len) else {
-        return false;
-    };
-    let scratch = buf.scratch();
-    // SAFETY: the per-CPU scratch map value, valid for this program run.
-    let s = unsafe { &mut (*scratch).scope };
-    s.scopes = scopes;
-    s.method = method as u64;
-    s.path_off = line.target_off as u64;
-    s.path_len = path as u64;
-    s.hit = 0;
-    http::run_loop(scratch, MAX_SCOPES as u32, scope_step);
-    s.hit != 0
-}
-
 #[inline(always)]
 fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
     let idx = v as usize;
@@ -363,7 +301,7 @@ fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
     };
     // SAFETY: the per-CPU scratch map value.
     let fresh = unsafe { &mut (*scratch).new_stats };
-    http::zero_words(fresh as *mut agent_common::TokenStats);
+    zero_words(fresh as *mut agent_common::TokenStats);
     if let Some(c) = fresh.by_verdict.get_mut(idx) {
         *c = 1;
     }
@@ -383,7 +321,7 @@ fn report(
     let deny = l.mode == mode::ENFORCE && denies(verdict, l);
     // The scratch still holds this request.
     let path_hash = if seen.target_len != 0 {
-        http::target_hash(
+        bearer::target_hash(
             &cfg.key,
             buf,
             seen.target_off as usize,

@@ -8,15 +8,19 @@
     reason = "atomic_cxchg: the target has no atomic-cas feature"
 )]
 
+mod bearer;
 mod events;
 mod floor;
-mod http;
+mod headers;
 mod judge;
 mod maps;
 mod packet;
 mod parse;
 mod ramp;
 mod reply;
+mod request_line;
+mod scope;
+mod scratch;
 
 use agent_common::{deny_action, MAX_LISTENERS, VERDICT_COUNT};
 use aya_ebpf::{

@@ -4,12 +4,14 @@
 use agent_common::{
     Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS,
-    MAX_SCOPES, SCAN_BYTES, VERDICT_COUNT,
+    MAX_SCOPES, VERDICT_COUNT,
 };
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
+
+use crate::scratch::Scratch;
 
 /// Global settings (fingerprint key, event cap, clock). Written by userspace.
 #[map]
@@ -91,24 +93,6 @@ pub static LAST_RESET: Array<u64> = Array::with_max_entries(1, 0);
 /// Per-CPU copy of the request bytes the parser works on. Datapath.
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// Request bytes, padded so an 8-byte load at any index below SCAN_BYTES stays inside,
-/// and the parser's variables. Values that pass through map memory are unknown to the
-/// verifier, which is the point: see `http::Buf::launder`.
-#[repr(C)]
-pub struct Scratch {
-    /// First: its address is the value's, so the parser's loops need no register for it
-    /// (the scan's position stays in a register instead of the stack).
-    pub buf: [u8; SCAN_BYTES + 16],
-    pub launder: u64,
-    pub scan: crate::http::HeaderScan,
-    pub token: crate::http::TokenScan,
-    pub path: crate::http::PathScan,
-    pub scope: crate::judge::ScopeScan,
-    pub new_stats: TokenStats,
-    pub seen: crate::judge::Seen,
-    pub flow: FlowKey,
-}
 
 /// A segment of a TCP connection as the client sent it (addresses IPv4-mapped for IPv4).
 #[repr(C)]

@@ -105,7 +105,7 @@ pub fn copy_in(p: &impl Packet, off: usize, dst: *mut u8, len: u32) -> Result<()
 fn copy_block(src: usize, end: usize, dst: *mut u8) -> bool {
     // One register for the check and the loads: the verifier learns the bounds of the
     // pointer it compares (and of constant offsets from it), not of a sum LLVM rebuilds.
-    let src = crate::http::opaque(src);
+    let src = crate::scratch::opaque(src);
     if src + BLOCK > end {
         return false;
     }
