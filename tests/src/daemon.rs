@@ -20,7 +20,7 @@ use crate::{client::BearerToken, netns::Netns};
 
 /// How long a daemon may take to verify, load and attach (the verifier is slow on a
 /// loaded 2-core machine and slower in the VM).
-pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long a signalled daemon may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 

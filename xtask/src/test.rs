@@ -32,7 +32,7 @@ const VM_DAEMON_TARGETS: &[&str] = &["daemon"];
 /// under half of it); the report names what did not run.
 const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// One command in the VM: a hung test gets killed and named, and the others still run.
-const VM_TEST_TIMEOUT: Duration = Duration::from_secs(4 * 60);
+const VM_TEST_TIMEOUT: Duration = Duration::from_secs(6 * 60);
 /// Targets whose tests run in one guest process, so the programs are verified once for
 /// all of them (their fixtures reset the maps between tests): the per-test load was
 /// most of the VM step's time (10–20 s to verify a program under TCG on 6.1).
