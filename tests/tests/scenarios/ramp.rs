@@ -37,15 +37,16 @@ fn gcra_expected(rate1: f64, burst1: f64, d1: f64, rate2: f64, burst2: f64, w: f
     (k1, k2.max(0.0))
 }
 
-/// 5. Ramp accuracy: contract 20/s burst 5 for 10 s, then 40/s (half in the VM); offered 200 rps for 20 s
+/// 5. Ramp accuracy: contract 20/s burst 5 for 10 s, then 40/s (a quarter in the VM); offered 200 rps for 20 s
 ///    from 2 connections. Admitted per stage within ±3 % of the contract, the stage
 ///    advances on time, and a breach penalty demotes as configured.
 #[test]
 fn s5_ramp_accuracy_and_penalty() {
     // The counts need demand above the top rate at every instant (see the saturation
-    // check). The emulated VM's TLS gateway offers 50–85/s: half the rates there.
+    // check). The emulated VM's TLS gateway offers 30–85/s (30 with the other lane of
+    // tests beside it): a quarter of the rates there.
     let (contract, rate1, rate2) = if in_emulated_vm() {
-        ("ramp-vm", 10.0, 20.0)
+        ("ramp-vm", 5.0, 10.0)
     } else {
         ("ramp", 20.0, 40.0)
     };
@@ -176,7 +177,7 @@ fn s5_ramp_accuracy_and_penalty() {
     // tolerance allows (5 intervals): the TAT, not the arrival, sets the next admission.
     // So demand must stay well above the top rate: 2× is the floor. The host offers
     // ~130/s against 40/s; the emulated 6.1 VM, whose TLS gateway is the bottleneck,
-    // 50–85/s, against 20/s there.
+    // 30–85/s, against 10/s there.
     assert!(
         offered_rps > 2.0 * rate2,
         "offered load only {offered_rps:.0}/s: the clients did not saturate the contract"
