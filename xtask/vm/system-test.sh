@@ -36,18 +36,19 @@ status() {
         $CLIENT curl -s -o /dev/null -m 5 -w '%{http_code}' -H "X-Test: auth" \
             -H "Authorization: Bearer $1" "$URL$2" || true
     else
-        $CLIENT curl -s -o /dev/null -m 5 -w '%{http_code}' -H "X-Test: noauth" \
+        $CLIENT curl -s -o /dev/null -m 2 -w '%{http_code}' -H "X-Test: noauth" \
             "$URL$2" || true
     fi
 }
 # Requests nginx parsed without a token: each is a request Rampart should have denied.
 unjudged() { grep -c ' noauth$' /var/log/nginx/rampart-test.log || true; }
-# A request without a token must be reset (the listener's action), not left to time out:
-# curl's exit status 56 is "connection reset".
-expect_reset() {
+# A request without a token gets no answer (the listener drops it: a veth delivers the
+# reset action's XDP_TX reply only to a peer running XDP, which the attach and scenario
+# tests set up; here the point is the package under systemd). curl's 28 is "timed out".
+expect_dropped() {
     rc=0
-    $CLIENT curl -s -o /dev/null -m 10 -H "X-Test: noauth" "$URL$1" || rc=$?
-    [ $rc = 56 ] || fail "$2: expected a reset (curl exit 56), curl exited $rc"
+    $CLIENT curl -s -o /dev/null -m 3 -H "X-Test: noauth" "$URL$1" || rc=$?
+    [ $rc = 28 ] || fail "$2: expected no answer (curl exit 28), curl exited $rc"
 }
 expect_status() {
     # $1 expected, $2 token, $3 path, $4 what
@@ -145,7 +146,7 @@ hook = "xdp"
 xdp_mode = "native"
 ports = [8080]
 mode = "enforce"
-action = "reset"
+action = "drop"
 on_missing = "deny"
 on_unknown = "deny"
 on_incomplete = "deny"
@@ -184,7 +185,7 @@ install)
     T=$(rampart token issue --contract standard --scope all --label system-test 2>/dev/null) \
         || fail "token issue"
     expect_status 200 "$T" /hello "valid token"
-    expect_reset /hello "no token"
+    expect_dropped /hello "no token"
     [ "$(unjudged)" = 0 ] || fail "nginx parsed a request without a token"
 
     say "3. systemctl reload applies a policy change"
@@ -237,7 +238,7 @@ rebooted)
     say "   first request after boot: $(cat $state/probe) (not served)"
     grep -q ' probe$' /var/log/nginx/rampart-test.log && fail "nginx parsed the first request after boot"
     expect_status 000 "$T" /revoked "revoked token after the reboot"
-    expect_reset /hello "no token after the reboot"
+    expect_dropped /hello "no token after the reboot"
     [ "$(unjudged)" = 0 ] || fail "nginx parsed a request without a token"
 
     say "5. dpkg -i of a newer build upgrades in place"

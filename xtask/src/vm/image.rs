@@ -22,7 +22,7 @@ use super::KernelFiles;
 
 /// Bump when what goes into the image changes: a cached image of another version is
 /// rebuilt.
-const IMAGE_VERSION: u32 = 1;
+const IMAGE_VERSION: u32 = 3;
 /// Debian's packages beyond the minimal base: systemd as PID 1 (udev for the network
 /// devices, dbus for systemctl), and what the packaging test drives.
 const PACKAGES: &[&str] = &[
