@@ -7,7 +7,8 @@
 //! a word half old, half new.
 //!
 //! Layout, from bit 0: interface index (32 bits, 0 = every interface), listener id (6),
-//! 2 spare, then 2 bits each for mode, action, on_missing, on_unknown and on_incomplete;
+//! 2 spare, then 2 bits each for mode, action, on_missing, on_unknown, on_incomplete and
+//! on_not_http;
 //! bit 62 `OTHERS`, bit 63 `LISTENER`. A word of 0: no listener on this port.
 
 use crate::{ListenerConfig, ListenerKey};
@@ -43,6 +44,7 @@ pub fn pack(key: &ListenerKey, cfg: &ListenerConfig) -> Option<u64> {
         cfg.on_missing,
         cfg.on_unknown,
         cfg.on_incomplete,
+        cfg.on_not_http,
     ];
     if cfg.id >= 1 << ID_BITS || fields.iter().any(|f| u32::from(*f) >= 1 << FIELD_BITS) {
         return None;
@@ -69,7 +71,8 @@ pub fn config(w: u64) -> ListenerConfig {
         on_missing: field(w, 2),
         on_unknown: field(w, 3),
         on_incomplete: field(w, 4),
-        _pad: [0; 3],
+        on_not_http: field(w, 5),
+        _pad: [0; 2],
     }
 }
 
@@ -136,7 +139,8 @@ mod tests {
             on_missing: default_policy::ALLOW,
             on_unknown: default_policy::DENY,
             on_incomplete: default_policy::ALLOW,
-            _pad: [0; 3],
+            on_not_http: default_policy::ALLOW,
+            _pad: [0; 2],
         }
     }
 

@@ -16,6 +16,11 @@ pub const MAX_LISTENERS: u32 = 64;
 pub const SCAN_BYTES: usize = 8192;
 /// Default capacity of the token, revocation and token-state maps.
 pub const DEFAULT_MAX_TOKENS: u32 = 1 << 20;
+/// Default capacity of the connection table (`FLOWS`): concurrent connections tracked.
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
+/// Default capacity of `PARTIAL`: connections at once whose request line or header block
+/// spans segments.
+pub const DEFAULT_MAX_PARTIAL: u32 = 2048;
 
 /// The keyed 128-bit fingerprint of a token (SipHash-2-4-128 words `[h1, h2]`).
 #[repr(C)]
@@ -83,9 +88,24 @@ pub enum Verdict {
     Expired = 8,
     OutOfScope = 9,
     Throttled = 10,
+    /// Where an HTTP/1.x request must start (a connection's first byte, or the byte after
+    /// a request and its body) stand bytes that cannot start one: the h2c preface, a TLS
+    /// ClientHello, binary. Denied unless the listener sets `on_not_http = allow`.
+    NotHttp = 11,
+    /// Data of a connection the datapath holds no state for: it opened before the
+    /// listener attached, or its state was evicted from a full flow table. Where its next
+    /// request starts is unknown, so nothing of it is let through.
+    Untracked = 12,
+    /// A segment that does not continue the byte stream where the datapath judged it up to
+    /// (ahead of a gap, or overlapping judged bytes other than as an exact retransmission
+    /// of the last segment). Dropped, never reset: the client's TCP sends it again in order.
+    OutOfSequence = 13,
 }
 
-pub const VERDICT_COUNT: usize = 11;
+pub const VERDICT_COUNT: usize = 14;
+/// Verdicts a request with a known token can get (`Pass` through `Throttled`): the
+/// entries of `TokenStats`.
+pub const TOKEN_VERDICT_COUNT: usize = 11;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT] = [
@@ -100,6 +120,9 @@ impl Verdict {
         Verdict::Expired,
         Verdict::OutOfScope,
         Verdict::Throttled,
+        Verdict::NotHttp,
+        Verdict::Untracked,
+        Verdict::OutOfSequence,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -115,6 +138,9 @@ impl Verdict {
             Verdict::Expired => "expired",
             Verdict::OutOfScope => "out_of_scope",
             Verdict::Throttled => "throttled",
+            Verdict::NotHttp => "not_http",
+            Verdict::Untracked => "untracked",
+            Verdict::OutOfSequence => "out_of_sequence",
         }
     }
 
@@ -199,7 +225,9 @@ pub struct ListenerConfig {
     pub on_missing: u8,
     pub on_unknown: u8,
     pub on_incomplete: u8,
-    pub _pad: [u8; 3],
+    /// `default_policy` for `Verdict::NotHttp` (pins from before it hold 0: deny).
+    pub on_not_http: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Token flag: the token is not restricted to its scope set.
@@ -301,7 +329,7 @@ pub struct TokenState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenStats {
-    pub by_verdict: [u64; VERDICT_COUNT],
+    pub by_verdict: [u64; TOKEN_VERDICT_COUNT],
 }
 
 /// `EVENT_BUDGET[0]` (per CPU): the event rate cap's window.
@@ -337,6 +365,53 @@ pub struct Event {
     pub _pad: [u8; 7],
 }
 
+/// A TCP connection as its client sends it: `FLOWS` key. IPv4 addresses are IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Where a connection's byte stream stands (`FlowState::kind`).
+pub mod stream {
+    /// The next byte starts a request (empty lines before it are skipped, as servers do).
+    pub const BOUNDARY: u32 = 0;
+    /// The next `remaining` bytes are a request body framed by Content-Length.
+    pub const BODY: u32 = 1;
+    /// The next bytes continue a request's header block, `partial` bytes of which are in
+    /// `PARTIAL`.
+    pub const HEADERS: u32 = 2;
+    /// Inside a chunked body; `remaining` holds the chunk position (see the datapath's
+    /// `chunked` module).
+    pub const CHUNKED: u32 = 3;
+}
+
+/// `FLOWS` value: one connection's judged position, and the position before the last
+/// segment that moved it (an exact retransmission of that segment is judged again from
+/// there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Sequence number of the next byte to judge.
+    pub next: u32,
+    /// One of `stream::*`, at `next`.
+    pub kind: u32,
+    /// Body bytes left (BODY), chunk state (CHUNKED), header bytes held (HEADERS).
+    pub remaining: u64,
+    /// The same three at the start of the last segment that moved the stream.
+    pub prev: u32,
+    pub prev_kind: u32,
+    pub prev_remaining: u64,
+    /// The client's initial sequence number (from its SYN).
+    pub isn: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC_COARSE of the SYN or the last segment that moved the stream.
+    pub seen_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -351,4 +426,6 @@ mod pod {
     unsafe impl aya::Pod for TokenStats {}
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for FlowId {}
+    unsafe impl aya::Pod for FlowState {}
 }

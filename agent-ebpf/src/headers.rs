@@ -18,6 +18,11 @@ use crate::{
 };
 
 const AUTHORIZ: u64 = u64::from_le_bytes(*b"authoriz");
+const CONTENT_: u64 = u64::from_le_bytes(*b"content-");
+const TRANSFER: u64 = u64::from_le_bytes(*b"transfer");
+/// "length" and "-encodin", masked to the bytes compared.
+const LENGTH: u64 = u64::from_le_bytes(*b"length\0\0");
+const ENCODIN: u64 = u64::from_le_bytes(*b"-encodin");
 const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");
 const LFS: u64 = ONES * b'\n' as u64;
 /// Scan steps (see `scan_words`) per bpf_loop call. 20: a request of about 500 bytes in a
@@ -35,14 +40,37 @@ fn line_start(buf: Buf, s: &mut HeaderScan, start: usize, len: usize) -> bool {
         return false;
     }
     let c0 = buf.byte(start);
-    if c0 == b'\n' || (c0 == b'\r' && start + 1 < len && buf.byte(start + 1) == b'\n') {
+    if c0 == b'\n' {
         s.end = SCAN_COMPLETE;
+        s.block_end = start as u64 + 1;
+        return false;
+    }
+    if c0 == b'\r' && start + 1 < len && buf.byte(start + 1) == b'\n' {
+        s.end = SCAN_COMPLETE;
+        s.block_end = start as u64 + 2;
         return false;
     }
     if c0 == b' ' || c0 == b'\t' {
         // obs-fold: the upstream may glue it to the previous field.
         s.end = SCAN_MALFORMED;
         return false;
+    }
+    // The fields that frame a body: found by their first words here, checked whole by
+    // `stream::framing` once the block is complete (every line is then inside the data).
+    let w0 = buf.word(start) | LOWER;
+    if w0 == CONTENT_ {
+        if (buf.word(start + 8) | LOWER) & 0xffff_ffff_ffff == LENGTH {
+            s.cl_start = start as u64;
+            s.cls += 1;
+        }
+        return true;
+    }
+    if w0 == TRANSFER {
+        if buf.word(start + 8) | LOWER == ENCODIN {
+            s.te_start = start as u64;
+            s.tes += 1;
+        }
+        return true;
     }
     if (c0 | 0x20) != b'a' || start + 14 > len || !is_authorization(buf, start) {
         return true;
@@ -207,6 +235,9 @@ pub fn scan_headers(buf: Buf, len: usize) -> &'static HeaderScan {
     clear(&mut s.auth_lf);
     clear(&mut s.auths);
     clear(&mut s.in_auth);
+    clear(&mut s.block_end);
+    clear(&mut s.cls);
+    clear(&mut s.tes);
     s.end = SCAN_RUNNING;
     s.first_lf = NOT_FOUND;
     // The first step looks at the word at pos + 8 = 0.

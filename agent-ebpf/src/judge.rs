@@ -1,10 +1,11 @@
-//! The per-request decision, in the order the checks run: not a request → pass; an
-//! unfinished request line → incomplete; a broken one → malformed; a malformed header
-//! block (obs-fold, a second Authorization field, whitespace before its colon) →
-//! malformed; no Authorization field → missing (incomplete when the block does not end in
-//! the segment); its line cut off → incomplete; not `Bearer <token>` → malformed; a
-//! fingerprint not in TOKENS → unknown (malformed when the token breaks the b64token
-//! grammar); revoked; not yet valid; expired; out of scope; throttled; allow.
+//! The per-request decision (where requests start is `stream`'s business), in the order
+//! the checks run: bytes that cannot start a request line → not_http; a request line or
+//! header block that does not end yet → held for the next segment (incomplete once it
+//! passes SCAN_BYTES); a broken request line → malformed (not_http for an unknown
+//! method); a malformed header block (obs-fold, a second Authorization field, whitespace
+//! before its colon) → malformed; no Authorization field → missing; not `Bearer <token>`
+//! → malformed; a fingerprint not in TOKENS → unknown (malformed when the token breaks the
+//! b64token grammar); revoked; not yet valid; expired; out of scope; throttled; allow.
 
 use agent_common::{
     default_policy,
@@ -16,20 +17,24 @@ use agent_common::{
 };
 use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
+
 use crate::{
     bearer, events, headers,
-    maps::{CONFIG, LISTENERS, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
-    packet::{copy_in, Packet, DIRECT_COPY_MAX, HEADER_OFF_MASK},
-    parse::{self, Flow},
+    maps::{CONFIG, LISTENERS, PARTIAL, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
+    packet::{copy_in, copy_len, Packet, HEADER_OFF_MASK},
+    parse::{self, Flow, TCP_ACK, TCP_SYN},
     ramp,
     reply::{self, write_addrs},
-    request_line::{self, LineError, RequestLine},
+    request_line::{self, LineError, MethodStart, RequestLine},
     scope::in_scope,
-    scratch::{zero_words, Buf, Seen, SCAN_COMPLETE, SCAN_MALFORMED},
+    scratch::{
+        zero_words, Buf, HeaderScan, Seen, NOT_FOUND, SCAN_COMPLETE, SCAN_MALFORMED,
+    },
+    stream::{self, Request},
 };
-
-/// Segments up to this size are copied at once (see `decide`; `copy_in`).
-const ONE_COPY: usize = DIRECT_COPY_MAX;
 
 /// What the program entry needs to act on and record.
 pub struct Decision {
@@ -42,6 +47,8 @@ pub struct Decision {
     /// A segment of a connection whose server side this listener already reset (the
     /// client's retransmission): answered with an RST, neither judged again nor counted.
     pub rebound: bool,
+    /// The program of the jump map that goes on with this segment (`stream::go_on`).
+    pub next: Option<u32>,
 }
 
 impl Decision {
@@ -52,27 +59,36 @@ impl Decision {
             deny: false,
             flow: None,
             rebound: false,
+            next: None,
         }
     }
 }
 
+/// A segment of an inspected port's traffic, as both programs see it.
+struct Segment {
+    flow: Flow,
+    listener: ListenerConfig,
+    buf: Buf,
+}
+
+/// Parses the packet and finds its listener; `None`: nothing to judge (not TCP, no data
+/// and no SYN, an uninspected port).
 #[inline(always)]
-pub fn judge(p: &impl Packet) -> Decision {
+fn segment(p: &impl Packet) -> Option<Segment> {
     let mut flow = match parse::parse(p) {
         Ok(Some(f)) => f,
         // Not TCP, or headers the stack will reject itself: none of our business.
-        Ok(None) | Err(()) => return Decision::untouched(),
+        Ok(None) | Err(()) => return None,
     };
-    if flow.payload_len == 0 {
-        return Decision::untouched();
+    if flow.payload_len == 0 && flow.flags & TCP_SYN == 0 {
+        // An ACK, FIN or RST without data: no byte of the stream.
+        return None;
     }
     let port_word = match PORTS.get(flow.dport as u32) {
         Some(w) if *w != 0 => *w,
-        _ => return Decision::untouched(),
+        _ => return None,
     };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Decision::untouched();
-    };
+    let scratch = SCRATCH.get_ptr_mut(0)?;
     // Every header layout (VLAN tags, IP options, IPv6 extension headers) reaches this
     // point with different offsets; laundered, they are one state for the verifier.
     let buf = Buf::new(scratch);
@@ -82,10 +98,42 @@ pub fn judge(p: &impl Packet) -> Decision {
     flow.l4_off = buf.launder_within(flow.l4_off, HEADER_OFF_MASK);
     flow.payload_off = buf.launder_within(flow.payload_off, HEADER_OFF_MASK);
     flow.payload_len = buf.launder_within(flow.payload_len, 0xffff);
-    let Some(listener) = listener(port_word, p.ifindex(), flow.dport) else {
+    let listener = listener(port_word, p.ifindex(), flow.dport)?;
+    if flow.flags & TCP_SYN != 0 {
+        // Data in a SYN (TCP Fast Open) starts after the SYN's sequence number.
+        flow.seq = flow.seq.wrapping_add(1);
+    }
+    Some(Segment {
+        flow,
+        listener,
+        buf,
+    })
+}
+
+/// The entry program's decision: a new segment (or the rest of one after a request) up
+/// to its next request, which goes to the request program (`Decision::next`).
+#[inline(always)]
+pub fn entry(p: &impl Packet) -> Decision {
+    let Some(Segment {
+        flow,
+        listener,
+        buf,
+    }) = segment(p)
+    else {
         return Decision::untouched();
     };
-    if listener.mode == mode::ENFORCE
+    let first = stream::cursor(buf).cont == 0;
+    if first && flow.flags & TCP_SYN != 0 {
+        if flow.flags & TCP_ACK == 0 {
+            // The SYN's own sequence number (see `segment`).
+            stream::syn(p, flow.seq.wrapping_sub(1), &flow, buf);
+        }
+        if flow.payload_len == 0 {
+            return Decision::untouched();
+        }
+    }
+    if first
+        && listener.mode == mode::ENFORCE
         && listener.action == agent_common::deny_action::RESET
         && reply::already_reset(p, &flow)
     {
@@ -95,16 +143,80 @@ pub fn judge(p: &impl Packet) -> Decision {
             deny: true,
             flow: Some(flow),
             rebound: true,
+            next: None,
         };
     }
+    let enforce = listener.mode == mode::ENFORCE;
+    let (verdict, next) = match stream::enter(p, &flow, buf) {
+        stream::Step::Request => {
+            return Decision {
+                verdict: Verdict::Pass,
+                listener: None,
+                deny: false,
+                flow: Some(flow),
+                rebound: false,
+                next: Some(stream::REQUEST),
+            }
+        }
+        stream::Step::Done(None) => {
+            return Decision {
+                verdict: Verdict::Pass,
+                listener: None,
+                deny: false,
+                flow: Some(flow),
+                rebound: false,
+                next: None,
+            }
+        }
+        stream::Step::Done(Some(v)) => (settle(buf, v), None),
+    };
+    let deny = enforce && denies(verdict, &listener);
+    if verdict != Verdict::Pass && verdict != Verdict::Allow {
+        let Some(cfg) = CONFIG.get(0) else {
+            return Decision::untouched();
+        };
+        // SAFETY: the per-CPU scratch map value, valid for this program run.
+        let seen = unsafe { &mut (*buf.scratch()).seen };
+        zero_words(seen as *mut Seen);
+        report(p, cfg, buf, &flow, &listener, verdict, seen);
+    }
+    Decision {
+        verdict,
+        listener: Some(listener),
+        deny,
+        flow: Some(flow),
+        rebound: false,
+        next,
+    }
+}
+
+/// The request program's decision: the request at the cursor.
+#[inline(always)]
+pub fn request_run(p: &impl Packet) -> Decision {
+    let Some(Segment {
+        flow,
+        listener,
+        buf,
+    }) = segment(p)
+    else {
+        return Decision::untouched();
+    };
     let Some(cfg) = CONFIG.get(0) else {
         return Decision::untouched();
     };
     // SAFETY: the per-CPU scratch map value, valid for this program run.
-    let seen = unsafe { &mut (*scratch).seen };
+    let seen = unsafe { &mut (*buf.scratch()).seen };
     zero_words(seen as *mut Seen);
-    let verdict = settle(buf, decide(p, cfg, buf, &flow, seen));
-    let deny = listener.mode == mode::ENFORCE && denies(verdict, &listener);
+    let enforce = listener.mode == mode::ENFORCE;
+    let v = stream::request(
+        p,
+        &flow,
+        buf,
+        |v| enforce && denies(v, &listener),
+        |c, held| request(p, cfg, buf, &flow, seen, c.off as usize, held),
+    );
+    let verdict = settle(buf, v);
+    let deny = enforce && denies(verdict, &listener);
     if verdict != Verdict::Pass && verdict != Verdict::Allow {
         report(p, cfg, buf, &flow, &listener, verdict, seen);
     }
@@ -114,6 +226,7 @@ pub fn judge(p: &impl Packet) -> Decision {
         deny,
         flow: Some(flow),
         rebound: false,
+        next: (!deny && stream::cursor(buf).more != 0).then_some(stream::ENTRY),
     }
 }
 
@@ -149,12 +262,6 @@ fn settle(buf: Buf, v: Verdict) -> Verdict {
     Verdict::from_u32(x).unwrap_or(Verdict::Malformed)
 }
 
-/// `n` (1..=max, `max` a power of two) in a form the verifier can bound: LLVM drops a
-/// plain `n != 0` check it can prove, leaving the helper a length of "0 or more".
-#[inline(always)]
-fn copy_len(n: usize, max: usize) -> u32 {
-    (((n.wrapping_sub(1)) & (max - 1)) + 1) as u32
-}
 
 #[inline(always)]
 fn denies(v: Verdict, l: &ListenerConfig) -> bool {
@@ -163,6 +270,7 @@ fn denies(v: Verdict, l: &ListenerConfig) -> bool {
         Verdict::Missing => l.on_missing != default_policy::ALLOW,
         Verdict::Unknown => l.on_unknown != default_policy::ALLOW,
         Verdict::Incomplete => l.on_incomplete != default_policy::ALLOW,
+        Verdict::NotHttp => l.on_not_http != default_policy::ALLOW,
         _ => true,
     }
 }
@@ -177,56 +285,106 @@ fn now(cfg: &GlobalConfig) -> u64 {
     }
 }
 
+/// Judges the request at payload offset `off`, whose first `held` bytes earlier segments
+/// brought (in `PARTIAL`): the bytes go to the scratch buffer, then `decide`.
 #[inline(always)]
-fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut Seen) -> Verdict {
-    // A private copy: comparing `flow.payload_len` itself would narrow it, and the flow
-    // (live until the verdict is acted on) would carry one verifier state per range.
+fn request(
+    p: &impl Packet,
+    cfg: &GlobalConfig,
+    buf: Buf,
+    flow: &Flow,
+    seen: &mut Seen,
+    off: usize,
+    held: usize,
+) -> Request {
     let plen = buf.launder_within(flow.payload_len, 0xffff);
-    let n = if plen > SCAN_BYTES { SCAN_BYTES } else { plen };
-    // A segment of up to ONE_COPY bytes (most requests) is copied at once. A larger one,
-    // most often a body, gets a cheap first look: 24 bytes tell most non-requests apart.
-    let first = if n <= ONE_COPY { n } else { 24 };
-    if copy_in(p, flow.payload_off, buf.ptr(), copy_len(first, SCAN_BYTES)).is_err() {
-        return Verdict::Malformed;
+    let off = buf.launder_within(off, 0xffff);
+    if off >= plen {
+        return Request::Judged(Verdict::Malformed);
     }
+    let room = SCAN_BYTES - held;
+    let n = if plen - off > room { room } else { plen - off };
+    let at = flow.payload_off + off;
+    if held == 0 {
+        if copy_in(p, at, buf.ptr(), copy_len(n, SCAN_BYTES)).is_err() {
+            return Request::Judged(Verdict::Malformed);
+        }
+    } else {
+        // SAFETY: the per-CPU scratch map value; `stream::segment` wrote the key.
+        let id = unsafe { &(*buf.scratch()).flow.id };
+        let Some(part) = PARTIAL.get_ptr(id) else {
+            // Evicted: the start of this request is gone.
+            return Request::Judged(Verdict::Untracked);
+        };
+        let held = buf.launder_within(held, SCAN_BYTES - 1);
+        // SAFETY: both ranges lie inside their map values (sizes bounded by the masks).
+        let copied = unsafe {
+            bpf_probe_read_kernel(
+                buf.ptr() as *mut c_void,
+                copy_len(held, SCAN_BYTES),
+                part as *const c_void,
+            )
+        };
+        if copied != 0
+            || p.load(at, unsafe { buf.ptr().add(held) }, copy_len(n, SCAN_BYTES))
+                .is_err()
+        {
+            return Request::Judged(Verdict::Malformed);
+        }
+    }
+    decide(cfg, buf, held + n, seen)
+}
+
+/// Judges the request whose first `n` bytes are in the scratch buffer.
+#[inline(always)]
+fn decide(cfg: &GlobalConfig, buf: Buf, n: usize, seen: &mut Seen) -> Request {
+    let n = buf.launder_within(n, 2 * SCAN_BYTES - 1);
     let (method, mlen, known) = match known_method(buf.word(0)) {
-        Some((m, l)) if l <= first => (m, l, true),
-        _ => match request_line::extension_method(buf, first) {
-            Some(l) => (method::OTHER, l, false),
-            None => return Verdict::Pass,
+        Some((m, l)) if l <= n => (m, l, true),
+        _ => match request_line::extension_method(buf, n) {
+            MethodStart::Method(l) => (method::OTHER, l, false),
+            MethodStart::Prefix => return Request::Hold(n),
+            MethodStart::No => return Request::Judged(Verdict::NotHttp),
         },
     };
     let mlen = buf.launder(mlen);
-    if n > first
-        && p.load(flow.payload_off, buf.ptr(), copy_len(n, SCAN_BYTES))
-            .is_err()
-    {
-        return Verdict::Malformed;
-    }
     let scan = headers::scan_headers(buf, n);
     let line = match request_line::request_line(buf, scan, method, mlen, known) {
         Ok(l) => l,
-        Err(LineError::NotRequest) => return Verdict::Pass,
-        Err(LineError::Malformed) => return Verdict::Malformed,
-        Err(LineError::Incomplete) => return Verdict::Incomplete,
+        Err(LineError::NotRequest) if scan.first_lf == NOT_FOUND => return Request::Hold(n),
+        Err(LineError::NotRequest) => return Request::Judged(Verdict::NotHttp),
+        Err(LineError::Malformed) => return Request::Judged(Verdict::Malformed),
+        Err(LineError::Incomplete) => return Request::Hold(n),
     };
     seen.method = line.method as u64;
     seen.target_off = line.target_off as u64;
     seen.target_len = line.target_len as u64;
 
     if scan.end == SCAN_MALFORMED {
-        return Verdict::Malformed;
+        return Request::Judged(Verdict::Malformed);
     }
+    if scan.end != SCAN_COMPLETE {
+        // The header block goes on in a later segment: judged once it ends.
+        return Request::Hold(n);
+    }
+    Request::Judged(judge_block(cfg, buf, scan, &line, method, seen))
+}
+
+/// The decision on a request whose header block is complete in the scratch buffer.
+#[inline(always)]
+fn judge_block(
+    cfg: &GlobalConfig,
+    buf: Buf,
+    scan: &HeaderScan,
+    line: &RequestLine,
+    method: u32,
+    seen: &mut Seen,
+) -> Verdict {
     if scan.auths == 0 {
-        return if scan.end == SCAN_COMPLETE {
-            Verdict::Missing
-        } else {
-            Verdict::Incomplete
-        };
+        return Verdict::Missing;
     }
     if scan.auth_lf == 0 {
-        // The Authorization field itself is cut off.
-        return Verdict::Incomplete;
+        return Verdict::Malformed;
     }
     let Ok(token) = bearer::bearer_token(buf, scan.auth_start as usize, scan.auth_lf as usize)
     else {
@@ -245,7 +403,7 @@ fn decide(p: &impl Packet, cfg: &GlobalConfig, buf: Buf, flow: &Flow, seen: &mut
     seen.fingerprint = fp;
     // SAFETY: map value pointer valid for this run.
     let info: TokenInfo = unsafe { *info };
-    let v = known_token(cfg, &info, buf, &line, method);
+    let v = known_token(cfg, &info, buf, line, method);
     // An admission is counted in TOKEN_STATE by `ramp::admit_request`.
     if v != Verdict::Allow {
         count_token(&fp, v);

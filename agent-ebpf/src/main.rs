@@ -9,6 +9,7 @@
 )]
 
 mod bearer;
+mod chunked;
 mod events;
 mod floor;
 mod headers;
@@ -21,8 +22,9 @@ mod reply;
 mod request_line;
 mod scope;
 mod scratch;
+mod stream;
 
-use agent_common::{deny_action, MAX_LISTENERS, VERDICT_COUNT};
+use agent_common::{deny_action, Verdict, MAX_LISTENERS, VERDICT_COUNT};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, xdp},
@@ -30,7 +32,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    judge::{judge, Decision},
+    judge::Decision,
     maps::VERDICT_STATS,
     packet::{tc_redirect, Packet, Tc, Xdp},
     reply::Reset,
@@ -51,18 +53,45 @@ enum Act {
 #[xdp(frags)]
 #[inline(always)]
 pub fn rampart_xdp(ctx: XdpContext) -> u32 {
-    match enforce(&Xdp(&ctx)) {
-        Act::Pass | Act::PassReset => xdp_action::XDP_PASS,
-        Act::Drop => xdp_action::XDP_DROP,
-        Act::Bounce => xdp_action::XDP_TX,
-    }
+    let pkt = Xdp(&ctx);
+    xdp_action_of(enforce(&pkt, judge::entry(&pkt)))
+}
+
+/// The request judge of the XDP hook, reached by tail call only (`stream::REQUEST`).
+#[xdp(frags)]
+#[inline(always)]
+pub fn rampart_xdp_request(ctx: XdpContext) -> u32 {
+    let pkt = Xdp(&ctx);
+    xdp_action_of(enforce(&pkt, judge::request_run(&pkt)))
 }
 
 #[classifier]
 #[inline(always)]
 pub fn rampart_tc(ctx: TcContext) -> i32 {
     let pkt = Tc(&ctx);
-    match enforce(&pkt) {
+    tc_action_of(&pkt, enforce(&pkt, judge::entry(&pkt)))
+}
+
+/// The request judge of the TC hook, reached by tail call only (`stream::REQUEST`).
+#[classifier]
+#[inline(always)]
+pub fn rampart_tc_request(ctx: TcContext) -> i32 {
+    let pkt = Tc(&ctx);
+    tc_action_of(&pkt, enforce(&pkt, judge::request_run(&pkt)))
+}
+
+#[inline(always)]
+fn xdp_action_of(a: Act) -> u32 {
+    match a {
+        Act::Pass | Act::PassReset => xdp_action::XDP_PASS,
+        Act::Drop => xdp_action::XDP_DROP,
+        Act::Bounce => xdp_action::XDP_TX,
+    }
+}
+
+#[inline(always)]
+fn tc_action_of(pkt: &Tc, a: Act) -> i32 {
+    match a {
         Act::Pass | Act::PassReset => TC_ACT_OK,
         Act::Drop => TC_ACT_SHOT,
         Act::Bounce => tc_redirect(pkt.ifindex()),
@@ -83,11 +112,20 @@ pub fn rampart_floor(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn enforce(p: &impl Packet) -> Act {
-    let d = judge(p);
+fn enforce(p: &impl Packet, d: Decision) -> Act {
     record(&d);
     if !d.deny {
+        if let Some(slot) = d.next {
+            // The rest of the segment, in the other program; back here only if the tail
+            // call failed, and then the segment never passes half-judged.
+            stream::go_on(p, slot);
+            return Act::Drop;
+        }
         return Act::Pass;
+    }
+    if d.verdict == Verdict::OutOfSequence {
+        // Not a judgement: the client's TCP sends the segment again in order.
+        return Act::Drop;
     }
     let Some(flow) = d.flow else {
         return Act::Drop;

@@ -2,13 +2,14 @@
 //! userspace (`EbpfLoader::set_max_entries`); the values here are the defaults.
 
 use agent_common::{
-    Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
-    TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS,
-    MAX_SCOPES, VERDICT_COUNT,
+    Contract, EventBudget, Fingerprint, FlowId, FlowState, GlobalConfig, ListenerConfig,
+    ListenerKey, Scope, TokenInfo, TokenState, TokenStats, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_PARTIAL, DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
+    SCAN_BYTES, VERDICT_COUNT,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 
 use crate::scratch::Scratch;
@@ -90,18 +91,44 @@ pub static RESET_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(
 #[map]
 pub static LAST_RESET: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Where each connection to an inspected port stands in its byte stream (see `stream`).
+/// LRU: a flood of connections evicts the idlest, whose next data is then `untracked`
+/// (denied), never picked up mid-stream. Datapath (created by the client's SYN); userspace
+/// only pins it, so a restarted daemon's programs carry on every connection. Set at load.
+#[map]
+pub static FLOWS: LruHashMap<FlowId, FlowState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// The bytes of each request line and header block that spans segments, held until the
+/// block ends (see `stream`). A connection whose entry was evicted is `untracked`.
+/// Datapath. Set at load.
+#[map]
+pub static PARTIAL: LruHashMap<FlowId, Partial> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_PARTIAL, 0);
+
+/// The XDP programs a segment goes through (`stream::ENTRY`, `stream::REQUEST`): the
+/// entry walks the stream to each request, the request program judges it. Two programs,
+/// each within the verifier's budget on Linux 6.1. Written by userspace at load.
+#[map]
+pub static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+/// The same for the TC programs.
+#[map]
+pub static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
 /// Per-CPU copy of the request bytes the parser works on. Datapath.
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A `PARTIAL` value: the first bytes of a request, as the client sent them.
+#[repr(C)]
+pub struct Partial {
+    pub bytes: [u8; SCAN_BYTES],
+}
 
 /// A segment of a TCP connection as the client sent it (addresses IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FlowKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
+    pub id: FlowId,
     /// The segment's sequence number (network order). A retransmission of the denied
     /// request repeats it; a new connection that reuses the 4-tuple (a reset connection
     /// leaves no TIME_WAIT, so the client may pick the same port at once) starts from a

@@ -33,6 +33,26 @@ pub trait Packet {
     fn make_writable(&self, len: u32) -> Result<(), ()>;
     /// Cuts the packet to `len` bytes. Invalidates earlier pointers.
     fn truncate(&self, len: usize) -> Result<(), ()>;
+    /// The program's context, for a bpf_loop callback (`load_raw`).
+    fn raw(&self) -> *mut c_void;
+    /// `load` through the context `raw` returned.
+    ///
+    /// # Safety
+    /// `raw` is this program run's context; `dst` has room for `len` bytes.
+    unsafe fn load_raw(raw: *mut c_void, off: usize, dst: *mut u8, len: u32) -> Result<(), ()>;
+    /// The chunked-body walk's bpf_loop callback for this hook (`chunked::walk`).
+    fn chunk_step(&self) -> crate::scratch::LoopStep;
+    /// Runs program `slot` of the hook's jump map on this packet (`stream::go_on`);
+    /// returns only if the tail call failed.
+    fn rerun(&self, slot: u32);
+}
+
+/// `n` (1..=max, `max` a power of two) in a form the verifier can bound: LLVM drops a
+/// plain `n != 0` check it can prove (and a mask it can prove redundant), leaving the
+/// helper a length of "0 or more", which Linux 6.1 rejects.
+#[inline(always)]
+pub fn copy_len(n: usize, max: usize) -> u32 {
+    (((crate::scratch::opaque(n).wrapping_sub(1)) & (max - 1)) + 1) as u32
 }
 
 /// A helper's return code as a Result (0 is success).
@@ -80,7 +100,7 @@ pub fn copy_in(p: &impl Packet, off: usize, dst: *mut u8, len: u32) -> Result<()
     let n = len as usize;
     let base = p.data() + (off & HEADER_OFF_MASK);
     let end = p.data_end();
-    if (BLOCK..=DIRECT_COPY_MAX).contains(&n) && base + n <= end {
+    if off <= HEADER_OFF_MASK && (BLOCK..=DIRECT_COPY_MAX).contains(&n) && base + n <= end {
         for i in 0..DIRECT_COPY_MAX / BLOCK - 1 {
             let o = i * BLOCK;
             if o + BLOCK >= n {
@@ -155,6 +175,24 @@ impl Packet for Xdp<'_> {
         Ok(())
     }
     #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.0.ctx as *mut c_void
+    }
+    #[inline(always)]
+    unsafe fn load_raw(raw: *mut c_void, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
+        // SAFETY: the caller's contract.
+        helper_ok(unsafe { bpf_xdp_load_bytes(raw as *mut _, off as u32, dst as *mut c_void, len) })
+    }
+    #[inline(always)]
+    fn chunk_step(&self) -> crate::scratch::LoopStep {
+        crate::chunked::step_xdp
+    }
+    #[inline(always)]
+    fn rerun(&self, slot: u32) {
+        // SAFETY: the slots hold this object's XDP programs (see `JUMP_XDP`).
+        unsafe { crate::maps::JUMP_XDP.tail_call(self.0, slot) };
+    }
+    #[inline(always)]
     fn truncate(&self, len: usize) -> Result<(), ()> {
         let delta = len as i32 - self.len() as i32;
         // SAFETY: shrinking the frame by a negative delta the kernel validates.
@@ -204,6 +242,24 @@ impl Packet for Tc<'_> {
     fn make_writable(&self, len: u32) -> Result<(), ()> {
         // SAFETY: the helper validates len against the skb.
         helper_ok(unsafe { bpf_skb_pull_data(self.0.skb.skb, len) })
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.0.skb.skb as *mut c_void
+    }
+    #[inline(always)]
+    unsafe fn load_raw(raw: *mut c_void, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
+        // SAFETY: the caller's contract.
+        helper_ok(unsafe { bpf_skb_load_bytes(raw as *const c_void, off as u32, dst as *mut c_void, len) })
+    }
+    #[inline(always)]
+    fn chunk_step(&self) -> crate::scratch::LoopStep {
+        crate::chunked::step_tc
+    }
+    #[inline(always)]
+    fn rerun(&self, slot: u32) {
+        // SAFETY: the slots hold this object's TC programs (see `JUMP_TC`).
+        unsafe { crate::maps::JUMP_TC.tail_call(self.0, slot) };
     }
     #[inline(always)]
     fn truncate(&self, len: usize) -> Result<(), ()> {

@@ -56,6 +56,7 @@ pub struct TcpHdr {
     pub urg: u16,
 }
 
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
@@ -69,6 +70,10 @@ pub struct Flow {
     pub payload_len: usize,
     pub sport: u16,
     pub dport: u16,
+    /// The segment's sequence number (host order).
+    pub seq: u32,
+    /// TCP flags (`TCP_*`).
+    pub flags: u8,
 }
 
 /// `Ok(None)`: not TCP, or a non-first fragment — not ours to judge.
@@ -158,11 +163,12 @@ pub fn parse(p: &impl Packet) -> Result<Option<Flow>, ()> {
     };
     let tcp = ptr_at::<TcpHdr>(p, l4_off)?;
     // SAFETY: bounds checked.
-    let (sport, dport, off_flags) = unsafe {
+    let (sport, dport, off_flags, seq) = unsafe {
         (
             u16::from_be((*tcp).sport),
             u16::from_be((*tcp).dport),
             (*tcp).off_flags,
+            u32::from_be((*tcp).seq),
         )
     };
     let doff = ((off_flags[0] >> 4) as usize) * 4;
@@ -179,5 +185,7 @@ pub fn parse(p: &impl Packet) -> Result<Option<Flow>, ()> {
         payload_len: l4_len - doff,
         sport,
         dport,
+        seq,
+        flags: off_flags[1],
     }))
 }

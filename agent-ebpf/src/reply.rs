@@ -74,12 +74,9 @@ fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let key = unsafe { &mut (*scratch).flow };
-    write_addrs(p, f, &mut key.saddr, &mut key.daddr)?;
-    key.sport = f.sport;
-    key.dport = f.dport;
-    // Copied by the helper rather than through a packet pointer: a new bounds check here
-    // would give the verifier one more packet range to tell apart on every path after it.
-    p.load(f.l4_off + 4, &mut key.seq as *mut u32 as *mut u8, 4)?;
+    crate::stream::write_flow_id(p, f, &mut key.id)?;
+    // Network order, as earlier versions keyed pinned entries.
+    key.seq = f.seq.to_be();
     Ok(key)
 }
 

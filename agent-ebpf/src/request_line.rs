@@ -18,27 +18,37 @@ pub struct RequestLine {
     pub target_len: usize,
 }
 
-/// An extension method: 1..=16 tchars then SP. Returns the length including the SP.
+/// How a request's first bytes read as a method.
+pub enum MethodStart {
+    /// 1..=16 tchars then SP: the length including the SP.
+    Method(usize),
+    /// Tchars up to the end of the data, fewer than 17: a method may still follow.
+    Prefix,
+    /// No method.
+    No,
+}
+
+/// An extension method: 1..=16 tchars then SP.
 #[inline(always)]
-pub fn extension_method(buf: Buf, len: usize) -> Option<usize> {
+pub fn extension_method(buf: Buf, len: usize) -> MethodStart {
     let len = buf.launder(len);
     for i in 0..17 {
         if i >= len {
-            return None;
+            return MethodStart::Prefix;
         }
         let c = buf.byte(i);
         if c == b' ' {
             return if i > 0 {
-                Some(buf.launder(i + 1))
+                MethodStart::Method(buf.launder(i + 1))
             } else {
-                None
+                MethodStart::No
             };
         }
         if CLASS[c as usize] & TCHAR == 0 {
-            return None;
+            return MethodStart::No;
         }
     }
-    None
+    MethodStart::No
 }
 
 const HTTP_1_1: u64 = u64::from_le_bytes(*b"HTTP/1.1");

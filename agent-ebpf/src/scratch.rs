@@ -22,8 +22,17 @@ pub const NOT_FOUND: u64 = u64::MAX;
 pub struct Scratch {
     /// First: its address is the value's, so the parser's loops need no register for it
     /// (the scan's position stays in a register instead of the stack).
-    pub buf: [u8; SCAN_BYTES + 16],
+    /// Twice the scanned size: the bytes of a segment are loaded after the held start of
+    /// its request (both at most SCAN_BYTES), at an offset the verifier cannot bound by
+    /// their sum.
+    pub buf: [u8; 2 * SCAN_BYTES + 16],
     pub launder: u64,
+    pub cursor: Cursor,
+    pub walk: crate::chunked::Walk,
+    /// The bytes after a request, looked at for empty lines.
+    pub peek: [u64; 2],
+    /// A new `FLOWS` entry, built here (the stack is nearly full).
+    pub fresh: agent_common::FlowState,
     pub scan: HeaderScan,
     pub token: TokenScan,
     pub path: PathScan,
@@ -144,6 +153,37 @@ pub struct HeaderScan {
     pub mask: u64,
     /// The request line's LF (the first of the data), or `NOT_FOUND`.
     pub first_lf: u64,
+    /// SCAN_COMPLETE: where what follows the header block starts.
+    pub block_end: u64,
+    /// The last `Content-Length` field's line start, and how many there are.
+    pub cl_start: u64,
+    pub cls: u64,
+    /// The same for `Transfer-Encoding`.
+    pub te_start: u64,
+    pub tes: u64,
+}
+
+/// One segment's walk through its connection's byte stream (see `stream`), kept across
+/// the tail calls that judge the requests pipelined in it.
+#[repr(C)]
+pub struct Cursor {
+    /// Set just before the program tail-calls itself for the next request of the segment;
+    /// cleared by the run that reads it.
+    pub cont: u64,
+    /// Payload offset of the next byte to look at.
+    pub off: u64,
+    /// Stream state (`agent_common::stream`) and its count at `off`.
+    pub kind: u64,
+    pub remaining: u64,
+    /// The same at the start of the segment.
+    pub start_kind: u64,
+    pub start_remaining: u64,
+    /// The segment repeats the last one: it must leave the stream where that one did.
+    pub rejudge: u64,
+    /// Requests judged in this segment so far.
+    pub requests: u64,
+    /// This run leaves bytes of the segment to judge: the entry tail-calls the program.
+    pub more: u64,
 }
 
 /// Token hashing or checking state (see `HeaderScan`).

@@ -40,6 +40,7 @@ pub fn load_datapath() -> Result<Datapath, DatapathError> {
         max_revoked: 1024,
         token_stats: 1024,
         ring_bytes: 1 << 16,
+        max_flows: agent_common::DEFAULT_MAX_FLOWS,
         pin_dir: None,
     })?;
     dp.set_config(&GlobalConfig {
@@ -71,7 +72,8 @@ pub fn listener(id: u32, mode: u8, action: u8) -> ListenerConfig {
         on_missing: default_policy::DENY,
         on_unknown: default_policy::DENY,
         on_incomplete: default_policy::DENY,
-        _pad: [0; 3],
+        on_not_http: agent_common::default_policy::DENY,
+        _pad: [0; 2],
     }
 }
 

@@ -445,6 +445,7 @@ impl Gateway {
             max_revoked: 16,
             token_stats: 16,
             ring_bytes: 1 << 12,
+            max_flows: agent_common::DEFAULT_MAX_FLOWS,
             pin_dir: None,
         })
         .map_err(|e| GatewayError::PeerLoad(Box::new(e)))?;

@@ -11,6 +11,7 @@ pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 203, 9, 2);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 9, 0, 0, 0, 0, 1);
 pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 9, 0, 0, 0, 0, 2);
 
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_RST: u8 = 0x04;
@@ -172,6 +173,73 @@ pub fn checksum(b: &[u8], initial: u32) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     !(s as u16)
+}
+
+/// The client SYN that opened the connection of TCP `frame` (any layout `Frame` builds):
+/// the same headers, no payload, flags SYN, sequence number one before the frame's, with
+/// lengths and checksums made right. `None` for a frame that is not TCP.
+pub fn syn_of(frame: &[u8]) -> Option<Vec<u8>> {
+    let mut off = 12;
+    let mut proto = u16::from_be_bytes([frame[off], frame[off + 1]]);
+    while proto == 0x8100 || proto == 0x88a8 {
+        off += 4;
+        proto = u16::from_be_bytes([frame[off], frame[off + 1]]);
+    }
+    let l3 = off + 2;
+    let (tcp, ipv6) = match proto {
+        0x0800 => {
+            let ihl = ((frame[l3] & 0x0f) as usize) * 4;
+            if frame[l3 + 9] != 6 {
+                return None;
+            }
+            (l3 + ihl, false)
+        }
+        0x86dd => {
+            let mut next = frame[l3 + 6];
+            let mut at = l3 + 40;
+            while matches!(next, 0 | 43 | 60) {
+                next = frame[at];
+                at += (frame[at + 1] as usize + 1) * 8;
+            }
+            if next != 6 {
+                return None;
+            }
+            (at, true)
+        }
+        _ => return None,
+    };
+    let doff = ((frame[tcp + 12] >> 4) as usize) * 4;
+    let mut f = frame[..tcp + doff].to_vec();
+    let seq = u32::from_be_bytes(f[tcp + 4..tcp + 8].try_into().unwrap()).wrapping_sub(1);
+    f[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
+    f[tcp + 8..tcp + 12].copy_from_slice(&[0; 4]);
+    f[tcp + 13] = TCP_SYN;
+    f[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let (src, dst) = if ipv6 {
+        let plen = (f.len() - l3 - 40) as u16;
+        f[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+        (f[l3 + 8..l3 + 24].to_vec(), f[l3 + 24..l3 + 40].to_vec())
+    } else {
+        let tot = (f.len() - l3) as u16;
+        f[l3 + 2..l3 + 4].copy_from_slice(&tot.to_be_bytes());
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[l3..tcp], 0);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        (f[l3 + 12..l3 + 16].to_vec(), f[l3 + 16..l3 + 20].to_vec())
+    };
+    let seg_len = f.len() - tcp;
+    let mut pseudo = src;
+    pseudo.extend_from_slice(&dst);
+    if ipv6 {
+        pseudo.extend_from_slice(&(seg_len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    } else {
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&(seg_len as u16).to_be_bytes());
+    }
+    let c = checksum(&f[tcp..], sum(&pseudo));
+    f[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
+    Some(f)
 }
 
 /// True when the TCP checksum of a parsed IPv4/IPv6 frame (no VLAN tags) verifies,

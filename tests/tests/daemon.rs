@@ -792,6 +792,7 @@ fn datapath_for_100k() -> rampart::datapath::Datapath {
         max_revoked: 1024,
         token_stats: 1024,
         ring_bytes: 65_536,
+        max_flows: 1024,
         pin_dir: None,
     })
     .expect("load the datapath")
@@ -927,6 +928,7 @@ fn revocations_move_from_the_preallocated_pin_to_the_new_one() {
         max_revoked: 1024,
         token_stats: 1024,
         ring_bytes: 65_536,
+        max_flows: 1024,
         pin_dir: Some(pins.clone()),
     };
     let revoked = Fingerprint([1, 2]);

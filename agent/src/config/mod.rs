@@ -75,6 +75,10 @@ pub struct MapsConfig {
     /// Event ring buffer size; the kernel wants a power of two and whole pages.
     #[serde(deserialize_with = "ring_bytes")]
     pub ring_bytes: u32,
+    /// Connections to inspected ports tracked at once (an LRU: under a flood the idlest
+    /// drop out, and their next request is denied as `untracked`).
+    #[serde(deserialize_with = "positive")]
+    pub max_flows: u32,
 }
 
 impl Default for MapsConfig {
@@ -88,6 +92,8 @@ impl Default for MapsConfig {
             token_stats: 65536,
             // 1 MiB holds about ten thousand events, seconds of backlog at the default cap.
             ring_bytes: 1 << 20,
+            // 256k concurrent connections, about 150 bytes each in the kernel.
+            max_flows: agent_common::DEFAULT_MAX_FLOWS,
         }
     }
 }
@@ -135,6 +141,9 @@ pub struct Listener {
     pub on_missing: DefaultPolicy,
     pub on_unknown: DefaultPolicy,
     pub on_incomplete: DefaultPolicy,
+    /// Bytes where a request must start that cannot start an HTTP/1.x request (h2c, TLS,
+    /// binary): denied by default.
+    pub on_not_http: DefaultPolicy,
 }
 
 impl Listener {
@@ -147,7 +156,8 @@ impl Listener {
             on_missing: self.on_missing.to_datapath(),
             on_unknown: self.on_unknown.to_datapath(),
             on_incomplete: self.on_incomplete.to_datapath(),
-            _pad: [0; 3],
+            on_not_http: self.on_not_http.to_datapath(),
+            _pad: [0; 2],
         }
     }
 }
@@ -396,6 +406,8 @@ struct ListenerEntry {
     on_unknown: DefaultPolicy,
     #[serde(default)]
     on_incomplete: DefaultPolicy,
+    #[serde(default)]
+    on_not_http: DefaultPolicy,
 }
 
 /// The checks that look across listeners, or at fields serde passes through unchecked.
@@ -526,6 +538,7 @@ fn validate_listeners(
             on_missing: e.on_missing,
             on_unknown: e.on_unknown,
             on_incomplete: e.on_incomplete,
+            on_not_http: e.on_not_http,
         });
     }
     Ok(listeners)

@@ -81,7 +81,8 @@ fn listeners_and_relative_paths() {
             on_missing: default_policy::ALLOW,
             on_unknown: default_policy::DENY,
             on_incomplete: default_policy::DENY,
-            _pad: [0; 3],
+            on_not_http: default_policy::DENY,
+            _pad: [0; 2],
         }
     );
     let local = &c.listeners[1];

@@ -74,9 +74,12 @@ impl Enforcer for DatapathEnforcer {
         if state.is_none() && stats.by_verdict.iter().all(|&n| n == 0) {
             return None;
         }
+        // Verdicts past `TOKEN_VERDICT_COUNT` are never a known token's: zero.
+        let mut by_verdict = [0; agent_common::VERDICT_COUNT];
+        by_verdict[..stats.by_verdict.len()].copy_from_slice(&stats.by_verdict);
         Some(TokenRuntime {
             state: state.unwrap_or_default(),
-            by_verdict: stats.by_verdict,
+            by_verdict,
             rate_per_sec: rate,
         })
     }

@@ -203,6 +203,7 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         max_revoked: config.maps.max_revoked,
         token_stats: config.maps.token_stats,
         ring_bytes: config.maps.ring_bytes,
+        max_flows: config.maps.max_flows,
         pin_dir: Some(config.bpffs_dir.clone()),
     })?;
     dp.set_config(&GlobalConfig {

@@ -13,7 +13,7 @@ use aya::programs::{
     TestRun, TestRunOptions, TestRunResult, XdpMode,
 };
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
     programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
@@ -28,6 +28,9 @@ use crate::EBPF_OBJECT;
 
 pub const XDP_PROGRAM: &str = "rampart_xdp";
 pub const TC_PROGRAM: &str = "rampart_tc";
+/// The request judges each hook's program tail-calls (never attached).
+pub const XDP_REQUEST_PROGRAM: &str = "rampart_xdp_request";
+pub const TC_REQUEST_PROGRAM: &str = "rampart_tc_request";
 /// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
 pub const PASS_PROGRAM: &str = "rampart_pass";
 /// The benchmark's floor: never attached.
@@ -36,7 +39,7 @@ pub const FLOOR_PROGRAM: &str = "rampart_floor";
 
 /// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
 /// everything a restarted daemon adopts (policy, runtime state, counters, the event ring).
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     "CONFIG",
     "PORTS",
     "LISTENERS",
@@ -50,6 +53,7 @@ pub const MAP_NAMES: [&str; 13] = [
     "EVENTS",
     "EVENT_BUDGET",
     "RESET_FLOWS",
+    "FLOWS",
 ];
 
 /// Maps of earlier versions' pins that are no longer pinned: removed at load, so an
@@ -69,6 +73,8 @@ pub struct LoadOptions {
     pub token_stats: u32,
     /// Ring buffer size (a power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// Connections tracked at once (`FLOWS`).
+    pub max_flows: u32,
     /// Pin (and on restart, adopt) maps under this bpffs directory.
     pub pin_dir: Option<PathBuf>,
 }
@@ -80,6 +86,7 @@ impl Default for LoadOptions {
             max_revoked: DEFAULT_MAX_TOKENS,
             token_stats: 65536,
             ring_bytes: 1 << 20,
+            max_flows: agent_common::DEFAULT_MAX_FLOWS,
             pin_dir: None,
         }
     }
@@ -153,7 +160,8 @@ impl Datapath {
             .map_max_entries("TOKEN_STATE", options.max_tokens)
             .map_max_entries("REVOKED", options.max_revoked)
             .map_max_entries("TOKEN_STATS", options.token_stats)
-            .map_max_entries("EVENTS", options.ring_bytes);
+            .map_max_entries("EVENTS", options.ring_bytes)
+            .map_max_entries("FLOWS", options.max_flows);
         let pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| DatapathError::Io {
@@ -220,6 +228,7 @@ impl Datapath {
         dp.adopt_token_slots()?;
         if let Some(dir) = dp.options.pin_dir.clone() {
             dp.migrate_tokens(&dir)?;
+            dp.migrate_verdict_stats(&dir)?;
         }
         let flagged = dp.flag_all_revoked()?;
         if flagged > 0 {
@@ -240,16 +249,24 @@ impl Datapath {
     /// pays for the TC program's verification (about 0.4 s on this class of machine,
     /// several seconds on a small or emulated one).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        if loaded_xdp(&mut self.ebpf, XDP_PROGRAM)?.fd().is_ok()
+            && loaded_xdp(&mut self.ebpf, XDP_REQUEST_PROGRAM)?.fd().is_ok()
+        {
+            fill_jumps(&mut self.ebpf, "JUMP_XDP", [XDP_PROGRAM, XDP_REQUEST_PROGRAM])?;
+        }
         loaded_xdp(&mut self.ebpf, XDP_PROGRAM)
     }
 
     /// The enforcing TC program, loaded on first use (see `xdp_program`).
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let p: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
-        if p.fd().is_err() {
-            p.load().map_err(prog_err(TC_PROGRAM))?;
+        for name in [TC_PROGRAM, TC_REQUEST_PROGRAM] {
+            let p: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(prog_err(name))?;
+            }
         }
-        Ok(p)
+        fill_jumps(&mut self.ebpf, "JUMP_TC", [TC_PROGRAM, TC_REQUEST_PROGRAM])?;
+        program(&mut self.ebpf, TC_PROGRAM)
     }
 
     pub fn pin_dir(&self) -> Option<&Path> {
@@ -280,6 +297,24 @@ impl Datapath {
 /// BPF_PROG_TEST_RUN.
 #[cfg(feature = "test-support")]
 impl Datapath {
+    /// The kernel's view of each enforcing program (entry and request judge, both hooks),
+    /// loading them first.
+    pub fn enforcing_program_infos(
+        &mut self,
+    ) -> Result<Vec<(&'static str, aya::programs::ProgramInfo)>, DatapathError> {
+        self.xdp_program()?;
+        self.tc_program()?;
+        let mut out = Vec::new();
+        for name in [XDP_PROGRAM, XDP_REQUEST_PROGRAM, TC_PROGRAM, TC_REQUEST_PROGRAM] {
+            let p = self.ebpf.program(name).ok_or(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
+            out.push((name, p.info().map_err(prog_err(name))?));
+        }
+        Ok(out)
+    }
+
     /// The pass-through XDP program, loaded on first use.
     pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
         loaded_xdp(&mut self.ebpf, PASS_PROGRAM)
@@ -390,6 +425,40 @@ fn ebpf_log_level() -> u8 {
         LevelFilter::DEBUG => aya_log::Level::Debug as u8,
         _ => aya_log::Level::Trace as u8,
     }
+}
+
+/// Puts the loaded programs `names` in the slots of jump map `map` (`stream::ENTRY`,
+/// `stream::REQUEST` in the eBPF crate): the entry program tail-calls the request program
+/// for each request of a segment, and it the entry program for the rest. Each loaded
+/// program set has its own (unpinned) jump maps.
+fn fill_jumps(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    names: [&'static str; 2],
+) -> Result<(), DatapathError> {
+    let mut fds = Vec::new();
+    for name in names {
+        let fd = ebpf
+            .program(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?
+            .fd()
+            .map_err(prog_err(name))?
+            .try_clone()
+            .map_err(|source| DatapathError::Io {
+                path: name.into(),
+                source,
+            })?;
+        fds.push(fd);
+    }
+    let m = ebpf.map_mut(map).ok_or(DatapathError::MissingMap(map))?;
+    let mut jumps: ProgramArray<&mut MapData> = ProgramArray::try_from(m).map_err(map_err(map))?;
+    for (slot, fd) in fds.iter().enumerate() {
+        jumps.set(slot as u32, fd, 0).map_err(map_err(map))?;
+    }
+    Ok(())
 }
 
 /// The XDP program `name`, loaded into the kernel on first use.

@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use agent_common::{Fingerprint, TokenInfo, TokenState};
-use aya::maps::{HashMap, Map, MapData};
+use agent_common::{Fingerprint, TokenInfo, TokenState, TOKEN_VERDICT_COUNT, VERDICT_COUNT};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 
 use super::{error::map_err, DatapathError};
 
@@ -25,6 +25,9 @@ pub fn pin_file(name: &str) -> &str {
         "TOKEN_STATE" => "TOKEN_STATE_V3",
         // v2: a listener word per port (was a bitmap of judged ports).
         "PORTS" => "PORTS_V2",
+        // v2: 14 verdicts per listener row (was 11: before not_http, untracked and
+        // out_of_sequence).
+        "VERDICT_STATS" => "VERDICT_STATS_V2",
         other => other,
     }
 }
@@ -146,4 +149,33 @@ pub fn revoked_v1(
     f: impl FnMut(Fingerprint, u64) -> Result<(), DatapathError>,
 ) -> Result<usize, DatapathError> {
     drain_pin(dir, "REVOKED", f)
+}
+
+/// An earlier version's `VERDICT_STATS` pin (rows of `TOKEN_VERDICT_COUNT` verdicts, the
+/// count there was then): each non-zero counter's per-CPU values to `f` with its index in
+/// the new layout, then the pin is removed. Returns the counters handed over.
+pub fn verdict_stats_v1(
+    dir: &Path,
+    mut f: impl FnMut(u32, PerCpuValues<u64>) -> Result<(), DatapathError>,
+) -> Result<usize, DatapathError> {
+    const FILE: &str = "VERDICT_STATS";
+    let path = dir.join(FILE);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let old = MapData::from_pin(&path).map_err(map_err(FILE))?;
+    let old: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(old)).map_err(map_err(FILE))?;
+    let mut n = 0;
+    for i in 0..old.len() {
+        let values = old.get(&i, 0).map_err(map_err(FILE))?;
+        if values.iter().all(|v| *v == 0) {
+            continue;
+        }
+        let (row, verdict) = (i / TOKEN_VERDICT_COUNT as u32, i % TOKEN_VERDICT_COUNT as u32);
+        f(row * VERDICT_COUNT as u32 + verdict, values)?;
+        n += 1;
+    }
+    std::fs::remove_file(&path).map_err(|source| DatapathError::Io { path, source })?;
+    Ok(n)
 }

@@ -46,6 +46,8 @@ impl Datapath {
                 continue;
             }
             let data = match map {
+                // The jump maps hold the programs themselves.
+                Map::ProgramArray(_) => continue,
                 Map::Array(d)
                 | Map::PerCpuArray(d)
                 | Map::HashMap(d)
@@ -58,6 +60,24 @@ impl Datapath {
         }
         write_last_reset(&mut self.ebpf, super::load::coarse_now()?)?;
         self.slots = Slots::rebuild(self.options.max_tokens, []).0;
+        Ok(())
+    }
+}
+
+impl Datapath {
+    /// Forgets every connection the programs track (`FLOWS`, `PARTIAL`), as if none had
+    /// been opened since they were loaded.
+    pub fn forget_flows(&mut self) -> Result<(), DatapathError> {
+        for name in ["FLOWS", "PARTIAL"] {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(DatapathError::MissingMap(name))?;
+            let (Map::LruHashMap(d) | Map::HashMap(d)) = map else {
+                return Err(DatapathError::NoResetRule(name.to_owned()));
+            };
+            empty(name, d)?;
+        }
         Ok(())
     }
 }

@@ -336,6 +336,23 @@ impl Datapath {
         Ok(())
     }
 
+    /// Moves an earlier version's verdict counters into this layout (see
+    /// `migrate::verdict_stats_v1`).
+    pub(super) fn migrate_verdict_stats(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<(), DatapathError> {
+        let moved = migrate::verdict_stats_v1(dir, |idx, values| {
+            self.verdict_stats
+                .set(idx, values, 0)
+                .map_err(map_err("VERDICT_STATS"))
+        })?;
+        if moved > 0 {
+            tracing::info!(moved, "moved verdict counters from an earlier version's pin");
+        }
+        Ok(())
+    }
+
     pub fn token(&self, fp: &Fingerprint) -> Option<TokenInfo> {
         self.tokens.get(fp, 0).ok()
     }

@@ -110,7 +110,8 @@ fn main() -> anyhow::Result<()> {
         on_missing: default_policy::DENY,
         on_unknown: default_policy::DENY,
         on_incomplete: default_policy::DENY,
-        _pad: [0; 3],
+        on_not_http: agent_common::default_policy::DENY,
+        _pad: [0; 2],
     };
     dp.set_listener(
         ListenerKey {

@@ -1,0 +1,521 @@
+//! Each connection's byte stream, as the server will parse it: where its next request
+//! starts. The unit of judgement is the HTTP/1.x request, not the segment.
+//!
+//! `FLOWS` holds, per connection, the sequence number up to which the stream was judged
+//! and what comes there (`agent_common::stream`): a request (after any empty lines), the
+//! rest of a Content-Length body, a chunked body, or the rest of a header block whose
+//! first bytes are held in `PARTIAL`. The rules, all fail-closed:
+//! - A client SYN starts the entry. A SYN for a connection seen within `REUSE_AFTER_NS`
+//!   (with another initial sequence number) removes it instead: the server may still hold
+//!   the old connection, whose stream position a forged SYN would otherwise move.
+//! - Data without an entry is `untracked` (opened before the listener attached, or evicted
+//!   from a full table): where its next request starts is unknown.
+//! - A segment is judged when it starts where the stream was judged up to, or when it
+//!   repeats the last segment exactly (a retransmission: judged again from where that one
+//!   started, and it must leave the stream where that one did, else `malformed`). A
+//!   segment wholly inside a Content-Length body passes. Anything else (a gap before it, a
+//!   partial overlap) is `out_of_sequence` and dropped: the client sends it again in order.
+//! - In a segment, body bytes are skipped, empty lines before a request are skipped as
+//!   servers skip them, and every request is judged: the first in this run, each further
+//!   one in a tail call of the program to itself (at most `MAX_REQUESTS_PER_SEGMENT`).
+//! - A request line or header block that does not end in the segment is held (its bytes
+//!   copied to `PARTIAL`) and the segment passes — a server cannot act on a request whose
+//!   header block has not ended — and it is judged whole on the segment that ends it.
+//! - The stream moves on only when the whole segment is let through: a denied segment
+//!   leaves the connection where it was, so whatever completes it later is judged too.
+
+use agent_common::{
+    stream::{BODY, BOUNDARY, CHUNKED, HEADERS},
+    swar::{eq_bytes, first_marked_byte, HIGHS},
+    siphash::low_bytes_mask,
+    FlowId, FlowState, Verdict, SCAN_BYTES,
+};
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+
+use crate::{
+    chunked,
+    maps::{FLOWS, PARTIAL, SCRATCH},
+    packet::{copy_len, Packet},
+    parse::Flow,
+    reply::write_addrs,
+    scratch::{clear, Buf, Cursor, HeaderScan},
+};
+
+/// How long after a connection's last judged segment a SYN of the same 4-tuple may start
+/// a new one: longer than servers keep an idle or unfinished connection (nginx: 75 s
+/// keep-alive, 60 s header and body timeouts).
+pub const REUSE_AFTER_NS: u64 = 120_000_000_000;
+/// Requests judged in one segment: two runs each (entry, request), of the 33 the kernel
+/// allows a packet.
+pub const MAX_REQUESTS_PER_SEGMENT: u64 = 16;
+// `clear(&mut c.kind)` sets BOUNDARY: zero stores go through `clear`, as LLVM turns
+// neighbouring plain ones into a `memset` call, which Linux 6.1 rejects.
+const _: () = assert!(BOUNDARY == 0);
+
+/// Bytes of empty lines skipped before a request.
+const MAX_EMPTY_LINE_BYTES: usize = 16;
+
+/// Writes the connection's `FLOWS` key.
+#[inline(always)]
+pub fn write_flow_id(p: &impl Packet, f: &Flow, id: &mut FlowId) -> Result<(), ()> {
+    write_addrs(p, f, &mut id.saddr, &mut id.daddr)?;
+    id.sport = f.sport;
+    id.dport = f.dport;
+    Ok(())
+}
+
+/// The connection's key, in the scratch value.
+#[inline(always)]
+fn flow_id(p: &impl Packet, f: &Flow) -> Result<&'static FlowId, ()> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let id = unsafe { &mut (*scratch).flow.id };
+    write_flow_id(p, f, id)?;
+    Ok(id)
+}
+
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// A client's SYN to an inspected port (see the module comment).
+#[inline(always)]
+pub fn syn(p: &impl Packet, isn: u32, f: &Flow, buf: Buf) {
+    let Ok(id) = flow_id(p, f) else {
+        return;
+    };
+    let now = coarse_now();
+    if let Some(st) = FLOWS.get_ptr(id) {
+        // SAFETY: map value pointer valid for this run.
+        let (known, seen) = unsafe { ((*st).isn, (*st).seen_ns) };
+        if known == isn {
+            // The same SYN again (its SYN-ACK was lost).
+            return;
+        }
+        if now.wrapping_sub(seen) < REUSE_AFTER_NS {
+            let _ = FLOWS.remove(id);
+            return;
+        }
+    }
+    // SAFETY: the per-CPU scratch map value.
+    let fresh = unsafe { &mut (*buf.scratch()).fresh };
+    let next = isn.wrapping_add(1);
+    *fresh = FlowState {
+        next,
+        kind: BOUNDARY,
+        remaining: 0,
+        prev: next,
+        prev_kind: BOUNDARY,
+        prev_remaining: 0,
+        isn,
+        _pad: 0,
+        seen_ns: now,
+    };
+    let _ = FLOWS.insert(id, fresh, 0);
+}
+
+#[inline(always)]
+pub fn cursor(buf: Buf) -> &'static mut Cursor {
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    unsafe { &mut (*buf.scratch()).cursor }
+}
+
+/// What a request at the cursor came to (see `judge::request`).
+pub enum Request {
+    Judged(Verdict),
+    /// The request line or header block goes on past the segment: its `n` bytes so far
+    /// (in the scratch buffer) are held.
+    Hold(usize),
+}
+
+/// Where the entry program leaves a segment.
+pub enum Step {
+    /// The segment is settled with this verdict (`None`: a continuation with nothing
+    /// new to count).
+    Done(Option<Verdict>),
+    /// A request starts at the cursor: the request program judges it.
+    Request,
+}
+
+/// The entry program's part: where the segment starts in its connection's stream (or,
+/// in a continuation after a request, where it goes on), then over body bytes and empty
+/// lines to the next request, if the segment has one.
+#[inline(always)]
+pub fn enter(p: &impl Packet, f: &Flow, buf: Buf) -> Step {
+    let c = cursor(buf);
+    let Ok(id) = flow_id(p, f) else {
+        clear(&mut c.cont);
+        return Step::Done(Some(Verdict::Malformed));
+    };
+    let len = buf.launder_within(f.payload_len, 0xffff) as u64;
+    let first = c.cont == 0;
+    clear(&mut c.cont);
+    if first {
+        let Some(st) = FLOWS.get_ptr(id) else {
+            return Step::Done(Some(Verdict::Untracked));
+        };
+        // SAFETY: map value pointer valid for this run.
+        if let Err(v) = start(c, unsafe { &*st }, f.seq, len as u32) {
+            return Step::Done(Some(v));
+        }
+    }
+    if let Err(v) = advance(p, f, buf, c, len) {
+        return Step::Done(Some(v));
+    }
+    if c.off >= len {
+        let v = finish(id, c, f.seq, len, Verdict::Pass);
+        return Step::Done(if first || v != Verdict::Pass {
+            Some(v)
+        } else {
+            None
+        });
+    }
+    if c.requests >= MAX_REQUESTS_PER_SEGMENT {
+        return Step::Done(Some(Verdict::Malformed));
+    }
+    Step::Request
+}
+
+/// The request program's part: judges the request at the cursor (`judge`), then moves
+/// the cursor past it (and past a Content-Length body in the segment). `cursor().more`:
+/// bytes of the segment remain, for the entry program.
+#[inline(always)]
+pub fn request(
+    p: &impl Packet,
+    f: &Flow,
+    buf: Buf,
+    denies: impl Fn(Verdict) -> bool,
+    judge: impl FnOnce(&Cursor, usize) -> Request,
+) -> Verdict {
+    let c = cursor(buf);
+    clear(&mut c.more);
+    let Ok(id) = flow_id(p, f) else {
+        return Verdict::Malformed;
+    };
+    let len = buf.launder_within(f.payload_len, 0xffff) as u64;
+    let held = if c.kind == HEADERS as u64 {
+        buf.launder_within(c.remaining as usize, SCAN_BYTES - 1)
+    } else {
+        0
+    };
+    match judge(c, held) {
+        Request::Hold(n) => {
+            if n >= SCAN_BYTES {
+                // The header block is longer than the datapath reads.
+                return untracked_after(id, Verdict::Incomplete, &denies);
+            }
+            // SAFETY: the scratch buffer holds SCAN_BYTES and more.
+            let bytes = unsafe { &*(buf.ptr() as *const crate::maps::Partial) };
+            if PARTIAL.insert(id, bytes, 0).is_err() {
+                return Verdict::Incomplete;
+            }
+            c.kind = HEADERS as u64;
+            c.remaining = n as u64;
+            c.off = len;
+            finish(id, c, f.seq, len, Verdict::Pass)
+        }
+        Request::Judged(v) => {
+            if denies(v) {
+                return v;
+            }
+            // Let through (allowed, observe mode, or a default of allow): on to what
+            // follows it, if its framing is known.
+            // SAFETY: the per-CPU scratch map value.
+            let scan = unsafe { &(*buf.scratch()).scan };
+            let framed = match v {
+                Verdict::Malformed | Verdict::NotHttp | Verdict::Incomplete => Err(()),
+                _ => framing(buf, scan),
+            };
+            let Ok((kind, remaining)) = framed else {
+                return match v {
+                    Verdict::Malformed | Verdict::NotHttp | Verdict::Incomplete => {
+                        untracked_after(id, v, &denies)
+                    }
+                    // A request let through whose body framing is ambiguous.
+                    _ => untracked_after(id, Verdict::Malformed, &denies),
+                };
+            };
+            let end = scan.block_end as usize;
+            if end <= held {
+                return Verdict::Malformed;
+            }
+            c.off += (end - held) as u64;
+            c.kind = kind;
+            c.remaining = remaining;
+            c.requests += 1;
+            if c.kind == BODY as u64 {
+                consume_body(c, len);
+            }
+            if c.off < len {
+                c.more = 1;
+                return v;
+            }
+            finish(id, c, f.seq, len, v)
+        }
+    }
+}
+
+/// `v` for a request after which the stream's position is unknown. When `v` is let
+/// through (observe mode, or a default of allow) the connection is forgotten: the rest of
+/// it is `untracked`, denied in enforce mode.
+#[inline(always)]
+fn untracked_after(id: &FlowId, v: Verdict, denies: &impl Fn(Verdict) -> bool) -> Verdict {
+    if !denies(v) {
+        let _ = FLOWS.remove(id);
+    }
+    v
+}
+
+/// Sets the cursor at the start of a segment (see the module comment); `Err` is the
+/// verdict of a segment that is not judged from here.
+#[inline(always)]
+fn start(c: &mut Cursor, st: &FlowState, seq: u32, len: u32) -> Result<(), Verdict> {
+    if seq == st.next {
+        c.kind = st.kind as u64;
+        c.remaining = st.remaining;
+        clear(&mut c.rejudge);
+    } else if seq == st.prev && seq.wrapping_add(len) == st.next && st.prev != st.next {
+        c.kind = st.prev_kind as u64;
+        c.remaining = st.prev_remaining;
+        c.rejudge = 1;
+    } else {
+        let ahead = seq.wrapping_sub(st.next);
+        if st.kind == BODY && (ahead as i32) > 0 && ahead as u64 + len as u64 <= st.remaining {
+            return Err(Verdict::Pass);
+        }
+        return Err(Verdict::OutOfSequence);
+    }
+    clear(&mut c.off);
+    c.start_kind = c.kind;
+    c.start_remaining = c.remaining;
+    clear(&mut c.requests);
+    Ok(())
+}
+
+/// Moves the stream on to `c` after the whole segment was let through. A retransmission
+/// must leave it where the segment it repeats did.
+#[inline(always)]
+fn finish(id: &FlowId, c: &Cursor, seq: u32, len: u64, v: Verdict) -> Verdict {
+    let Some(st) = FLOWS.get_ptr_mut(id) else {
+        return Verdict::Untracked;
+    };
+    // SAFETY: map value pointer valid for this run.
+    let st = unsafe { &mut *st };
+    if c.rejudge != 0 {
+        if c.kind != st.kind as u64 || c.remaining != st.remaining {
+            // The bytes differ from what was judged, and the server may hold either.
+            return Verdict::Malformed;
+        }
+        return v;
+    }
+    st.prev = seq;
+    st.prev_kind = c.start_kind as u32;
+    st.prev_remaining = c.start_remaining;
+    st.next = seq.wrapping_add(len as u32);
+    st.kind = c.kind as u32;
+    st.remaining = c.remaining;
+    st.seen_ns = coarse_now();
+    v
+}
+
+/// Moves the cursor over the Content-Length body bytes in the segment.
+#[inline(always)]
+fn consume_body(c: &mut Cursor, len: u64) {
+    let left = len - c.off;
+    if c.remaining >= left {
+        c.remaining -= left;
+        c.off = len;
+    } else {
+        c.off += c.remaining;
+        clear(&mut c.remaining);
+        clear(&mut c.kind);
+    }
+}
+
+/// Moves the cursor over body bytes and over the empty lines before a request.
+#[inline(always)]
+fn advance(p: &impl Packet, f: &Flow, buf: Buf, c: &mut Cursor, len: u64) -> Result<(), Verdict> {
+    if c.kind == BODY as u64 {
+        consume_body(c, len);
+        if c.kind == BODY as u64 {
+            return Ok(());
+        }
+    }
+    if c.kind == CHUNKED as u64 {
+        chunked::walk(p, f, buf, c, len)?;
+        if c.kind == CHUNKED as u64 {
+            return Ok(());
+        }
+    }
+    if c.kind == BOUNDARY as u64 && c.off < len {
+        skip_empty_lines(p, f, buf, c, len)?;
+    }
+    Ok(())
+}
+
+/// Servers ignore CR and LF before a request line (RFC 9112 §2.2; nginx skips any run of
+/// them): so does the cursor, up to MAX_EMPTY_LINE_BYTES; a longer run is `not_http`.
+#[inline(always)]
+fn skip_empty_lines(
+    p: &impl Packet,
+    f: &Flow,
+    buf: Buf,
+    c: &mut Cursor,
+    len: u64,
+) -> Result<(), Verdict> {
+    let n = buf.launder_within((len - c.off) as usize, 0xffff);
+    let n = if n > MAX_EMPTY_LINE_BYTES {
+        MAX_EMPTY_LINE_BYTES
+    } else {
+        n
+    };
+    // SAFETY: the per-CPU scratch map value.
+    let peek = unsafe { &mut (*buf.scratch()).peek };
+    let at = buf.launder_within(f.payload_off + c.off as usize, 0xffff);
+    if n == 0
+        || p
+            .load(at, peek.as_mut_ptr() as *mut u8, copy_len(n, 16))
+            .is_err()
+    {
+        return Err(Verdict::Malformed);
+    }
+    let mut skip = 0usize;
+    for (i, w) in peek.iter().enumerate() {
+        let valid = if n >= 8 * (i + 1) {
+            HIGHS
+        } else if n > 8 * i {
+            low_bytes_mask(n - 8 * i) & HIGHS
+        } else {
+            0
+        };
+        let other = !(eq_bytes(*w, b'\r') | eq_bytes(*w, b'\n')) & valid;
+        if other != 0 {
+            c.off += (skip + first_marked_byte(other)) as u64;
+            return Ok(());
+        }
+        skip += if n >= 8 * (i + 1) { 8 } else { n - 8 * i };
+        if n <= 8 * (i + 1) {
+            c.off += skip as u64;
+            return Ok(());
+        }
+    }
+    Err(Verdict::NotHttp)
+}
+
+/// How the request whose header block the scan completed is followed: `(kind, remaining)`
+/// of the stream after its header block. `Err`: framing the server could read another way
+/// (both Content-Length and Transfer-Encoding, either twice, a coding other than chunked,
+/// a value that is not a plain number, whitespace before the colon).
+#[inline(always)]
+fn framing(buf: Buf, s: &HeaderScan) -> Result<(u64, u64), ()> {
+    if s.cls + s.tes > 1 {
+        return Err(());
+    }
+    if s.tes == 1 {
+        return if transfer_encoding_chunked(buf, s.te_start as usize)? {
+            Ok((CHUNKED as u64, chunked::START))
+        } else {
+            Ok((BOUNDARY as u64, 0))
+        };
+    }
+    if s.cls == 1 {
+        return match content_length(buf, s.cl_start as usize)? {
+            Some(0) | None => Ok((BOUNDARY as u64, 0)),
+            Some(n) => Ok((BODY as u64, n)),
+        };
+    }
+    Ok((BOUNDARY as u64, 0))
+}
+
+/// Skips optional whitespace from `i` (at most 8 bytes of it).
+#[inline(always)]
+fn skip_ows(buf: Buf, i: usize) -> usize {
+    let w = buf.word(i);
+    let ws = !(eq_bytes(w, b' ') | eq_bytes(w, b'\t')) & HIGHS;
+    if ws == 0 {
+        i + 8
+    } else {
+        i + first_marked_byte(ws)
+    }
+}
+
+/// The end of a field value at `i`: optional whitespace, then CRLF or LF.
+#[inline(always)]
+fn value_ends(buf: Buf, i: usize) -> bool {
+    let i = skip_ows(buf, i);
+    buf.byte(i) == b'\n' || (buf.byte(i) == b'\r' && buf.byte(i + 1) == b'\n')
+}
+
+/// The value of the `Content-Length` field at line start `at`: `None` when the name
+/// only starts like it ("Content-Lengths:").
+#[inline(always)]
+fn content_length(buf: Buf, at: usize) -> Result<Option<u64>, ()> {
+    let c = buf.byte(at + 14);
+    if c == b' ' || c == b'\t' {
+        return Err(());
+    }
+    if c != b':' {
+        return Ok(None);
+    }
+    let start = buf.launder(skip_ows(buf, at + 15));
+    let mut v = 0u64;
+    let mut i = start;
+    // Up to 15 digits: no body the datapath could count is longer.
+    for _ in 0..15 {
+        let d = buf.byte(i).wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        v = v * 10 + d as u64;
+        i += 1;
+    }
+    let (i, v) = (buf.launder(i), buf.launder(v as usize) as u64);
+    if i == start || !value_ends(buf, i) {
+        return Err(());
+    }
+    Ok(Some(v))
+}
+
+const CHUNKED_WORD: u64 = u64::from_le_bytes(*b"chunked\0");
+
+/// Whether the `Transfer-Encoding` field at line start `at` is exactly `chunked` (`false`
+/// when the name only starts like it); any other coding is `Err`.
+#[inline(always)]
+fn transfer_encoding_chunked(buf: Buf, at: usize) -> Result<bool, ()> {
+    if buf.byte(at + 16) | 0x20 != b'g' {
+        return Ok(false);
+    }
+    let c = buf.byte(at + 17);
+    if c == b' ' || c == b'\t' {
+        return Err(());
+    }
+    if c != b':' {
+        return Ok(false);
+    }
+    let i = buf.launder(skip_ows(buf, at + 18));
+    if (buf.word(i) | agent_common::swar::LOWER) & 0x00ff_ffff_ffff_ffff != CHUNKED_WORD
+        || !value_ends(buf, i + 7)
+    {
+        return Err(());
+    }
+    Ok(true)
+}
+
+/// Slots of the jump maps (`JUMP_XDP`, `JUMP_TC`).
+pub const ENTRY: u32 = 0;
+pub const REQUEST: u32 = 1;
+
+/// Goes on with this segment in program `slot`, the cursor marked as a continuation.
+/// Returns only when the tail call failed.
+#[inline(always)]
+pub fn go_on(p: &impl Packet, slot: u32) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let c = cursor(Buf::new(scratch));
+    c.cont = (slot == ENTRY) as u64;
+    p.rerun(slot);
+    clear(&mut c.cont);
+}
