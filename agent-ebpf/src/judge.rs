@@ -367,6 +367,9 @@ fn decide(cfg: &GlobalConfig, buf: Buf, n: usize, seen: &mut Seen) -> Request {
         // The header block goes on in a later segment: judged once it ends.
         return Request::Hold(n);
     }
+    if scan.auths > 1 {
+        return Request::Judged(Verdict::Malformed);
+    }
     Request::Judged(judge_block(cfg, buf, scan, &line, method, seen))
 }
 

@@ -38,7 +38,7 @@ use crate::{
     packet::{copy_len, Packet},
     parse::Flow,
     reply::write_addrs,
-    scratch::{clear, Buf, Cursor, HeaderScan},
+    scratch::{clear, Buf, Cursor, HeaderScan, SCAN_COMPLETE},
 };
 
 /// How long after a connection's last judged segment a SYN of the same 4-tuple may start
@@ -224,8 +224,13 @@ pub fn request(
             // follows it, if its framing is known.
             // SAFETY: the per-CPU scratch map value.
             let scan = unsafe { &(*buf.scratch()).scan };
+            // SAFETY: as above.
+            let line_ok = unsafe { (*buf.scratch()).seen.target_len } != 0;
             let framed = match v {
-                Verdict::Malformed | Verdict::NotHttp | Verdict::Incomplete => Err(()),
+                Verdict::NotHttp | Verdict::Incomplete => Err(()),
+                // A request line and a complete header block whose content is malformed
+                // (a second Authorization field, another scheme): framed all the same.
+                Verdict::Malformed if scan.end != SCAN_COMPLETE || !line_ok => Err(()),
                 _ => framing(buf, scan),
             };
             let Ok((kind, remaining)) = framed else {

@@ -66,9 +66,19 @@ pub struct Route {
     pub upstream: SocketAddr,
 }
 
+/// A plaintext origin port: nginx answers every request itself (`200 ok`), so its access
+/// log is the ground truth of which requests a server parsed from the byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub listen_port: u16,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.x.
+    pub http2: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NginxConfig {
     pub routes: Vec<Route>,
+    pub origins: Vec<Origin>,
     /// Extra subjectAltName IPs for the certificate (clients use `-k`, this is cosmetic).
     pub cert_ips: Vec<IpAddr>,
     pub worker_processes: u32,
@@ -83,6 +93,7 @@ impl Default for NginxConfig {
     fn default() -> Self {
         Self {
             routes: Vec::new(),
+            origins: Vec::new(),
             cert_ips: Vec::new(),
             // One worker: all client connections share one upstream keep-alive pool, so
             // tests can reason about upstream connection counts.
@@ -141,8 +152,12 @@ impl Nginx {
 
     fn wait_listening(&mut self, ns: &Netns, timeout: Duration) -> Result<(), NginxError> {
         let start = Instant::now();
-        for route in self.config.routes.clone() {
-            let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), route.listen_port);
+        let ports = self.config.routes.iter().map(|r| r.listen_port);
+        let ports: Vec<u16> = ports
+            .chain(self.config.origins.iter().map(|o| o.listen_port))
+            .collect();
+        for port in ports {
+            let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
             loop {
                 if let Some(child) = self.child.as_mut() {
                     if let Ok(Some(status)) = child.try_wait() {
@@ -160,7 +175,7 @@ impl Nginx {
                 }
                 if start.elapsed() > timeout {
                     return Err(NginxError::NotListening {
-                        port: route.listen_port,
+                        port,
                         waited: timeout,
                         log: self.error_log(),
                     });
@@ -323,6 +338,22 @@ fn render_config(dir: &Path, cfg: &NginxConfig) -> String {
 "#,
             port = r.listen_port,
             name = r.name,
+        );
+    }
+    for o in &cfg.origins {
+        let _ = write!(
+            servers,
+            r#"
+    server {{
+        listen {port}{h2};
+        listen [::]:{port}{h2};
+        location / {{
+            return 200 "ok\n";
+        }}
+    }}
+"#,
+            port = o.listen_port,
+            h2 = if o.http2 { " http2" } else { "" },
         );
     }
     format!(

@@ -507,3 +507,221 @@ fn tc_on_lo_judges_4096_byte_tokens() {
         "unknown 4 KiB token",
     );
 }
+
+/// A real nginx as the plaintext upstream (origin ports answering `200 ok` themselves),
+/// XDP on its veth end, and a client that controls its writes: the access log says which
+/// requests nginx parsed out of the byte stream.
+struct NginxRig {
+    nginx: rampart_tests::nginx::Nginx,
+    dp: Datapath,
+    _veth: VethPair,
+    client: Netns,
+    _server: Netns,
+}
+
+/// HTTP/1.1, inspected.
+const H1_PORT: u16 = 8180;
+/// h2c with prior knowledge, inspected.
+const H2C_PORT: u16 = 8181;
+/// h2c with prior knowledge, not inspected (the control: such a request does reach nginx).
+const H2C_OPEN_PORT: u16 = 8182;
+
+impl NginxRig {
+    fn new() -> NginxRig {
+        use rampart_tests::nginx::{Nginx, NginxConfig, Origin};
+        require_root();
+        let client = Netns::new("ngx-cli").expect("client namespace");
+        let server = Netns::new("ngx-srv").expect("server namespace");
+        let veth = VethPair::create(
+            &client,
+            VethConfig {
+                name: CLIENT_IF,
+                ipv4: CLIENT_V4,
+                ipv6: CLIENT_V6,
+            },
+            &server,
+            VethConfig {
+                name: SERVER_IF,
+                ipv4: SERVER_V4,
+                ipv6: SERVER_V6,
+            },
+        )
+        .expect("veth between client and server");
+        let origin = |listen_port, http2| Origin { listen_port, http2 };
+        let nginx = Nginx::start(
+            &server,
+            NginxConfig {
+                origins: vec![
+                    origin(H1_PORT, false),
+                    origin(H2C_PORT, true),
+                    origin(H2C_OPEN_PORT, true),
+                ],
+                ..NginxConfig::default()
+            },
+        )
+        .expect("nginx as the plaintext upstream");
+        let mut dp = load_datapath().expect("load the datapath");
+        for port in [H1_PORT, H2C_PORT] {
+            let key = ListenerKey {
+                ifindex: veth.b.ifindex,
+                port,
+                _pad: 0,
+            };
+            dp.set_listener(key, listener(LISTENER, mode::ENFORCE, deny_action::DROP))
+                .expect("listener");
+        }
+        server
+            .run(|| dp.attach_xdp(SERVER_IF, XdpMode::Driver))
+            .expect("enter the server namespace")
+            .expect("attach rampart XDP (driver mode) to the server veth end");
+        client
+            .run(|| dp.attach_pass(CLIENT_IF, XdpMode::Driver))
+            .expect("enter the client namespace")
+            .expect("attach the pass program to the client veth end");
+        NginxRig {
+            nginx,
+            dp,
+            _veth: veth,
+            client,
+            _server: server,
+        }
+    }
+
+    /// Connects to `port`, writes each of `writes` as its own segment (TCP_NODELAY, a
+    /// pause between writes), then reads what comes back within `wait`.
+    fn send(&self, port: u16, writes: &[&[u8]], wait: Duration) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        let addr = SocketAddr::new(IpAddr::V4(SERVER_V4), port);
+        let writes: Vec<Vec<u8>> = writes.iter().map(|w| w.to_vec()).collect();
+        self.client
+            .run(move || {
+                let mut s = std::net::TcpStream::connect_timeout(&addr, RESPONSE_WAIT)
+                    .unwrap_or_else(|e| panic!("connect to nginx at {addr}: {e}"));
+                s.set_nodelay(true).unwrap();
+                for w in &writes {
+                    s.write_all(w).unwrap();
+                    thread::sleep(Duration::from_millis(80));
+                }
+                s.set_read_timeout(Some(wait)).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let deadline = std::time::Instant::now() + wait;
+                while std::time::Instant::now() < deadline {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                got
+            })
+            .expect("enter the client namespace")
+    }
+
+    /// Request targets in nginx's access log.
+    fn parsed(&self) -> String {
+        self.nginx.access_log()
+    }
+}
+
+fn get(path: &str, token: Option<&BearerToken>) -> Vec<u8> {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
+        .unwrap_or_default();
+    format!("GET {path} HTTP/1.1\r\nHost: origin\r\n{auth}\r\n").into_bytes()
+}
+
+#[test]
+fn nginx_parses_no_request_that_was_not_judged() {
+    let rig = NginxRig::new();
+    let good = random_token();
+    let mut dp = rig.dp;
+    install_token(&mut dp, &good).expect("install the valid token");
+    let rig = NginxRig { dp, ..rig };
+    let served = |what: &str, reply: &[u8], path: &str| {
+        assert!(
+            rig.parsed().contains(&format!("GET {path} HTTP/1.1")),
+            "{what}: nginx must have served {path}; access log:\n{}",
+            rig.parsed()
+        );
+        assert!(reply.starts_with(b"HTTP/1.1 200"), "{what}: reply {:?}", String::from_utf8_lossy(reply));
+    };
+    let never = |what: &str, path: &str| {
+        assert!(
+            !rig.parsed().contains(path),
+            "{what}: nginx parsed {path}, which was never judged; access log:\n{}",
+            rig.parsed()
+        );
+    };
+    let long = Duration::from_millis(1500);
+
+    // Pipelined: a valid request and one without a token in one segment. Without the
+    // stream view nginx served both; now the segment is denied whole.
+    let both = [get("/ok-pipe", Some(&good)), get("/sneaky-pipe", None)].concat();
+    rig.send(H1_PORT, &[&both], long);
+    never("pipelined", "/sneaky-pipe");
+    // Two valid ones in one segment: both served.
+    let two = [get("/ok-pipe-1", Some(&good)), get("/ok-pipe-2", Some(&good))].concat();
+    let reply = rig.send(H1_PORT, &[&two], long);
+    served("pipelined pair", &reply, "/ok-pipe-1");
+    served("pipelined pair", &reply, "/ok-pipe-2");
+
+    // Empty lines before the request line (nginx skips them).
+    let crlf = [b"\r\n\r\n".to_vec(), get("/sneaky-crlf", None)].concat();
+    rig.send(H1_PORT, &[&crlf], long);
+    never("leading empty lines", "/sneaky-crlf");
+    let crlf_ok = [b"\r\n".to_vec(), get("/ok-crlf", Some(&good))].concat();
+    let reply = rig.send(H1_PORT, &[&crlf_ok], long);
+    served("leading empty line", &reply, "/ok-crlf");
+
+    // A request after a Content-Length body, and after a chunked body.
+    let mut post = format!(
+        "POST /ok-body HTTP/1.1\r\nHost: origin\r\nAuthorization: Bearer {}\r\nContent-Length: 5\r\n\r\nhello",
+        good.expose()
+    )
+    .into_bytes();
+    post.extend(get("/sneaky-after-body", None));
+    rig.send(H1_PORT, &[&post], long);
+    never("after a body", "/sneaky-after-body");
+    let mut chunked = format!(
+        "POST /ok-chunked HTTP/1.1\r\nHost: origin\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\n\r\n",
+        good.expose()
+    )
+    .into_bytes();
+    chunked.extend(get("/sneaky-after-chunked", None));
+    rig.send(H1_PORT, &[&chunked], long);
+    never("after a chunked body", "/sneaky-after-chunked");
+
+    // The request line split right after the method.
+    let split = get("/sneaky-split", None);
+    rig.send(H1_PORT, &[&split[..3], &split[3..]], long);
+    never("split after the method", "/sneaky-split");
+    let split_ok = get("/ok-split", Some(&good));
+    let reply = rig.send(H1_PORT, &[&split_ok[..3], &split_ok[3..]], long);
+    served("split after the method", &reply, "/ok-split");
+
+    // A header block written in several writes, the token in the last: served.
+    let block = get("/ok-writes", Some(&good));
+    let cut = block.windows(13).position(|w| w == b"Authorization").unwrap();
+    let reply = rig.send(H1_PORT, &[&block[..20], &block[20..cut], &block[cut..cut + 30], &block[cut + 30..]], long);
+    served("header block in four writes", &reply, "/ok-writes");
+
+    // h2c with prior knowledge: not HTTP/1.x, denied on the inspected port...
+    let curl = |port: u16, path: &str| {
+        rig.client
+            .command("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"])
+            .arg("--http2-prior-knowledge")
+            .args(["-H", "Authorization: Bearer rmp_unknown_token_0123456789"])
+            .arg(format!("http://{SERVER_V4}:{port}{path}"))
+            .output()
+            .expect("run curl in the client namespace")
+    };
+    let out = curl(H2C_PORT, "/sneaky-h2c");
+    never("h2c prior knowledge", "/sneaky-h2c");
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200", "h2c must not be answered");
+    // ... while the same request on a port Rampart does not inspect reaches nginx (so
+    // the check above can fail).
+    let out = curl(H2C_OPEN_PORT, "/control-h2c");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "curl --http2-prior-knowledge control");
+    assert!(rig.parsed().contains("/control-h2c"), "control h2c request missing from the access log");
+}

@@ -13,7 +13,7 @@ use agent_common::{
 };
 use anyhow::{bail, Context as _};
 use rampart::datapath::{Datapath, LoadOptions};
-use rampart_tests::packet::{typical_request, Frame, Http};
+use rampart_tests::packet::{syn_of, typical_request, Frame, Http};
 
 const PORT: u16 = 8080;
 /// A second listener, whose action is `reset`: each of its requests also checks whether
@@ -32,6 +32,11 @@ struct Case {
     /// Run with the real clock (a `bpf_ktime_get_tai_ns` call per admission, as in
     /// production) instead of the emulated one the other cases use.
     real_clock: bool,
+    /// Segments of the same connection sent once before the timed runs (after the SYN
+    /// of `frame`'s connection): what the timed segment continues.
+    setup: Vec<Vec<u8>>,
+    /// Requests the timed segment carries (each counted).
+    per_run: u64,
 }
 
 impl Case {
@@ -47,7 +52,18 @@ impl Case {
             verdict,
             target_ns,
             real_clock: false,
+            setup: Vec::new(),
+            per_run: 1,
         }
+    }
+
+    /// `frame` continues a connection that carried `setup` first.
+    fn after(self, setup: Vec<Vec<u8>>) -> Case {
+        Case { setup, ..self }
+    }
+
+    fn carrying(self, per_run: u64) -> Case {
+        Case { per_run, ..self }
     }
 
     fn with_real_clock(self) -> Case {
@@ -69,6 +85,23 @@ fn token(len: usize, seed: usize) -> String {
 fn text_body(len: usize) -> Vec<u8> {
     let line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit sed.\n";
     line.iter().copied().cycle().take(len).collect()
+}
+
+/// A segment of the bench's connection (`Frame::tcp`'s) carrying `payload` from stream
+/// offset `off` (its SYN is `syn_of` any of its frames).
+fn segment_at(off: usize, payload: &[u8]) -> Vec<u8> {
+    let mut f = Frame::tcp(PORT, payload);
+    f.seq = f.seq.wrapping_add(off as u32);
+    f.build()
+}
+
+/// A request with about `size` bytes of header block, the bearer field last.
+fn large_block(token: &str, size: usize) -> Vec<u8> {
+    let mut h = Http::get("/v1/reports/large");
+    for i in 0..size / 100 {
+        h = h.header(&format!("X-Filler-{i:04}: {}", "f".repeat(84)));
+    }
+    h.bearer(token).bytes()
 }
 
 /// A JWT-shaped token (header.payload.signature) of `len` bytes.
@@ -163,6 +196,13 @@ fn main() -> anyhow::Result<()> {
             },
         )?;
     }
+    let body_head = Http::get("/v1/uploads/1")
+        .method("POST")
+        .bearer(&t43)
+        .header("Content-Length: 1000000000")
+        .bytes();
+    let large = large_block(&t43, agent_common::SCAN_BYTES - 512);
+    let large_cuts: Vec<usize> = (0..12).map(|i| i * large.len() / 12).collect();
     let mut ack = Frame::tcp(PORT, b"");
     ack.flags = 0x10;
     let cases = vec![
@@ -211,14 +251,43 @@ fn main() -> anyhow::Result<()> {
             Some(Verdict::Missing),
             None,
         ),
-        // A full-size body segment of a text upload that happens to start like an
-        // extension method ("Lorem "): passed once its first line is no request line.
+        // A full-size segment of a Content-Length body that reads like text (and like an
+        // extension method, "Lorem "): body, passed without a look.
         Case::new(
             "body_segment_text",
-            Frame::tcp(PORT, &text_body(1400)).build(),
+            segment_at(body_head.len(), &text_body(1400)),
             Some(Verdict::Pass),
             None,
+        )
+        .after(vec![segment_at(0, &body_head)]),
+        // The second segment of a typical request cut in two: the held first part and
+        // this one judged whole.
+        Case::new(
+            "request_in_2_segments",
+            segment_at(200, &typical_request(&t43)[200..]),
+            Some(Verdict::Allow),
+            None,
+        )
+        .after(vec![segment_at(0, &typical_request(&t43)[..200])]),
+        // The last of 12 segments of a header block of about SCAN_BYTES bytes.
+        Case::new(
+            "large_block_last_of_12",
+            segment_at(large_cuts[11], &large[large_cuts[11]..]),
+            Some(Verdict::Allow),
+            None,
+        )
+        .after(
+            (0..11)
+                .map(|i| segment_at(large_cuts[i], &large[large_cuts[i]..large_cuts[i + 1]]))
+                .collect(),
         ),
+        Case::new(
+            "pipelined_pair",
+            Frame::tcp(PORT, &[typical_request(&t43), typical_request(&t43)].concat()).build(),
+            Some(Verdict::Allow),
+            None,
+        )
+        .carrying(2),
         Case::new(
             "malformed_scheme",
             Frame::tcp(
@@ -281,6 +350,13 @@ fn main() -> anyhow::Result<()> {
             ..config
         })?;
         let per_round = (repeat / ROUNDS).max(1);
+        // A new connection (its SYN), then what the case continues: the timed runs
+        // after the first repeat the connection's last segment, judged again each time.
+        dp.forget_flows()?;
+        let mut out = vec![0u8; 1 << 16];
+        for f in syn_of(&case.frame).into_iter().chain(case.setup.iter().cloned()) {
+            dp.test_run_xdp(&f, &mut out, 1)?;
+        }
         let before = dp.verdict_counts(0)?;
         let mut out = vec![0u8; case.frame.len() + 256];
         let (base, took) = alternating(&mut dp, &case.frame, per_round, |dp| {
@@ -292,7 +368,7 @@ fn main() -> anyhow::Result<()> {
         match case.verdict {
             Some(v) => {
                 let n = after[v as usize] - before[v as usize];
-                if n != repeat as u64 || counted != n {
+                if n != repeat as u64 * case.per_run || counted != n {
                     bail!(
                         "{}: expected {repeat} × {}, counted {n} (of {counted})",
                         case.name,
