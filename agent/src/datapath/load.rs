@@ -6,12 +6,6 @@ use agent_common::{
     Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS,
 };
-#[cfg(feature = "test-support")]
-use aya::programs::{
-    tc::{self, SchedClassifierLinkId, TcAttachType},
-    xdp::XdpLinkId,
-    TestRun, TestRunOptions, TestRunResult, XdpMode,
-};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{SchedClassifier, Xdp},
@@ -26,13 +20,10 @@ use super::{
 };
 use crate::EBPF_OBJECT;
 
+/// The object's programs: the only two it has (the test and bench programs are in a test
+/// object of their own, `TestPrograms`).
 pub const XDP_PROGRAM: &str = "rampart_xdp";
 pub const TC_PROGRAM: &str = "rampart_tc";
-/// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
-pub const PASS_PROGRAM: &str = "rampart_pass";
-/// The benchmark's floor: never attached.
-#[cfg(feature = "test-support")]
-pub const FLOOR_PROGRAM: &str = "rampart_floor";
 
 /// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
 /// everything a restarted daemon adopts (policy, runtime state, counters, the event ring).
@@ -105,7 +96,7 @@ pub struct Datapath {
     pub(super) options: LoadOptions,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -275,81 +266,6 @@ impl Datapath {
     }
 }
 
-/// What only tests and benchmarks use: attaching programs directly (the daemon attaches
-/// through pinned links, `attach_pinned`), the pass-through program, and
-/// BPF_PROG_TEST_RUN.
-#[cfg(feature = "test-support")]
-impl Datapath {
-    /// The pass-through XDP program, loaded on first use.
-    pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        loaded_xdp(&mut self.ebpf, PASS_PROGRAM)
-    }
-
-    /// Attaches the enforcing XDP program to `iface`.
-    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, DatapathError> {
-        self.xdp_program()?
-            .attach(iface, mode)
-            .map_err(prog_err(XDP_PROGRAM))
-    }
-
-    /// Attaches the pass-through XDP program (the peer of a veth answering with XDP_TX).
-    pub fn attach_pass(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, DatapathError> {
-        self.pass_program()?
-            .attach(iface, mode)
-            .map_err(prog_err(PASS_PROGRAM))
-    }
-
-    /// Attaches the enforcing TC program to `iface` ingress (adding the clsact qdisc).
-    pub fn attach_tc(&mut self, iface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
-        // EEXIST: the qdisc is already there, which is what we want.
-        let _ = tc::qdisc_add_clsact(iface);
-        self.tc_program()?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(prog_err(TC_PROGRAM))
-    }
-
-    /// Runs the XDP program once over `frame` (BPF_PROG_TEST_RUN); `out` gets the frame
-    /// as the program left it.
-    pub fn test_run_xdp(
-        &mut self,
-        frame: &[u8],
-        out: &mut [u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        test_run(self.xdp_program()?, XDP_PROGRAM, frame, out, repeat)
-    }
-
-    pub fn test_run_tc(
-        &mut self,
-        frame: &[u8],
-        out: &mut [u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        test_run(self.tc_program()?, TC_PROGRAM, frame, out, repeat)
-    }
-
-    pub fn test_run_pass(
-        &mut self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        test_run(self.pass_program()?, PASS_PROGRAM, frame, &mut out, repeat)
-    }
-
-    /// Runs the benchmark's floor program (the least work any implementation of an
-    /// allowed request must do; see agent-ebpf's `floor`) once over `frame`.
-    pub fn test_run_floor(
-        &mut self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let p = loaded_xdp(&mut self.ebpf, FLOOR_PROGRAM)?;
-        test_run(p, FLOOR_PROGRAM, frame, &mut out, repeat)
-    }
-}
-
 /// Passes the eBPF programs' `log` records to tracing under one target, so
 /// `RUST_LOG=rampart::ebpf=debug` selects them; the program module that logged is a field.
 #[derive(Clone, Copy, Debug, Default)]
@@ -393,7 +309,10 @@ fn ebpf_log_level() -> u8 {
 }
 
 /// The XDP program `name`, loaded into the kernel on first use.
-fn loaded_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+pub(super) fn loaded_xdp<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, DatapathError> {
     let p: &mut Xdp = program(ebpf, name)?;
     if p.fd().is_err() {
         p.load().map_err(prog_err(name))?;
@@ -412,24 +331,13 @@ where
     p.try_into().map_err(prog_err(name))
 }
 
-#[cfg(feature = "test-support")]
-fn test_run<P>(
-    prog: &mut P,
-    name: &'static str,
-    frame: &[u8],
-    out: &mut [u8],
-    repeat: u32,
-) -> Result<TestRunResult, DatapathError>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
-    prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(out),
-        repeat,
-        ..Default::default()
-    })
-    .map_err(prog_err(name))
+/// The programs an embedded object holds, sorted.
+#[cfg(test)]
+pub(super) fn program_names(object: &[u8]) -> Vec<String> {
+    let obj = aya_obj::Object::parse(object).expect("parse the eBPF object");
+    let mut names: Vec<String> = obj.programs.into_keys().collect();
+    names.sort_unstable();
+    names
 }
 
 #[cfg(test)]
@@ -455,6 +363,14 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// The product's object holds the enforcing programs and nothing else: test and bench
+    /// programs are in the test object (`TestPrograms`). A new production program is
+    /// named here on purpose.
+    #[test]
+    fn the_product_object_holds_only_the_enforcing_programs() {
+        assert_eq!(program_names(EBPF_OBJECT), [TC_PROGRAM, XDP_PROGRAM]);
     }
 
     #[test]
