@@ -29,9 +29,9 @@ mod migration;
 mod resets;
 
 use agent_common::{
-    default_policy, gcra::NANOS_PER_SEC, siphash::fingerprint, Contract, FingerprintKey,
-    GlobalConfig, ListenerConfig, ListenerKey, Scope, Stage, TokenInfo, Verdict, CLOCK_FIXED,
-    TOKEN_ANY_SCOPE, VERDICT_COUNT,
+    gcra::NANOS_PER_SEC, siphash::fingerprint, Contract, FingerprintKey, GlobalConfig,
+    ListenerConfig, ListenerKey, Scope, Stage, TokenInfo, Verdict, CLOCK_FIXED, TOKEN_ANY_SCOPE,
+    VERDICT_COUNT,
 };
 use rampart::datapath::{Datapath, LoadOptions};
 use rampart_tests::packet::{Frame, Http};
@@ -156,16 +156,9 @@ fn fp(token: &str) -> agent_common::Fingerprint {
     fingerprint(&KEY, token.as_bytes())
 }
 
+/// Listener 0, denying missing, unknown and incomplete tokens.
 fn listener(mode: u8, action: u8) -> ListenerConfig {
-    ListenerConfig {
-        id: 0,
-        mode,
-        action,
-        on_missing: default_policy::DENY,
-        on_unknown: default_policy::DENY,
-        on_incomplete: default_policy::DENY,
-        _pad: [0; 3],
-    }
+    rampart_tests::attach_support::listener(0, mode, action)
 }
 
 /// The listener key of `PORT` on interface `ifindex` (0: every interface).
