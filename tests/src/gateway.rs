@@ -524,14 +524,19 @@ impl Gateway {
     pub fn cli_ok(&self, side: Side, args: &[&str]) -> Result<String> {
         let out = self.cli(side, args)?;
         if !out.status.success() {
-            return Err(GatewayError::Cli {
-                args: args.join(" "),
-                daemon: self.d(side).process.name,
-                status: out.status,
-                stderr: self.redact(&out.stderr),
-            });
+            return Err(self.cli_failed(side, args, &out));
         }
         Ok(self.redact(&out.stdout))
+    }
+
+    /// A CLI call that exited non-zero, its stderr redacted.
+    fn cli_failed(&self, side: Side, args: &[&str], out: &Output) -> GatewayError {
+        GatewayError::Cli {
+            args: args.join(" "),
+            daemon: self.d(side).process.name,
+            status: out.status,
+            stderr: self.redact(&out.stderr),
+        }
     }
 
     fn cli_json(&self, side: Side, args: &[&str]) -> Result<serde_json::Value> {
@@ -570,12 +575,7 @@ impl Gateway {
         let (token, fp) = crate::cli::issued(&out);
         self.remember(&token);
         if !out.status.success() {
-            return Err(GatewayError::Cli {
-                args: args.join(" "),
-                daemon: self.d(side).process.name,
-                status: out.status,
-                stderr: self.redact(&out.stderr),
-            });
+            return Err(self.cli_failed(side, &args, &out));
         }
         let fp = fp.ok_or_else(|| GatewayError::Output {
             args: args.join(" "),
