@@ -1,4 +1,5 @@
-//! Loading the object, holding typed map handles, attaching programs.
+//! Loading the object (its programs on first use) and holding typed map handles; attaching
+//! is attach.rs, and what only tests use is test_support.rs.
 
 use std::path::{Path, PathBuf};
 
