@@ -1,5 +1,7 @@
 //! Builds the eBPF object (agent-ebpf, nightly, bpfel-unknown-none) and leaves it in OUT_DIR
-//! for `include_bytes_aligned!`. Needs the toolchain `cargo xtask setup` installs.
+//! for `include_bytes_aligned!`; with the `test-support` feature also the test object
+//! (agent-ebpf's `rampart-test` bin: the pass-through and floor programs that only tests
+//! and the bench load). Needs the toolchain `cargo xtask setup` installs.
 
 use std::{env, fs, path::PathBuf, process::Command};
 
@@ -19,12 +21,21 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
 
+    // (bin, object file in OUT_DIR)
+    let mut objects = vec![("rampart", "rampart.bpf.o")];
+    if env::var_os("CARGO_FEATURE_TEST_SUPPORT").is_some() {
+        objects.push(("rampart-test", "rampart-test.bpf.o"));
+    }
+
     let target_dir = out.join("ebpf-target");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&ebpf)
-        .args(["+nightly", "build", "--release", "--bin", "rampart"])
+        .args(["+nightly", "build", "--release"])
         .arg("--target-dir")
         .arg(&target_dir);
+    for (bin, _) in &objects {
+        cmd.args(["--bin", bin]);
+    }
     // Inherited cargo/rustup settings belong to the host build, not to the BPF one.
     for (k, _) in env::vars() {
         if k.starts_with("CARGO_") && k != "CARGO_HOME"
@@ -42,8 +53,9 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("building agent-ebpf failed ({status}); is bpf-linker installed? run `cargo xtask setup`");
     }
-    let obj = target_dir.join("bpfel-unknown-none/release/rampart");
-    fs::copy(&obj, out.join("rampart.bpf.o"))
-        .with_context(|| format!("copying {}", obj.display()))?;
+    for (bin, file) in objects {
+        let obj = target_dir.join("bpfel-unknown-none/release").join(bin);
+        fs::copy(&obj, out.join(file)).with_context(|| format!("copying {}", obj.display()))?;
+    }
     Ok(())
 }

@@ -11,7 +11,6 @@
 mod bearer;
 mod chunked;
 mod events;
-mod floor;
 mod headers;
 mod judge;
 mod maps;
@@ -96,19 +95,6 @@ fn tc_action_of(pkt: &Tc, a: Act) -> i32 {
         Act::Drop => TC_ACT_SHOT,
         Act::Bounce => tc_redirect(pkt.ifindex()),
     }
-}
-
-/// A pass-through program: the benchmark baseline, and the peer of a veth whose other end
-/// answers with XDP_TX (a veth only delivers XDP_TX frames to a peer running XDP).
-#[xdp]
-pub fn rampart_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-/// The benchmark's floor (see `floor`); never attached.
-#[xdp]
-pub fn rampart_floor(ctx: XdpContext) -> u32 {
-    floor::run(&ctx)
 }
 
 #[inline(always)]

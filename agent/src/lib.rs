@@ -34,6 +34,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The eBPF object built by build.rs from agent-ebpf.
+/// The eBPF object built by build.rs from agent-ebpf: the product's programs only.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart.bpf.o"));
+
+/// The test object built by build.rs from agent-ebpf's `rampart-test` bin: the programs
+/// only tests and the bench load (`datapath::TestPrograms`).
+#[cfg(feature = "test-support")]
+pub static TEST_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart-test.bpf.o"));

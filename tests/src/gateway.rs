@@ -31,7 +31,7 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use rampart::datapath::{Datapath, DatapathError, LoadOptions};
+use rampart::datapath::{DatapathError, LoadOptions, TestPrograms};
 
 use crate::{
     client::{BearerToken, ClientError, Curl, Request, Response},
@@ -273,7 +273,7 @@ pub struct Gateway {
     /// Every token handled, to redact output and to scan files for plaintext.
     tokens: Vec<BearerToken>,
     /// Holds the pass-through program on gw-up (detached on drop, before the namespaces).
-    peer_pass: Option<Datapath>,
+    peer_pass: Option<TestPrograms>,
     topo: Topology,
     dir: tempfile::TempDir,
 }
@@ -440,25 +440,21 @@ impl Gateway {
     /// The pass-through XDP program on `gw-up`: a frame XDP_TX'd on `up-gw` (the reset
     /// toward nginx) is only delivered to a peer that runs XDP itself.
     pub fn attach_peer_pass(&mut self) -> Result<()> {
-        let mut dp = Datapath::load(LoadOptions {
+        let mut pass = TestPrograms::load(&LoadOptions {
             max_tokens: 16,
-            max_revoked: 16,
-            token_stats: 16,
-            ring_bytes: 1 << 12,
-            max_flows: agent_common::DEFAULT_MAX_FLOWS,
-            pin_dir: None,
+            ..LoadOptions::default()
         })
         .map_err(|e| GatewayError::PeerLoad(Box::new(e)))?;
         let peer = self.topo.gateway_upstream_veth().name.clone();
         self.topo
             .gateway()
-            .run(|| dp.attach_pass(&peer, XdpMode::Driver))
+            .run(|| pass.attach_pass(&peer, XdpMode::Driver))
             .map_err(GatewayError::PeerNetns)?
             .map_err(|source| GatewayError::PeerAttach {
                 ifname: peer.clone(),
                 source: Box::new(source),
             })?;
-        self.peer_pass = Some(dp);
+        self.peer_pass = Some(pass);
         Ok(())
     }
 
@@ -528,14 +524,19 @@ impl Gateway {
     pub fn cli_ok(&self, side: Side, args: &[&str]) -> Result<String> {
         let out = self.cli(side, args)?;
         if !out.status.success() {
-            return Err(GatewayError::Cli {
-                args: args.join(" "),
-                daemon: self.d(side).process.name,
-                status: out.status,
-                stderr: self.redact(&out.stderr),
-            });
+            return Err(self.cli_failed(side, args, &out));
         }
         Ok(self.redact(&out.stdout))
+    }
+
+    /// A CLI call that exited non-zero, its stderr redacted.
+    fn cli_failed(&self, side: Side, args: &[&str], out: &Output) -> GatewayError {
+        GatewayError::Cli {
+            args: args.join(" "),
+            daemon: self.d(side).process.name,
+            status: out.status,
+            stderr: self.redact(&out.stderr),
+        }
     }
 
     fn cli_json(&self, side: Side, args: &[&str]) -> Result<serde_json::Value> {
@@ -574,12 +575,7 @@ impl Gateway {
         let (token, fp) = crate::cli::issued(&out);
         self.remember(&token);
         if !out.status.success() {
-            return Err(GatewayError::Cli {
-                args: args.join(" "),
-                daemon: self.d(side).process.name,
-                status: out.status,
-                stderr: self.redact(&out.stderr),
-            });
+            return Err(self.cli_failed(side, &args, &out));
         }
         let fp = fp.ok_or_else(|| GatewayError::Output {
             args: args.join(" "),

@@ -12,7 +12,7 @@ use std::{
 
 use agent_common::{deny_action, mode, ListenerKey, Verdict};
 use aya::programs::XdpMode;
-use rampart::datapath::{clock::tai_now_ns, Datapath};
+use rampart::datapath::{clock::tai_now_ns, Datapath, TestPrograms};
 use rampart_tests::{
     attach_support::{
         fp, fp_hex, install_token, listener, load_datapath, random_token, request_bytes, Auth,
@@ -47,6 +47,8 @@ fn require_root() {
 struct VethRig {
     upstream: UpstreamServer,
     dp: Datapath,
+    /// The pass-through program on the client's end (detached on drop, before the veth).
+    _pass: TestPrograms,
     _veth: VethPair,
     client: Netns,
     _server: Netns,
@@ -92,13 +94,15 @@ impl VethRig {
             .run(|| dp.attach_xdp(SERVER_IF, XdpMode::Driver))
             .expect("enter the server namespace")
             .expect("attach rampart XDP (driver mode) to the server veth end");
+        let mut pass = TestPrograms::load(dp.options()).expect("load the test programs");
         client
-            .run(|| dp.attach_pass(CLIENT_IF, XdpMode::Driver))
+            .run(|| pass.attach_pass(CLIENT_IF, XdpMode::Driver))
             .expect("enter the client namespace")
             .expect("attach the pass program to the client veth end");
         VethRig {
             upstream,
             dp,
+            _pass: pass,
             _veth: veth,
             client,
             _server: server,
@@ -514,6 +518,7 @@ fn tc_on_lo_judges_4096_byte_tokens() {
 struct NginxRig {
     nginx: rampart_tests::nginx::Nginx,
     dp: Datapath,
+    _pass: TestPrograms,
     _veth: VethPair,
     client: Netns,
     _server: Netns,
@@ -574,13 +579,15 @@ impl NginxRig {
             .run(|| dp.attach_xdp(SERVER_IF, XdpMode::Driver))
             .expect("enter the server namespace")
             .expect("attach rampart XDP (driver mode) to the server veth end");
+        let mut pass = TestPrograms::load(dp.options()).expect("load the test programs");
         client
-            .run(|| dp.attach_pass(CLIENT_IF, XdpMode::Driver))
+            .run(|| pass.attach_pass(CLIENT_IF, XdpMode::Driver))
             .expect("enter the client namespace")
             .expect("attach the pass program to the client veth end");
         NginxRig {
             nginx,
             dp,
+            _pass: pass,
             _veth: veth,
             client,
             _server: server,

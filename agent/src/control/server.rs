@@ -8,7 +8,7 @@ use std::{
     fs,
     future::Future,
     io,
-    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -25,7 +25,7 @@ use tokio::{
 };
 
 use super::protocol::{EventFilter, Request, Response, StreamItem};
-use crate::telemetry::event::Record;
+use crate::{paths, telemetry::event::Record};
 
 /// Who is on the other end, from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,17 +109,11 @@ pub enum ControlError {
 /// Binds the control socket: parent directory created 0700 if missing, a stale socket file
 /// (nobody listening) replaced, the socket made 0600.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(|source| ControlError::CreateDir {
-                    path: parent.to_owned(),
-                    source,
-                })?;
-        }
+    if let Some(parent) = path.parent() {
+        paths::create_private_dir(parent).map_err(|source| ControlError::CreateDir {
+            path: parent.to_owned(),
+            source,
+        })?;
     }
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {

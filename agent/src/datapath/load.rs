@@ -1,16 +1,11 @@
-//! Loading the object, holding typed map handles, attaching programs.
+//! Loading the object (its programs on first use) and holding typed map handles; attaching
+//! is attach.rs, and what only tests use is test_support.rs.
 
 use std::path::{Path, PathBuf};
 
 use agent_common::{
     Contract, EventBudget, Fingerprint, GlobalConfig, ListenerConfig, ListenerKey, Scope,
     TokenInfo, TokenState, TokenStats, DEFAULT_MAX_TOKENS,
-};
-#[cfg(feature = "test-support")]
-use aya::programs::{
-    tc::{self, SchedClassifierLinkId, TcAttachType},
-    xdp::XdpLinkId,
-    TestRun, TestRunOptions, TestRunResult, XdpMode,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
@@ -26,16 +21,13 @@ use super::{
 };
 use crate::EBPF_OBJECT;
 
+/// The object's programs: an entry and a request judge per hook (the test and bench
+/// programs are in a test object of their own, `TestPrograms`).
 pub const XDP_PROGRAM: &str = "rampart_xdp";
 pub const TC_PROGRAM: &str = "rampart_tc";
 /// The request judges each hook's program tail-calls (never attached).
 pub const XDP_REQUEST_PROGRAM: &str = "rampart_xdp_request";
 pub const TC_REQUEST_PROGRAM: &str = "rampart_tc_request";
-/// Pass-through XDP program: benchmark baseline and veth peer for XDP_TX.
-pub const PASS_PROGRAM: &str = "rampart_pass";
-/// The benchmark's floor: never attached.
-#[cfg(feature = "test-support")]
-pub const FLOOR_PROGRAM: &str = "rampart_floor";
 
 /// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
 /// everything a restarted daemon adopts (policy, runtime state, counters, the event ring).
@@ -112,7 +104,7 @@ pub struct Datapath {
     pub(super) options: LoadOptions,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -292,99 +284,6 @@ impl Datapath {
     }
 }
 
-/// What only tests and benchmarks use: attaching programs directly (the daemon attaches
-/// through pinned links, `attach_pinned`), the pass-through program, and
-/// BPF_PROG_TEST_RUN.
-#[cfg(feature = "test-support")]
-impl Datapath {
-    /// The kernel's view of each enforcing program (entry and request judge, both hooks),
-    /// loading them first.
-    pub fn enforcing_program_infos(
-        &mut self,
-    ) -> Result<Vec<(&'static str, aya::programs::ProgramInfo)>, DatapathError> {
-        self.xdp_program()?;
-        self.tc_program()?;
-        let mut out = Vec::new();
-        for name in [XDP_PROGRAM, XDP_REQUEST_PROGRAM, TC_PROGRAM, TC_REQUEST_PROGRAM] {
-            let p = self.ebpf.program(name).ok_or(DatapathError::Program {
-                name,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?;
-            out.push((name, p.info().map_err(prog_err(name))?));
-        }
-        Ok(out)
-    }
-
-    /// The pass-through XDP program, loaded on first use.
-    pub fn pass_program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        loaded_xdp(&mut self.ebpf, PASS_PROGRAM)
-    }
-
-    /// Attaches the enforcing XDP program to `iface`.
-    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, DatapathError> {
-        self.xdp_program()?
-            .attach(iface, mode)
-            .map_err(prog_err(XDP_PROGRAM))
-    }
-
-    /// Attaches the pass-through XDP program (the peer of a veth answering with XDP_TX).
-    pub fn attach_pass(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, DatapathError> {
-        self.pass_program()?
-            .attach(iface, mode)
-            .map_err(prog_err(PASS_PROGRAM))
-    }
-
-    /// Attaches the enforcing TC program to `iface` ingress (adding the clsact qdisc).
-    pub fn attach_tc(&mut self, iface: &str) -> Result<SchedClassifierLinkId, DatapathError> {
-        // EEXIST: the qdisc is already there, which is what we want.
-        let _ = tc::qdisc_add_clsact(iface);
-        self.tc_program()?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(prog_err(TC_PROGRAM))
-    }
-
-    /// Runs the XDP program once over `frame` (BPF_PROG_TEST_RUN); `out` gets the frame
-    /// as the program left it.
-    pub fn test_run_xdp(
-        &mut self,
-        frame: &[u8],
-        out: &mut [u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        test_run(self.xdp_program()?, XDP_PROGRAM, frame, out, repeat)
-    }
-
-    pub fn test_run_tc(
-        &mut self,
-        frame: &[u8],
-        out: &mut [u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        test_run(self.tc_program()?, TC_PROGRAM, frame, out, repeat)
-    }
-
-    pub fn test_run_pass(
-        &mut self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        test_run(self.pass_program()?, PASS_PROGRAM, frame, &mut out, repeat)
-    }
-
-    /// Runs the benchmark's floor program (the least work any implementation of an
-    /// allowed request must do; see agent-ebpf's `floor`) once over `frame`.
-    pub fn test_run_floor(
-        &mut self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<TestRunResult, DatapathError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let p = loaded_xdp(&mut self.ebpf, FLOOR_PROGRAM)?;
-        test_run(p, FLOOR_PROGRAM, frame, &mut out, repeat)
-    }
-}
-
 /// Passes the eBPF programs' `log` records to tracing under one target, so
 /// `RUST_LOG=rampart::ebpf=debug` selects them; the program module that logged is a field.
 #[derive(Clone, Copy, Debug, Default)]
@@ -462,7 +361,10 @@ fn fill_jumps(
 }
 
 /// The XDP program `name`, loaded into the kernel on first use.
-fn loaded_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+pub(super) fn loaded_xdp<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, DatapathError> {
     let p: &mut Xdp = program(ebpf, name)?;
     if p.fd().is_err() {
         p.load().map_err(prog_err(name))?;
@@ -481,24 +383,13 @@ where
     p.try_into().map_err(prog_err(name))
 }
 
-#[cfg(feature = "test-support")]
-fn test_run<P>(
-    prog: &mut P,
-    name: &'static str,
-    frame: &[u8],
-    out: &mut [u8],
-    repeat: u32,
-) -> Result<TestRunResult, DatapathError>
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
-    prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(out),
-        repeat,
-        ..Default::default()
-    })
-    .map_err(prog_err(name))
+/// The programs an embedded object holds, sorted.
+#[cfg(test)]
+pub(super) fn program_names(object: &[u8]) -> Vec<String> {
+    let obj = aya_obj::Object::parse(object).expect("parse the eBPF object");
+    let mut names: Vec<String> = obj.programs.into_keys().collect();
+    names.sort_unstable();
+    names
 }
 
 #[cfg(test)]
@@ -524,6 +415,22 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// The product's object holds the enforcing programs and nothing else: test and bench
+    /// programs are in the test object (`TestPrograms`). A new production program is
+    /// named here on purpose.
+    #[test]
+    fn the_product_object_holds_only_the_enforcing_programs() {
+        assert_eq!(
+            program_names(EBPF_OBJECT),
+            [
+                TC_PROGRAM,
+                TC_REQUEST_PROGRAM,
+                XDP_PROGRAM,
+                XDP_REQUEST_PROGRAM
+            ]
+        );
     }
 
     #[test]

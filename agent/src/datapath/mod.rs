@@ -13,6 +13,8 @@ mod reuse;
 mod slots;
 mod sys;
 mod tables;
+#[cfg(feature = "test-support")]
+mod test_support;
 
 pub use attach::{
     detach_pinned, link_pin_path, prune_links, tcx_available, AttachError, AttachHook, Attached,
@@ -20,7 +22,8 @@ pub use attach::{
 };
 pub use error::DatapathError;
 pub use load::{
-    Datapath, EbpfLogForwarder, LoadOptions, EBPF_LOG_TARGET, MAP_NAMES, PASS_PROGRAM, TC_PROGRAM,
-    XDP_PROGRAM,
+    Datapath, EbpfLogForwarder, LoadOptions, EBPF_LOG_TARGET, MAP_NAMES, TC_PROGRAM, XDP_PROGRAM,
 };
 pub use tables::{parse_event, RuntimeTotals};
+#[cfg(feature = "test-support")]
+pub use test_support::{TestPrograms, FLOOR_PROGRAM, PASS_PROGRAM};

@@ -4,15 +4,14 @@
 use std::{
     fs::{self, OpenOptions},
     io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use agent_common::FingerprintKey;
 use rand::{rngs::OsRng, RngCore};
 
-/// File name of the fingerprint key in the state directory.
-pub const KEY_FILE: &str = "fingerprint.key";
+use crate::paths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -53,14 +52,8 @@ pub fn write_key(path: &Path, force: bool) -> Result<(), KeyError> {
         path: path.to_owned(),
         source,
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(create_err)?;
-        }
+    if let Some(parent) = path.parent() {
+        paths::create_private_dir(parent).map_err(create_err)?;
     }
     if force {
         match fs::remove_file(path) {
@@ -154,7 +147,7 @@ mod tests {
     #[test]
     fn key_file_is_private_and_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join(KEY_FILE);
+        let path = dir.path().join("sub").join(paths::KEY_FILE);
         write_key(&path, false).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -180,7 +173,7 @@ mod tests {
     #[test]
     fn key_loading_rejects_bad_files() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(KEY_FILE);
+        let path = dir.path().join(paths::KEY_FILE);
         let put = |text: &str, mode: u32| {
             fs::write(&path, text).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();

@@ -14,6 +14,6 @@ mod lifecycle;
 mod secret;
 
 pub use format::{validate_token, TokenFormatError};
-pub use key::{load_key, write_key, KeyError, KEY_FILE};
+pub use key::{load_key, write_key, KeyError};
 pub use lifecycle::*;
 pub use secret::{mint, Token, TOKEN_PREFIX, TOKEN_RANDOM_BYTES};

@@ -12,7 +12,7 @@ use agent_common::{
     CLOCK_FIXED, CLOCK_REAL, TOKEN_ANY_SCOPE,
 };
 use anyhow::{bail, Context as _};
-use rampart::datapath::{Datapath, LoadOptions};
+use rampart::datapath::{Datapath, LoadOptions, TestPrograms};
 use rampart_tests::packet::{syn_of, typical_request, Frame, Http};
 
 const PORT: u16 = 8080;
@@ -121,13 +121,15 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(1_000_000);
     // Optional: only the cases whose name contains this (for profiling one path).
     let only = std::env::args().nth(2);
-    let mut dp = Datapath::load(LoadOptions {
+    let options = LoadOptions {
         max_tokens: 1 << 16,
         max_revoked: 1 << 16,
         token_stats: 1 << 16,
         ..LoadOptions::default()
-    })
-    .context("loading the datapath (run as root)")?;
+    };
+    let mut dp = Datapath::load(options.clone()).context("loading the datapath (run as root)")?;
+    // The baseline and the floor: the test object's programs.
+    let mut test = TestPrograms::load(&options).context("loading the test programs")?;
     let config = GlobalConfig {
         key: KEY,
         events_per_sec: 1000,
@@ -135,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         fixed_now_ns: 1_900_000_000 * NANOS_PER_SEC,
     };
     dp.set_config(&config)?;
+    test.set_floor_config(&config)?;
     // Both listeners count in row 0, which the bench checks.
     let listener = ListenerConfig {
         id: 0,
@@ -186,15 +189,17 @@ fn main() -> anyhow::Result<()> {
     let t1k = jwt(1024);
     let t4k = token(4096, 2);
     let t43_real = token(43, 3);
+    let info = TokenInfo {
+        contract: 0,
+        flags: TOKEN_ANY_SCOPE,
+        ..Default::default()
+    };
     for t in [&t43, &t43_real, &t1k, &t4k] {
-        dp.install_token(
-            fingerprint(&KEY, t.as_bytes()),
-            TokenInfo {
-                contract: 0,
-                flags: TOKEN_ANY_SCOPE,
-                ..Default::default()
-            },
-        )?;
+        dp.install_token(fingerprint(&KEY, t.as_bytes()), info)?;
+    }
+    // The floor's own TOKENS, as large as the datapath's: the tokens it is run with.
+    for t in [&t43, &t1k] {
+        test.install_floor_token(fingerprint(&KEY, t.as_bytes()), info)?;
     }
     let body_head = Http::get("/v1/uploads/1")
         .method("POST")
@@ -359,7 +364,7 @@ fn main() -> anyhow::Result<()> {
         }
         let before = dp.verdict_counts(0)?;
         let mut out = vec![0u8; case.frame.len() + 256];
-        let (base, took) = alternating(&mut dp, &case.frame, per_round, |dp| {
+        let (base, took) = alternating(&mut test, &case.frame, per_round, |_| {
             Ok(dp.test_run_xdp(&case.frame, &mut out, per_round)?.duration)
         })?;
         let after = dp.verdict_counts(0)?;
@@ -424,8 +429,8 @@ fn main() -> anyhow::Result<()> {
         }
         let frame = floor_frame(tok);
         let per_round = (repeat / ROUNDS).max(1);
-        let (base, took) = alternating(&mut dp, &frame, per_round, |dp| {
-            let r = dp.test_run_floor(&frame, per_round)?;
+        let (base, took) = alternating(&mut test, &frame, per_round, |test| {
+            let r = test.test_run_floor(&frame, per_round)?;
             // XDP_PASS: the fingerprint was found, so the hash covered the right bytes.
             if r.return_value != 2 {
                 bail!("{name}: the floor program answered {}", r.return_value);
@@ -492,15 +497,15 @@ const ROUNDS: u32 = 5;
 /// the median ns per run of each side: a burst of other work on the machine lands in
 /// one round, and both sides of the difference see the same conditions.
 fn alternating(
-    dp: &mut Datapath,
+    test: &mut TestPrograms,
     frame: &[u8],
     per_round: u32,
-    mut run: impl FnMut(&mut Datapath) -> anyhow::Result<Duration>,
+    mut run: impl FnMut(&mut TestPrograms) -> anyhow::Result<Duration>,
 ) -> anyhow::Result<(f64, f64)> {
     let (mut bases, mut runs) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        bases.push(dp.test_run_pass(frame, per_round)?.duration.as_nanos() as f64);
-        runs.push(run(dp)?.as_nanos() as f64);
+        bases.push(test.test_run_pass(frame, per_round)?.duration.as_nanos() as f64);
+        runs.push(run(test)?.as_nanos() as f64);
     }
     Ok((median(bases), median(runs)))
 }

@@ -4,6 +4,8 @@
 //! which requests were judged how (the verdict counters).
 
 use super::*;
+use agent_common::{default_policy, deny_action, mode};
+use rampart_tests::packet::typical_request;
 
 /// The connection every case uses: `Frame::tcp`'s 4-tuple, its data starting at
 /// sequence number `ISN + 1`.

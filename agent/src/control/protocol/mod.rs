@@ -104,38 +104,40 @@ pub enum Request {
     },
 }
 
-/// Op names, for error messages and `Request::op`.
-pub const OPS: &[&str] = &[
-    "token.issue",
-    "token.rotate",
-    "token.revoke",
-    "token.list",
-    "token.show",
-    "token.import",
-    "token.export",
-    "status",
-    "reload",
-    "events.subscribe",
-    "top",
-];
+/// `OPS` and `Request::op` from one table of names: the `match` stays exhaustive (a new
+/// variant without a name does not compile) and the list cannot drift from it. The names
+/// are the variants' serde renames; a test checks that each parses as its variant.
+macro_rules! op_names {
+    ($($variant:ident => $name:literal,)*) => {
+        /// Op names, for error messages.
+        pub const OPS: &[&str] = &[$($name),*];
+
+        impl Request {
+            /// The op's name on the wire.
+            pub fn op(&self) -> &'static str {
+                match self {
+                    $(Request::$variant { .. } => $name,)*
+                }
+            }
+        }
+    };
+}
+
+op_names! {
+    TokenIssue => "token.issue",
+    TokenRotate => "token.rotate",
+    TokenRevoke => "token.revoke",
+    TokenList => "token.list",
+    TokenShow => "token.show",
+    TokenImport => "token.import",
+    TokenExport => "token.export",
+    Status => "status",
+    Reload => "reload",
+    EventsSubscribe => "events.subscribe",
+    Top => "top",
+}
 
 impl Request {
-    pub fn op(&self) -> &'static str {
-        match self {
-            Request::TokenIssue { .. } => "token.issue",
-            Request::TokenRotate { .. } => "token.rotate",
-            Request::TokenRevoke { .. } => "token.revoke",
-            Request::TokenList { .. } => "token.list",
-            Request::TokenShow { .. } => "token.show",
-            Request::TokenImport { .. } => "token.import",
-            Request::TokenExport => "token.export",
-            Request::Status => "status",
-            Request::Reload => "reload",
-            Request::EventsSubscribe { .. } => "events.subscribe",
-            Request::Top { .. } => "top",
-        }
-    }
-
     /// Parses one request line, with messages that say what is wrong (never echoing values:
     /// a confused client might have sent a token).
     pub fn parse(line: &[u8]) -> Result<Request, String> {
@@ -304,6 +306,22 @@ mod tests {
         assert!(err(br#"{"op":"token.issue"}"#).contains("missing field `contract`"));
         assert!(err(br#"{"op":"token.show","fingerprint":"xyz"}"#).contains("32 hex"));
         assert!(err(br#"{"op":"events.subscribe","verdict":"maybe"}"#).contains("unknown verdict"));
+    }
+
+    /// Each name in `OPS` is its variant's serde rename: it parses (or fails on its fields,
+    /// not on the op) as a request whose `op()` is that name.
+    #[test]
+    fn every_op_name_parses_as_its_variant() {
+        for name in OPS {
+            let line = serde_json::to_vec(&serde_json::json!({ "op": name })).unwrap();
+            match Request::parse(&line) {
+                Ok(r) => assert_eq!(r.op(), *name),
+                Err(e) => assert!(
+                    e.starts_with(&format!("invalid {name} request: missing field")),
+                    "{name}: {e}"
+                ),
+            }
+        }
     }
 
     #[test]

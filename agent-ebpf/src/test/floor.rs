@@ -10,10 +10,26 @@
 //! The bench frame is an IPv4/TCP frame without options whose TCP window field holds the
 //! token's offset in the payload and whose urgent pointer holds its length.
 
-use agent_common::{siphash::Sip128, MAX_TOKEN_LEN};
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use agent_common::{
+    siphash::Sip128, Fingerprint, GlobalConfig, TokenInfo, DEFAULT_MAX_TOKENS, MAX_TOKEN_LEN,
+};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::map,
+    maps::{Array, HashMap},
+    programs::XdpContext,
+};
 
-use crate::maps::{CONFIG, TOKENS};
+/// The fingerprint key, as the product's `CONFIG` holds it (only `key` is read). Written
+/// by the bench.
+#[map]
+static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// Fingerprint → token, the product's `TOKENS` in key, value and flags, so the floor's
+/// lookup costs what the product's does. Written by the bench. Set at load (as large as
+/// the product's beside it).
+#[map]
+static TOKENS: HashMap<Fingerprint, TokenInfo> = HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
 
 /// Ethernet, IPv4 and TCP headers without options.
 const PAYLOAD: usize = 14 + 20 + 20;
