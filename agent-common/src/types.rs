@@ -20,7 +20,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 1 << 20;
 pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
 /// Default capacity of `PARTIAL`: connections at once whose request line or header block
 /// spans segments.
-pub const DEFAULT_MAX_PARTIAL: u32 = 2048;
+pub const DEFAULT_MAX_PARTIAL: u32 = 1024;
 
 /// The keyed 128-bit fingerprint of a token (SipHash-2-4-128 words `[h1, h2]`).
 #[repr(C)]

@@ -17,13 +17,9 @@ use agent_common::{
 };
 use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
-use core::ffi::c_void;
-
-use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
-
 use crate::{
     bearer, events, headers,
-    maps::{CONFIG, LISTENERS, PARTIAL, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
+    maps::{CONFIG, LISTENERS, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
     packet::{copy_in, copy_len, Packet, HEADER_OFF_MASK},
     parse::{self, Flow, TCP_ACK, TCP_SYN},
     ramp,
@@ -286,7 +282,8 @@ fn now(cfg: &GlobalConfig) -> u64 {
 }
 
 /// Judges the request at payload offset `off`, whose first `held` bytes earlier segments
-/// brought (in `PARTIAL`): the bytes go to the scratch buffer, then `decide`.
+/// brought (already at the start of the scratch buffer): the segment's bytes go after
+/// them, then `decide`.
 #[inline(always)]
 fn request(
     p: &impl Packet,
@@ -304,33 +301,14 @@ fn request(
     }
     let room = SCAN_BYTES - held;
     let n = if plen - off > room { room } else { plen - off };
-    let at = flow.payload_off + off;
-    if held == 0 {
-        if copy_in(p, at, buf.ptr(), copy_len(n, SCAN_BYTES)).is_err() {
-            return Request::Judged(Verdict::Malformed);
-        }
-    } else {
-        // SAFETY: the per-CPU scratch map value; `stream::segment` wrote the key.
-        let id = unsafe { &(*buf.scratch()).flow.id };
-        let Some(part) = PARTIAL.get_ptr(id) else {
-            // Evicted: the start of this request is gone.
-            return Request::Judged(Verdict::Untracked);
-        };
-        let held = buf.launder_within(held, SCAN_BYTES - 1);
-        // SAFETY: both ranges lie inside their map values (sizes bounded by the masks).
-        let copied = unsafe {
-            bpf_probe_read_kernel(
-                buf.ptr() as *mut c_void,
-                copy_len(held, SCAN_BYTES),
-                part as *const c_void,
-            )
-        };
-        if copied != 0
-            || p.load(at, unsafe { buf.ptr().add(held) }, copy_len(n, SCAN_BYTES))
-                .is_err()
-        {
-            return Request::Judged(Verdict::Malformed);
-        }
+    // The held bytes are in the buffer already (`stream::enter` put them there): one copy
+    // path, so the verifier walks what follows once.
+    let held = buf.launder_within(held, SCAN_BYTES - 1);
+    // SAFETY: `held` < SCAN_BYTES and the copy at most SCAN_BYTES: inside the scratch
+    // buffer, which holds twice that.
+    let dst = unsafe { buf.ptr().add(held) };
+    if copy_in(p, flow.payload_off + off, dst, copy_len(n, SCAN_BYTES)).is_err() {
+        return Request::Judged(Verdict::Malformed);
     }
     decide(cfg, buf, held + n, seen)
 }

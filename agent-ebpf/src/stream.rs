@@ -30,11 +30,13 @@ use agent_common::{
     siphash::low_bytes_mask,
     FlowId, FlowState, Verdict, SCAN_BYTES,
 };
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop, bpf_probe_read_kernel};
 
 use crate::{
     chunked,
-    maps::{FLOWS, PARTIAL, SCRATCH},
+    maps::{Partial, FLOWS, PARTIAL, SCRATCH},
     packet::{copy_len, Packet},
     parse::Flow,
     reply::write_addrs,
@@ -175,7 +177,99 @@ pub fn enter(p: &impl Packet, f: &Flow, buf: Buf) -> Step {
     if c.requests >= MAX_REQUESTS_PER_SEGMENT {
         return Step::Done(Some(Verdict::Malformed));
     }
+    if c.kind == HEADERS as u64 && !fetch_held(id, buf, c.remaining as usize) {
+        // Evicted: the start of this request is gone.
+        return Step::Done(Some(Verdict::Untracked));
+    }
     Step::Request
+}
+
+/// What `same_step` compares: the scratch buffer's first `words` words with `part`'s.
+#[repr(C)]
+struct SameCtx {
+    scratch: *mut crate::scratch::Scratch,
+    part: *const Partial,
+    words: u64,
+    /// The last word's bytes that count.
+    last_mask: u64,
+    differ: u64,
+}
+
+/// Words compared per bpf_loop call.
+const SAME_WORDS_PER_CALL: usize = 8;
+
+extern "C" fn same_step(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the SameCtx `holds_same` passed.
+    let c = unsafe { &mut *(ctx as *mut SameCtx) };
+    let buf = Buf::new(c.scratch);
+    for k in 0..SAME_WORDS_PER_CALL {
+        let w = index as usize * SAME_WORDS_PER_CALL + k;
+        if w as u64 >= c.words {
+            return 1;
+        }
+        let at = (w * 8) & (SCAN_BYTES - 8);
+        let mask = if w as u64 + 1 == c.words {
+            c.last_mask
+        } else {
+            u64::MAX
+        };
+        // SAFETY: `at` + 8 ≤ SCAN_BYTES, inside the PARTIAL value.
+        let held = unsafe { ((*c.part).bytes.as_ptr().add(at) as *const u64).read_unaligned() };
+        if (buf.word(at) ^ held) & mask != 0 {
+            c.differ = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Whether `PARTIAL` holds exactly the first `n` bytes of the scratch buffer.
+#[inline(always)]
+fn holds_same(id: &FlowId, buf: Buf, n: usize) -> bool {
+    let Some(part) = PARTIAL.get_ptr(id) else {
+        return false;
+    };
+    let n = buf.launder_within(n, SCAN_BYTES - 1);
+    let mut ctx = SameCtx {
+        scratch: buf.scratch(),
+        part,
+        words: n.div_ceil(8) as u64,
+        last_mask: if n % 8 == 0 {
+            u64::MAX
+        } else {
+            low_bytes_mask(n % 8)
+        },
+        differ: 0,
+    };
+    // SAFETY: `same_step` reads the scratch value and the PARTIAL value `ctx` names.
+    unsafe {
+        bpf_loop(
+            (SCAN_BYTES / 8 / SAME_WORDS_PER_CALL) as u32,
+            same_step as *mut c_void,
+            &mut ctx as *mut SameCtx as *mut c_void,
+            0,
+        );
+    }
+    ctx.differ == 0
+}
+
+/// Copies the `held` bytes of the request the segment continues from `PARTIAL` to the
+/// start of the scratch buffer, where the request program reads on.
+#[inline(always)]
+fn fetch_held(id: &FlowId, buf: Buf, held: usize) -> bool {
+    let Some(part) = PARTIAL.get_ptr(id) else {
+        return false;
+    };
+    let held = buf.launder_within(held, SCAN_BYTES - 1);
+    // SAFETY: both ranges lie inside their map values (the length bounded by the mask).
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            buf.ptr() as *mut c_void,
+            copy_len(held, SCAN_BYTES),
+            part as *const c_void,
+        )
+    };
+    rc == 0
 }
 
 /// The request program's part: judges the request at the cursor (`judge`), then moves
@@ -208,7 +302,13 @@ pub fn request(
             }
             // SAFETY: the scratch buffer holds SCAN_BYTES and more.
             let bytes = unsafe { &*(buf.ptr() as *const crate::maps::Partial) };
-            if PARTIAL.insert(id, bytes, 0).is_err() {
+            if c.rejudge != 0 {
+                // A retransmission that leaves the request held: the server keeps the
+                // bytes it has, which must be the ones held here.
+                if !holds_same(id, buf, n) {
+                    return Verdict::Malformed;
+                }
+            } else if PARTIAL.insert(id, bytes, 0).is_err() {
                 return Verdict::Incomplete;
             }
             c.kind = HEADERS as u64;
