@@ -23,6 +23,11 @@ const TRANSFER: u64 = u64::from_le_bytes(*b"transfer");
 /// "length" and "-encodin", masked to the bytes compared.
 const LENGTH: u64 = u64::from_le_bytes(*b"length\0\0");
 const ENCODIN: u64 = u64::from_le_bytes(*b"-encodin");
+/// Header lines whose starts the scan records (a power of two); a block with more is
+/// `malformed` (see `framing_fields`).
+pub const MAX_LINES: usize = 128;
+/// Lines looked at per `framing_step` call.
+const LINES_PER_CALL: usize = 8;
 const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");
 const LFS: u64 = ONES * b'\n' as u64;
 /// Scan steps (see `scan_words`) per bpf_loop call. 12: a request of about 500 bytes in a
@@ -56,23 +61,12 @@ fn line_start(buf: Buf, s: &mut HeaderScan, start: usize, len: usize) -> bool {
         s.end = SCAN_MALFORMED;
         return false;
     }
-    // The fields that frame a body: found by their first words here, checked whole by
-    // `stream::framing` once the block is complete (every line is then inside the data).
-    let w0 = buf.word(start) | LOWER;
-    if w0 == CONTENT_ {
-        if (buf.word(start + 8) | LOWER) & 0xffff_ffff_ffff == LENGTH {
-            s.cl_start = start as u64;
-            s.cls += 1;
-        }
-        return true;
-    }
-    if w0 == TRANSFER {
-        if buf.word(start + 8) | LOWER == ENCODIN {
-            s.te_start = start as u64;
-            s.tes += 1;
-        }
-        return true;
-    }
+    // Every header line's start, for `framing_fields` (one store, no branch: this runs in
+    // every scan step, which Linux 6.1's verifier walks once per path).
+    let k = s.lines as usize;
+    s.lines = k as u64 + 1;
+    // SAFETY: the per-CPU scratch value holds MAX_LINES starts; the index is masked.
+    unsafe { (*buf.scratch()).line_starts[k & (MAX_LINES - 1)] = start as u16 };
     if (c0 | 0x20) != b'a' || start + 14 > len || !is_authorization(buf, start) {
         return true;
     }
@@ -210,6 +204,48 @@ extern "C" fn scan_words(_index: u32, ctx: *mut c_void) -> i64 {
     0
 }
 
+/// Up to LINES_PER_CALL recorded line starts per call (bpf_loop callback): counts the
+/// Content-Length and Transfer-Encoding fields and keeps the last start of each.
+extern "C" fn framing_step(index: u32, ctx: *mut c_void) -> i64 {
+    let scratch = loop_scratch(ctx);
+    let buf = Buf::new(scratch);
+    // SAFETY: the per-CPU scratch map value.
+    let s = unsafe { &mut (*scratch).scan };
+    for k in 0..LINES_PER_CALL {
+        let i = index as usize * LINES_PER_CALL + k;
+        if i as u64 >= s.lines || i >= MAX_LINES {
+            return 1;
+        }
+        // SAFETY: as above; the index is below MAX_LINES.
+        let start = unsafe { (*scratch).line_starts[opaque(i) & (MAX_LINES - 1)] } as usize;
+        let w0 = buf.word(start) | LOWER;
+        if w0 == CONTENT_ && (buf.word(start + 8) | LOWER) & 0xffff_ffff_ffff == LENGTH {
+            s.cl_start = start as u64;
+            s.cls += 1;
+        } else if w0 == TRANSFER && buf.word(start + 8) | LOWER == ENCODIN {
+            s.te_start = start as u64;
+            s.tes += 1;
+        }
+    }
+    0
+}
+
+/// Finds the fields that frame a body among the complete block's header lines (their
+/// names only; `stream::framing` reads the values). `false`: more lines than recorded.
+#[inline(always)]
+pub fn framing_fields(buf: Buf) -> bool {
+    let scratch = buf.scratch();
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let s = unsafe { &mut (*scratch).scan };
+    clear(&mut s.cls);
+    clear(&mut s.tes);
+    if s.lines as usize > MAX_LINES {
+        return false;
+    }
+    run_loop(scratch, (MAX_LINES / LINES_PER_CALL) as u32, framing_step);
+    true
+}
+
 /// Has 0x80 set in some byte (after `& HIGHS`) iff `w` holds an LF: the classic
 /// has-zero-byte test, cheaper than `zero_bytes` but exact only as a yes/no answer.
 #[inline(always)]
@@ -238,8 +274,7 @@ pub fn scan_headers(buf: Buf, len: usize) -> &'static HeaderScan {
     clear(&mut s.auths);
     clear(&mut s.in_auth);
     clear(&mut s.block_end);
-    clear(&mut s.cls);
-    clear(&mut s.tes);
+    clear(&mut s.lines);
     s.end = SCAN_RUNNING;
     s.first_lf = NOT_FOUND;
     // The first step looks at the word at pos + 8 = 0.

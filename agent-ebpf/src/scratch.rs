@@ -31,6 +31,8 @@ pub struct Scratch {
     pub walk: crate::chunked::Walk,
     /// The bytes after a request, looked at for empty lines.
     pub peek: [u64; 2],
+    /// Where each header line of the scanned block starts (`headers::MAX_LINES`).
+    pub line_starts: [u16; crate::headers::MAX_LINES],
     /// A new `FLOWS` entry, built here (the stack is nearly full).
     pub fresh: agent_common::FlowState,
     pub scan: HeaderScan,
@@ -155,6 +157,8 @@ pub struct HeaderScan {
     pub first_lf: u64,
     /// SCAN_COMPLETE: where what follows the header block starts.
     pub block_end: u64,
+    /// Header lines seen (their starts in `Scratch::line_starts`).
+    pub lines: u64,
     /// The last `Content-Length` field's line start, and how many there are.
     pub cl_start: u64,
     pub cls: u64,

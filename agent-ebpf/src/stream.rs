@@ -40,7 +40,7 @@ use crate::{
     packet::{copy_len, Packet},
     parse::Flow,
     reply::write_addrs,
-    scratch::{clear, Buf, Cursor, HeaderScan, SCAN_COMPLETE},
+    scratch::{clear, Buf, Cursor, SCAN_COMPLETE},
 };
 
 /// How long after a connection's last judged segment a SYN of the same 4-tuple may start
@@ -294,7 +294,19 @@ pub fn request(
     } else {
         0
     };
-    match judge(c, held) {
+    // Every path out of the judge joins here through map memory: the verifier walks what
+    // follows once, not once per way a request can end.
+    let (hold, code) = match judge(c, held) {
+        Request::Hold(n) => (1, n),
+        Request::Judged(v) => (0, v as usize),
+    };
+    let (hold, code) = (buf.launder(hold), buf.launder(code));
+    let outcome = if hold != 0 {
+        Request::Hold(buf.launder_within(code, 2 * SCAN_BYTES - 1))
+    } else {
+        Request::Judged(Verdict::from_u32(code as u32).unwrap_or(Verdict::Malformed))
+    };
+    match outcome {
         Request::Hold(n) => {
             if n >= SCAN_BYTES {
                 // The header block is longer than the datapath reads.
@@ -331,7 +343,7 @@ pub fn request(
                 // A request line and a complete header block whose content is malformed
                 // (a second Authorization field, another scheme): framed all the same.
                 Verdict::Malformed if scan.end != SCAN_COMPLETE || !line_ok => Err(()),
-                _ => framing(buf, scan),
+                _ => framing(buf),
             };
             let Ok((kind, remaining)) = framed else {
                 return match v {
@@ -514,7 +526,12 @@ fn skip_empty_lines(
 /// (both Content-Length and Transfer-Encoding, either twice, a coding other than chunked,
 /// a value that is not a plain number, whitespace before the colon).
 #[inline(always)]
-fn framing(buf: Buf, s: &HeaderScan) -> Result<(u64, u64), ()> {
+fn framing(buf: Buf) -> Result<(u64, u64), ()> {
+    if !crate::headers::framing_fields(buf) {
+        return Err(());
+    }
+    // SAFETY: the per-CPU scratch map value; `framing_fields` is done with it.
+    let s = unsafe { &(*buf.scratch()).scan };
     if s.cls + s.tes > 1 {
         return Err(());
     }
