@@ -30,12 +30,12 @@ pub const MAX_LINES: usize = 128;
 const LINES_PER_CALL: usize = 8;
 const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");
 const LFS: u64 = ONES * b'\n' as u64;
-/// Scan steps (see `scan_words`) per bpf_loop call. 12: a request of about 500 bytes in a
-/// dozen header lines is scanned in two calls (a call costs ≈ 8-12 ns here). Each step
+/// Scan steps (see `scan_words`) per bpf_loop call. 8: a request of about 500 bytes in a
+/// dozen header lines is scanned in two or three calls (a call costs ≈ 8-12 ns here). Each step
 /// costs the verifier tens of thousands of instructions on Linux 6.1 (which walks the
 /// callback again for each state it is called in), and the request program must stay
 /// within its 1M there.
-const SCAN_STEPS_PER_CALL: usize = 12;
+const SCAN_STEPS_PER_CALL: usize = 8;
 
 /// Looks at the start of a header line at `start` (just after an LF). Returns false when
 /// the scan is over (end of block, malformed, or out of data).

@@ -289,11 +289,15 @@ pub fn request(
         return Verdict::Malformed;
     };
     let len = buf.launder_within(f.payload_len, 0xffff) as u64;
-    let held = if c.kind == HEADERS as u64 {
-        buf.launder_within(c.remaining as usize, SCAN_BYTES - 1)
-    } else {
-        0
-    };
+    // Laundered after the choice: one state for the verifier, whichever it was.
+    let held = buf.launder_within(
+        if c.kind == HEADERS as u64 {
+            c.remaining as usize
+        } else {
+            0
+        },
+        SCAN_BYTES - 1,
+    );
     // Every path out of the judge joins here through map memory: the verifier walks what
     // follows once, not once per way a request can end.
     let (hold, code) = match judge(c, held) {

@@ -472,6 +472,17 @@ fn retransmissions_are_judged_again_and_cannot_change_the_stream() {
         // inside a body) are malformed: the server may hold either.
         let got = f.stream(hook, &[at(0, &first), at(0, &with_body)]);
         assert_eq!(got[1], seen(Fate::Drops, &[(Verdict::Malformed, 1)]), "{hook:?}");
+        // A held first part sent again: the same bytes pass again; other bytes of the
+        // same length would leave the server holding what was not judged: malformed.
+        let evil = Http::get("/v1/admin/aaaa").bearer(GOOD).bytes();
+        let fine = Http::get("/v1/reports/a").bearer(GOOD).bytes();
+        let cut = 17;
+        assert_eq!(evil[..cut].len(), fine[..cut].len());
+        let got = f.stream(hook, &[at(0, &evil[..cut]), at(0, &evil[..cut])]);
+        let held = seen(Fate::Passes, &[(Verdict::Pass, 1)]);
+        assert_eq!(got, vec![held, seen(Fate::Passes, &[(Verdict::Pass, 1)])], "{hook:?}");
+        let got = f.stream(hook, &[at(0, &evil[..cut]), at(0, &fine[..cut])]);
+        assert_eq!(got[1], seen(Fate::Drops, &[(Verdict::Malformed, 1)]), "{hook:?} held");
         // Overlapping judged bytes other than as the last segment, or ahead of a gap:
         // out of sequence, dropped.
         let got = f.stream(hook, &[at(0, &first), at(5, &first[5..])]);
