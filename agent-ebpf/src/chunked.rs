@@ -109,15 +109,8 @@ fn step<P: Packet>(_index: u32, ctx: *mut c_void) -> i64 {
         let at = (w.payload_off + off) as usize & 0xffff;
         // SAFETY: `raw` is this program's context; the window holds WINDOW bytes.
         if n == 0
-            || unsafe {
-                P::load_raw(
-                    raw,
-                    at,
-                    w.window.as_mut_ptr(),
-                    copy_len(n as usize, WINDOW),
-                )
-            }
-            .is_err()
+            || unsafe { P::load_raw(raw, at, w.window.as_mut_ptr(), copy_len(n as usize, WINDOW)) }
+                .is_err()
         {
             w.state = pack(BAD, 0, 0);
             return 1;
@@ -135,7 +128,9 @@ fn step<P: Packet>(_index: u32, ctx: *mut c_void) -> i64 {
                 _ => None,
             };
             match d {
-                Some(d) if digits < MAX_SIZE_DIGITS => pack(SIZE, digits + 1, value << 4 | d as u64),
+                Some(d) if digits < MAX_SIZE_DIGITS => {
+                    pack(SIZE, digits + 1, value << 4 | d as u64)
+                }
                 None if digits > 0 && b == b';' => pack(EXT, digits, value),
                 None if digits > 0 && b == b'\r' => pack(SIZE_LF, digits, value),
                 _ => pack(BAD, 0, 0),

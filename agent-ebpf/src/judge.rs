@@ -26,9 +26,7 @@ use crate::{
     reply::{self, write_addrs},
     request_line::{self, LineError, MethodStart, RequestLine},
     scope::in_scope,
-    scratch::{
-        zero_words, Buf, HeaderScan, Seen, NOT_FOUND, SCAN_COMPLETE, SCAN_MALFORMED,
-    },
+    scratch::{zero_words, Buf, HeaderScan, Seen, NOT_FOUND, SCAN_COMPLETE, SCAN_MALFORMED},
     stream::{self, Request},
 };
 
@@ -257,7 +255,6 @@ fn settle(buf: Buf, v: Verdict) -> Verdict {
     let x = buf.launder(v as usize) as u32;
     Verdict::from_u32(x).unwrap_or(Verdict::Malformed)
 }
-
 
 #[inline(always)]
 fn denies(v: Verdict, l: &ListenerConfig) -> bool {

@@ -3,9 +3,8 @@
 
 use agent_common::{
     Contract, EventBudget, Fingerprint, FlowId, FlowState, GlobalConfig, ListenerConfig,
-    ListenerKey, Scope, TokenInfo, TokenState, TokenStats, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_PARTIAL, DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES,
-    SCAN_BYTES, VERDICT_COUNT,
+    ListenerKey, Scope, TokenInfo, TokenState, TokenStats, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PARTIAL,
+    DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES, SCAN_BYTES, VERDICT_COUNT,
 };
 use aya_ebpf::{
     macros::map,
@@ -96,7 +95,8 @@ pub static LAST_RESET: Array<u64> = Array::with_max_entries(1, 0);
 /// (denied), never picked up mid-stream. Datapath (created by the client's SYN); userspace
 /// only pins it, so a restarted daemon's programs carry on every connection. Set at load.
 #[map]
-pub static FLOWS: LruHashMap<FlowId, FlowState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static FLOWS: LruHashMap<FlowId, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// The bytes of each request line and header block that spans segments, held until the
 /// block ends (see `stream`). A connection whose entry was evicted is `untracked`.

@@ -250,7 +250,9 @@ impl Packet for Tc<'_> {
     #[inline(always)]
     unsafe fn load_raw(raw: *mut c_void, off: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
         // SAFETY: the caller's contract.
-        helper_ok(unsafe { bpf_skb_load_bytes(raw as *const c_void, off as u32, dst as *mut c_void, len) })
+        helper_ok(unsafe {
+            bpf_skb_load_bytes(raw as *const c_void, off as u32, dst as *mut c_void, len)
+        })
     }
     #[inline(always)]
     fn chunk_step(&self) -> crate::scratch::LoopStep {

@@ -24,14 +24,14 @@
 //! - The stream moves on only when the whole segment is let through: a denied segment
 //!   leaves the connection where it was, so whatever completes it later is judged too.
 
-use agent_common::{
-    stream::{BODY, BOUNDARY, CHUNKED, HEADERS},
-    swar::{eq_bytes, first_marked_byte, HIGHS},
-    siphash::low_bytes_mask,
-    FlowId, FlowState, Verdict, SCAN_BYTES,
-};
 use core::ffi::c_void;
 
+use agent_common::{
+    siphash::low_bytes_mask,
+    stream::{BODY, BOUNDARY, CHUNKED, HEADERS},
+    swar::{eq_bytes, first_marked_byte, HIGHS},
+    FlowId, FlowState, Verdict, SCAN_BYTES,
+};
 use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop, bpf_probe_read_kernel};
 
 use crate::{
@@ -234,7 +234,7 @@ fn holds_same(id: &FlowId, buf: Buf, n: usize) -> bool {
         scratch: buf.scratch(),
         part,
         words: n.div_ceil(8) as u64,
-        last_mask: if n % 8 == 0 {
+        last_mask: if n.is_multiple_of(8) {
             u64::MAX
         } else {
             low_bytes_mask(n % 8)
@@ -496,8 +496,7 @@ fn skip_empty_lines(
     let peek = unsafe { &mut (*buf.scratch()).peek };
     let at = buf.launder_within(f.payload_off + c.off as usize, 0xffff);
     if n == 0
-        || p
-            .load(at, peek.as_mut_ptr() as *mut u8, copy_len(n, 16))
+        || p.load(at, peek.as_mut_ptr() as *mut u8, copy_len(n, 16))
             .is_err()
     {
         return Err(Verdict::Malformed);

@@ -650,7 +650,11 @@ fn nginx_parses_no_request_that_was_not_judged() {
             "{what}: nginx must have served {path}; access log:\n{}",
             rig.parsed()
         );
-        assert!(reply.starts_with(b"HTTP/1.1 200"), "{what}: reply {:?}", String::from_utf8_lossy(reply));
+        assert!(
+            reply.starts_with(b"HTTP/1.1 200"),
+            "{what}: reply {:?}",
+            String::from_utf8_lossy(reply)
+        );
     };
     let never = |what: &str, path: &str| {
         assert!(
@@ -667,7 +671,11 @@ fn nginx_parses_no_request_that_was_not_judged() {
     rig.send(H1_PORT, &[&both], long);
     never("pipelined", "/sneaky-pipe");
     // Two valid ones in one segment: both served.
-    let two = [get("/ok-pipe-1", Some(&good)), get("/ok-pipe-2", Some(&good))].concat();
+    let two = [
+        get("/ok-pipe-1", Some(&good)),
+        get("/ok-pipe-2", Some(&good)),
+    ]
+    .concat();
     let reply = rig.send(H1_PORT, &[&two], long);
     served("pipelined pair", &reply, "/ok-pipe-1");
     served("pipelined pair", &reply, "/ok-pipe-2");
@@ -708,15 +716,35 @@ fn nginx_parses_no_request_that_was_not_judged() {
 
     // A header block written in several writes, the token in the last: served.
     let block = get("/ok-writes", Some(&good));
-    let cut = block.windows(13).position(|w| w == b"Authorization").unwrap();
-    let reply = rig.send(H1_PORT, &[&block[..20], &block[20..cut], &block[cut..cut + 30], &block[cut + 30..]], long);
+    let cut = block
+        .windows(13)
+        .position(|w| w == b"Authorization")
+        .unwrap();
+    let reply = rig.send(
+        H1_PORT,
+        &[
+            &block[..20],
+            &block[20..cut],
+            &block[cut..cut + 30],
+            &block[cut + 30..],
+        ],
+        long,
+    );
     served("header block in four writes", &reply, "/ok-writes");
 
     // h2c with prior knowledge: not HTTP/1.x, denied on the inspected port...
     let curl = |port: u16, path: &str| {
         rig.client
             .command("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+            ])
             .arg("--http2-prior-knowledge")
             .args(["-H", "Authorization: Bearer rmp_unknown_token_0123456789"])
             .arg(format!("http://{SERVER_V4}:{port}{path}"))
@@ -725,10 +753,21 @@ fn nginx_parses_no_request_that_was_not_judged() {
     };
     let out = curl(H2C_PORT, "/sneaky-h2c");
     never("h2c prior knowledge", "/sneaky-h2c");
-    assert_ne!(String::from_utf8_lossy(&out.stdout), "200", "h2c must not be answered");
+    assert_ne!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "h2c must not be answered"
+    );
     // ... while the same request on a port Rampart does not inspect reaches nginx (so
     // the check above can fail).
     let out = curl(H2C_OPEN_PORT, "/control-h2c");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "curl --http2-prior-knowledge control");
-    assert!(rig.parsed().contains("/control-h2c"), "control h2c request missing from the access log");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "curl --http2-prior-knowledge control"
+    );
+    assert!(
+        rig.parsed().contains("/control-h2c"),
+        "control h2c request missing from the access log"
+    );
 }

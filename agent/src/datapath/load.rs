@@ -242,9 +242,15 @@ impl Datapath {
     /// several seconds on a small or emulated one).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, DatapathError> {
         if loaded_xdp(&mut self.ebpf, XDP_PROGRAM)?.fd().is_ok()
-            && loaded_xdp(&mut self.ebpf, XDP_REQUEST_PROGRAM)?.fd().is_ok()
+            && loaded_xdp(&mut self.ebpf, XDP_REQUEST_PROGRAM)?
+                .fd()
+                .is_ok()
         {
-            fill_jumps(&mut self.ebpf, "JUMP_XDP", [XDP_PROGRAM, XDP_REQUEST_PROGRAM])?;
+            fill_jumps(
+                &mut self.ebpf,
+                "JUMP_XDP",
+                [XDP_PROGRAM, XDP_REQUEST_PROGRAM],
+            )?;
         }
         loaded_xdp(&mut self.ebpf, XDP_PROGRAM)
     }

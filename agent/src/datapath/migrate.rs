@@ -172,7 +172,10 @@ pub fn verdict_stats_v1(
         if values.iter().all(|v| *v == 0) {
             continue;
         }
-        let (row, verdict) = (i / TOKEN_VERDICT_COUNT as u32, i % TOKEN_VERDICT_COUNT as u32);
+        let (row, verdict) = (
+            i / TOKEN_VERDICT_COUNT as u32,
+            i % TOKEN_VERDICT_COUNT as u32,
+        );
         f(row * VERDICT_COUNT as u32 + verdict, values)?;
         n += 1;
     }

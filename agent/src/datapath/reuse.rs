@@ -69,10 +69,7 @@ impl Datapath {
     /// been opened since they were loaded.
     pub fn forget_flows(&mut self) -> Result<(), DatapathError> {
         for name in ["FLOWS", "PARTIAL"] {
-            let map = self
-                .ebpf
-                .map(name)
-                .ok_or(DatapathError::MissingMap(name))?;
+            let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
             let (Map::LruHashMap(d) | Map::HashMap(d)) = map else {
                 return Err(DatapathError::NoResetRule(name.to_owned()));
             };

@@ -348,7 +348,10 @@ impl Datapath {
                 .map_err(map_err("VERDICT_STATS"))
         })?;
         if moved > 0 {
-            tracing::info!(moved, "moved verdict counters from an earlier version's pin");
+            tracing::info!(
+                moved,
+                "moved verdict counters from an earlier version's pin"
+            );
         }
         Ok(())
     }

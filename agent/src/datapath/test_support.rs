@@ -41,7 +41,12 @@ impl Datapath {
         self.xdp_program()?;
         self.tc_program()?;
         let mut out = Vec::new();
-        for name in [XDP_PROGRAM, XDP_REQUEST_PROGRAM, TC_PROGRAM, TC_REQUEST_PROGRAM] {
+        for name in [
+            XDP_PROGRAM,
+            XDP_REQUEST_PROGRAM,
+            TC_PROGRAM,
+            TC_REQUEST_PROGRAM,
+        ] {
             let p = self.ebpf.program(name).ok_or(DatapathError::Program {
                 name,
                 source: aya::programs::ProgramError::NotLoaded,

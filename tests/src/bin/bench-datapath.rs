@@ -288,7 +288,11 @@ fn main() -> anyhow::Result<()> {
         ),
         Case::new(
             "pipelined_pair",
-            Frame::tcp(PORT, &[typical_request(&t43), typical_request(&t43)].concat()).build(),
+            Frame::tcp(
+                PORT,
+                &[typical_request(&t43), typical_request(&t43)].concat(),
+            )
+            .build(),
             Some(Verdict::Allow),
             None,
         )
@@ -359,7 +363,10 @@ fn main() -> anyhow::Result<()> {
         // after the first repeat the connection's last segment, judged again each time.
         dp.forget_flows()?;
         let mut out = vec![0u8; 1 << 16];
-        for f in syn_of(&case.frame).into_iter().chain(case.setup.iter().cloned()) {
+        for f in syn_of(&case.frame)
+            .into_iter()
+            .chain(case.setup.iter().cloned())
+        {
             dp.test_run_xdp(&f, &mut out, 1)?;
         }
         let before = dp.verdict_counts(0)?;

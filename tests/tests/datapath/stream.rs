@@ -3,9 +3,10 @@
 //! them. What is asserted is what reaches the server (each segment passes or drops) and
 //! which requests were judged how (the verdict counters).
 
-use super::*;
 use agent_common::{default_policy, deny_action, mode};
 use rampart_tests::packet::typical_request;
+
+use super::*;
 
 /// The connection every case uses: `Frame::tcp`'s 4-tuple, its data starting at
 /// sequence number `ISN + 1`.
@@ -242,29 +243,53 @@ fn pipelined_requests_are_each_judged() {
     both(|hook| {
         let two = [get("/a", Some(GOOD)), get("/b", Some(GOOD))].concat();
         let got = f.stream(hook, &[at(0, &two)]);
-        assert_eq!(got, vec![seen(Fate::Passes, &[(Verdict::Allow, 2)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![seen(Fate::Passes, &[(Verdict::Allow, 2)])],
+            "{hook:?}"
+        );
 
-        let ten: Vec<u8> = (0..10).flat_map(|i| get(&format!("/r{i}"), Some(GOOD))).collect();
+        let ten: Vec<u8> = (0..10)
+            .flat_map(|i| get(&format!("/r{i}"), Some(GOOD)))
+            .collect();
         let got = f.stream(hook, &[at(0, &ten)]);
-        assert_eq!(got, vec![seen(Fate::Passes, &[(Verdict::Allow, 10)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![seen(Fate::Passes, &[(Verdict::Allow, 10)])],
+            "{hook:?}"
+        );
 
         // The second request has no token: the whole segment is denied, and the stream
         // stays before it (its retransmission is judged again).
         let mixed = [get("/a", Some(GOOD)), get("/b", None)].concat();
         let got = f.stream(hook, &[at(0, &mixed), at(0, &mixed)]);
         let denied = seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Missing, 1)]);
-        assert_eq!(got, vec![denied, seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Missing, 1)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![
+                denied,
+                seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Missing, 1)])
+            ],
+            "{hook:?}"
+        );
 
         // Ten, the seventh out of scope.
         let mut mixed10 = Vec::new();
         for i in 0..10 {
-            let path = if i == 6 { "/v1/admin/x" } else { "/v1/reports/x" };
+            let path = if i == 6 {
+                "/v1/admin/x"
+            } else {
+                "/v1/reports/x"
+            };
             mixed10.extend(get(path, Some(SCOPED)));
         }
         let got = f.stream(hook, &[at(0, &mixed10)]);
         assert_eq!(
             got,
-            vec![seen(Fate::Drops, &[(Verdict::Allow, 6), (Verdict::OutOfScope, 1)])],
+            vec![seen(
+                Fate::Drops,
+                &[(Verdict::Allow, 6), (Verdict::OutOfScope, 1)]
+            )],
             "{hook:?}"
         );
     });
@@ -274,7 +299,12 @@ fn pipelined_requests_are_each_judged() {
 fn empty_lines_before_a_request_do_not_hide_it() {
     let mut f = enforcing();
     both(|hook| {
-        for prefix in [&b"\r\n"[..], b"\n", b"\r\n\r\n\r\n", b"\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n"] {
+        for prefix in [
+            &b"\r\n"[..],
+            b"\n",
+            b"\r\n\r\n\r\n",
+            b"\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n",
+        ] {
             let bytes = [prefix, &Http::get("/v1/admin").bytes()].concat();
             let got = f.stream(hook, &[at(0, &bytes)]);
             assert_eq!(
@@ -284,7 +314,11 @@ fn empty_lines_before_a_request_do_not_hide_it() {
             );
             // In a segment of their own, then the request.
             let got = f.stream(hook, &segments(&bytes, &[prefix.len()]));
-            held_then(&got, seen(Fate::Drops, &[(Verdict::Missing, 1)]), &format!("{hook:?}"));
+            held_then(
+                &got,
+                seen(Fate::Drops, &[(Verdict::Missing, 1)]),
+                &format!("{hook:?}"),
+            );
         }
         // After an allowed request, in the same segment.
         let bytes = [
@@ -296,13 +330,20 @@ fn empty_lines_before_a_request_do_not_hide_it() {
         let got = f.stream(hook, &[at(0, &bytes)]);
         assert_eq!(
             got,
-            vec![seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Missing, 1)])],
+            vec![seen(
+                Fate::Drops,
+                &[(Verdict::Allow, 1), (Verdict::Missing, 1)]
+            )],
             "{hook:?}"
         );
         // More empty-line bytes than servers are expected to skip: not HTTP.
         let bytes = [vec![b'\n'; 40], Http::get("/").bytes()].concat();
         let got = f.stream(hook, &[at(0, &bytes)]);
-        assert_eq!(got, vec![seen(Fate::Drops, &[(Verdict::NotHttp, 1)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![seen(Fate::Drops, &[(Verdict::NotHttp, 1)])],
+            "{hook:?}"
+        );
     });
 }
 
@@ -324,7 +365,10 @@ fn a_request_after_a_body_is_judged_and_a_body_is_never_a_request() {
         let got = f.stream(hook, &[at(0, &bytes)]);
         assert_eq!(
             got,
-            vec![seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Missing, 1)])],
+            vec![seen(
+                Fate::Drops,
+                &[(Verdict::Allow, 1), (Verdict::Missing, 1)]
+            )],
             "{hook:?} CL"
         );
         // A body that looks like a request, in segments of its own: body, passed.
@@ -343,7 +387,11 @@ fn a_request_after_a_body_is_judged_and_a_body_is_never_a_request() {
             "{hook:?} body like a request"
         );
         // A body spread over segments, and a request after its last byte.
-        let bytes = [post(GOOD, &["Content-Length: 3000"], &[b'x'; 3000]), sneaky.clone()].concat();
+        let bytes = [
+            post(GOOD, &["Content-Length: 3000"], &[b'x'; 3000]),
+            sneaky.clone(),
+        ]
+        .concat();
         let got = f.stream(hook, &segments(&bytes, &[1000, 2000, 3000]));
         assert_eq!(
             got.last().unwrap(),
@@ -360,7 +408,10 @@ fn a_request_after_a_body_is_judged_and_a_body_is_never_a_request() {
         let got = f.stream(hook, &[at(0, &bytes)]);
         assert_eq!(
             got,
-            vec![seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Missing, 1)])],
+            vec![seen(
+                Fate::Drops,
+                &[(Verdict::Allow, 1), (Verdict::Missing, 1)]
+            )],
             "{hook:?} chunked"
         );
         // The same, split at every byte of the chunked framing.
@@ -382,7 +433,11 @@ fn a_request_after_a_body_is_judged_and_a_body_is_never_a_request() {
         ]
         .concat();
         let got = f.stream(hook, &[at(0, &bytes)]);
-        assert_eq!(got, vec![seen(Fate::Passes, &[(Verdict::Allow, 2)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![seen(Fate::Passes, &[(Verdict::Allow, 2)])],
+            "{hook:?}"
+        );
     });
 }
 
@@ -391,13 +446,29 @@ fn framing_a_server_could_read_two_ways_is_malformed() {
     let mut f = enforcing();
     both(|hook| {
         for (what, headers, body) in [
-            ("CL and TE", &["Content-Length: 5", "Transfer-Encoding: chunked"][..], &b"0\r\n\r\n"[..]),
-            ("two CLs", &["Content-Length: 5", "Content-Length: 5"][..], b"hello"),
+            (
+                "CL and TE",
+                &["Content-Length: 5", "Transfer-Encoding: chunked"][..],
+                &b"0\r\n\r\n"[..],
+            ),
+            (
+                "two CLs",
+                &["Content-Length: 5", "Content-Length: 5"][..],
+                b"hello",
+            ),
             ("CL list", &["Content-Length: 5, 5"][..], b"hello"),
             ("CL sign", &["Content-Length: +5"][..], b"hello"),
             ("space before colon", &["Content-Length : 5"][..], b"hello"),
-            ("TE gzip", &["Transfer-Encoding: gzip, chunked"][..], b"0\r\n\r\n"),
-            ("two TEs", &["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"][..], b"0\r\n\r\n"),
+            (
+                "TE gzip",
+                &["Transfer-Encoding: gzip, chunked"][..],
+                b"0\r\n\r\n",
+            ),
+            (
+                "two TEs",
+                &["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"][..],
+                b"0\r\n\r\n",
+            ),
         ] {
             let got = f.stream(hook, &[at(0, &post(GOOD, headers, body))]);
             assert_eq!(
@@ -419,7 +490,10 @@ fn framing_a_server_could_read_two_ways_is_malformed() {
             // The request was judged (allowed); its body's framing is malformed.
             assert_eq!(
                 got,
-                vec![seen(Fate::Drops, &[(Verdict::Allow, 1), (Verdict::Malformed, 1)])],
+                vec![seen(
+                    Fate::Drops,
+                    &[(Verdict::Allow, 1), (Verdict::Malformed, 1)]
+                )],
                 "{hook:?} {what}"
             );
         }
@@ -437,7 +511,11 @@ fn a_second_authorization_field_in_a_later_segment_is_malformed() {
     let cut = bytes.windows(5).rposition(|w| w == b"X-Pad").unwrap();
     both(|hook| {
         let got = f.stream(hook, &segments(&bytes, &[cut]));
-        held_then(&got, seen(Fate::Drops, &[(Verdict::Malformed, 1)]), &format!("{hook:?}"));
+        held_then(
+            &got,
+            seen(Fate::Drops, &[(Verdict::Malformed, 1)]),
+            &format!("{hook:?}"),
+        );
     });
 }
 
@@ -464,14 +542,26 @@ fn retransmissions_are_judged_again_and_cannot_change_the_stream() {
         // The same segment again: judged again, same outcome.
         let got = f.stream(hook, &[at(0, &first), at(0, &first)]);
         let allowed = seen(Fate::Passes, &[(Verdict::Allow, 1)]);
-        assert_eq!(got, vec![allowed, seen(Fate::Passes, &[(Verdict::Allow, 1)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![allowed, seen(Fate::Passes, &[(Verdict::Allow, 1)])],
+            "{hook:?}"
+        );
         // Same place, other bytes: judged on their own merits...
         let got = f.stream(hook, &[at(0, &first), at(0, &unknown)]);
-        assert_eq!(got[1], seen(Fate::Drops, &[(Verdict::Unknown, 1)]), "{hook:?}");
+        assert_eq!(
+            got[1],
+            seen(Fate::Drops, &[(Verdict::Unknown, 1)]),
+            "{hook:?}"
+        );
         // ... and bytes that would leave the stream elsewhere than the original did (here
         // inside a body) are malformed: the server may hold either.
         let got = f.stream(hook, &[at(0, &first), at(0, &with_body)]);
-        assert_eq!(got[1], seen(Fate::Drops, &[(Verdict::Malformed, 1)]), "{hook:?}");
+        assert_eq!(
+            got[1],
+            seen(Fate::Drops, &[(Verdict::Malformed, 1)]),
+            "{hook:?}"
+        );
         // A held first part sent again: the same bytes pass again; other bytes of the
         // same length would leave the server holding what was not judged: malformed.
         let evil = Http::get("/v1/admin/aaaa").bearer(GOOD).bytes();
@@ -480,24 +570,43 @@ fn retransmissions_are_judged_again_and_cannot_change_the_stream() {
         assert_eq!(evil[..cut].len(), fine[..cut].len());
         let got = f.stream(hook, &[at(0, &evil[..cut]), at(0, &evil[..cut])]);
         let held = seen(Fate::Passes, &[(Verdict::Pass, 1)]);
-        assert_eq!(got, vec![held, seen(Fate::Passes, &[(Verdict::Pass, 1)])], "{hook:?}");
+        assert_eq!(
+            got,
+            vec![held, seen(Fate::Passes, &[(Verdict::Pass, 1)])],
+            "{hook:?}"
+        );
         let got = f.stream(hook, &[at(0, &evil[..cut]), at(0, &fine[..cut])]);
-        assert_eq!(got[1], seen(Fate::Drops, &[(Verdict::Malformed, 1)]), "{hook:?} held");
+        assert_eq!(
+            got[1],
+            seen(Fate::Drops, &[(Verdict::Malformed, 1)]),
+            "{hook:?} held"
+        );
         // Overlapping judged bytes other than as the last segment, or ahead of a gap:
         // out of sequence, dropped.
         let got = f.stream(hook, &[at(0, &first), at(5, &first[5..])]);
         let oos = seen(Fate::Drops, &[(Verdict::OutOfSequence, 1)]);
         assert_eq!(got[1], oos, "{hook:?} overlap");
         let got = f.stream(hook, &[at(100, &first)]);
-        assert_eq!(got[0], seen(Fate::Drops, &[(Verdict::OutOfSequence, 1)]), "{hook:?} gap");
+        assert_eq!(
+            got[0],
+            seen(Fate::Drops, &[(Verdict::OutOfSequence, 1)]),
+            "{hook:?} gap"
+        );
         // Ahead of a gap but inside a Content-Length body: body, passed.
         let bytes = post(GOOD, &["Content-Length: 3000"], &[b'x'; 3000]);
         let head = bytes.len() - 3000;
         let got = f.stream(
             hook,
-            &[at(0, &bytes[..head]), at(head + 1500, &bytes[head + 1500..head + 2000])],
+            &[
+                at(0, &bytes[..head]),
+                at(head + 1500, &bytes[head + 1500..head + 2000]),
+            ],
         );
-        assert_eq!(got[1], seen(Fate::Passes, &[(Verdict::Pass, 1)]), "{hook:?} in a body");
+        assert_eq!(
+            got[1],
+            seen(Fate::Passes, &[(Verdict::Pass, 1)]),
+            "{hook:?} in a body"
+        );
     });
 }
 
@@ -511,7 +620,11 @@ fn a_default_of_allow_for_incomplete_lets_it_through_and_forgets_the_connection(
         let cuts: Vec<usize> = (1..=bytes.len() / 1448).map(|i| i * 1448).collect();
         let got = f.stream(hook, &segments(&bytes, &cuts));
         let limit = agent_common::SCAN_BYTES / 1448;
-        assert_eq!(got[limit], seen(Fate::Passes, &[(Verdict::Incomplete, 1)]), "{hook:?}");
+        assert_eq!(
+            got[limit],
+            seen(Fate::Passes, &[(Verdict::Incomplete, 1)]),
+            "{hook:?}"
+        );
         assert_eq!(
             got[limit + 1],
             seen(Fate::Drops, &[(Verdict::Untracked, 1)]),
@@ -526,7 +639,11 @@ fn a_connection_without_a_syn_seen_is_untracked() {
     both(|hook| {
         f.dp.forget_flows().unwrap();
         let got = f.segment(hook, &at(0, &Http::get("/").bearer(GOOD).bytes()));
-        assert_eq!(got, seen(Fate::Drops, &[(Verdict::Untracked, 1)]), "{hook:?}");
+        assert_eq!(
+            got,
+            seen(Fate::Drops, &[(Verdict::Untracked, 1)]),
+            "{hook:?}"
+        );
         // A second SYN of a live connection (another ISN) forgets it: a forged SYN must
         // not move where the server is in the stream.
         f.open(hook);
@@ -535,7 +652,11 @@ fn a_connection_without_a_syn_seen_is_untracked() {
         syn.flags = rampart_tests::packet::TCP_SYN;
         f.segment(hook, &syn.build());
         let got = f.segment(hook, &at(0, &Http::get("/").bearer(GOOD).bytes()));
-        assert_eq!(got, seen(Fate::Drops, &[(Verdict::Untracked, 1)]), "{hook:?} second SYN");
+        assert_eq!(
+            got,
+            seen(Fate::Drops, &[(Verdict::Untracked, 1)]),
+            "{hook:?} second SYN"
+        );
         // The same SYN again (a retransmission) changes nothing.
         f.open(hook);
         let mut syn = Frame::tcp(PORT, b"");
@@ -543,7 +664,11 @@ fn a_connection_without_a_syn_seen_is_untracked() {
         syn.flags = rampart_tests::packet::TCP_SYN;
         f.segment(hook, &syn.build());
         let got = f.segment(hook, &at(0, &Http::get("/").bearer(GOOD).bytes()));
-        assert_eq!(got, seen(Fate::Passes, &[(Verdict::Allow, 1)]), "{hook:?} SYN again");
+        assert_eq!(
+            got,
+            seen(Fate::Passes, &[(Verdict::Allow, 1)]),
+            "{hook:?} SYN again"
+        );
     });
 }
 
@@ -554,7 +679,10 @@ fn not_http_may_be_allowed_per_listener_and_then_the_connection_is_untracked() {
     let mut f = Fixture::new(l);
     both(|hook| {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-        let got = f.stream(hook, &[at(0, preface), at(preface.len(), &Http::get("/").bytes())]);
+        let got = f.stream(
+            hook,
+            &[at(0, preface), at(preface.len(), &Http::get("/").bytes())],
+        );
         assert_eq!(
             got,
             vec![
