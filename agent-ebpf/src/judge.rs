@@ -56,6 +56,18 @@ impl Decision {
             next: None,
         }
     }
+
+    /// Nothing to count in this run: the segment goes on in program `next`, or is done.
+    const fn uncounted(flow: Flow, next: Option<u32>) -> Self {
+        Decision {
+            verdict: Verdict::Pass,
+            listener: None,
+            deny: false,
+            flow: Some(flow),
+            rebound: false,
+            next,
+        }
+    }
 }
 
 /// A segment of an inspected port's traffic, as both programs see it.
@@ -140,38 +152,36 @@ pub fn entry(p: &impl Packet) -> Decision {
             next: None,
         };
     }
-    let enforce = listener.mode == mode::ENFORCE;
-    let (verdict, next) = match stream::enter(p, &flow, buf) {
-        stream::Step::Request => {
-            return Decision {
-                verdict: Verdict::Pass,
-                listener: None,
-                deny: false,
-                flow: Some(flow),
-                rebound: false,
-                next: Some(stream::REQUEST),
-            }
-        }
-        stream::Step::Done(None) => {
-            return Decision {
-                verdict: Verdict::Pass,
-                listener: None,
-                deny: false,
-                flow: Some(flow),
-                rebound: false,
-                next: None,
-            }
-        }
-        stream::Step::Done(Some(v)) => (settle(buf, v), None),
+    let verdict = match stream::enter(p, &flow, buf) {
+        stream::Step::Request => return Decision::uncounted(flow, Some(stream::REQUEST)),
+        stream::Step::Done(None) => return Decision::uncounted(flow, None),
+        stream::Step::Done(Some(v)) => settle(buf, v),
     };
-    let deny = enforce && denies(verdict, &listener);
+    let Some(cfg) = CONFIG.get(0) else {
+        return Decision::untouched();
+    };
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let seen = unsafe { &mut (*buf.scratch()).seen };
+    zero_words(seen as *mut Seen);
+    decided(p, cfg, buf, flow, listener, verdict, seen, None)
+}
+
+/// The decision on `verdict` for this run, reported when it is neither allow nor pass;
+/// the segment goes on in program `next` unless it is denied.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decided(
+    p: &impl Packet,
+    cfg: &GlobalConfig,
+    buf: Buf,
+    flow: Flow,
+    listener: ListenerConfig,
+    verdict: Verdict,
+    seen: &Seen,
+    next: Option<u32>,
+) -> Decision {
+    let deny = listener.mode == mode::ENFORCE && denies(verdict, &listener);
     if verdict != Verdict::Pass && verdict != Verdict::Allow {
-        let Some(cfg) = CONFIG.get(0) else {
-            return Decision::untouched();
-        };
-        // SAFETY: the per-CPU scratch map value, valid for this program run.
-        let seen = unsafe { &mut (*buf.scratch()).seen };
-        zero_words(seen as *mut Seen);
         report(p, cfg, buf, &flow, &listener, verdict, seen);
     }
     Decision {
@@ -180,7 +190,7 @@ pub fn entry(p: &impl Packet) -> Decision {
         deny,
         flow: Some(flow),
         rebound: false,
-        next,
+        next: if deny { None } else { next },
     }
 }
 
@@ -210,18 +220,8 @@ pub fn request_run(p: &impl Packet) -> Decision {
         |c, held| request(p, cfg, buf, &flow, seen, c.off as usize, held),
     );
     let verdict = settle(buf, v);
-    let deny = enforce && denies(verdict, &listener);
-    if verdict != Verdict::Pass && verdict != Verdict::Allow {
-        report(p, cfg, buf, &flow, &listener, verdict, seen);
-    }
-    Decision {
-        verdict,
-        listener: Some(listener),
-        deny,
-        flow: Some(flow),
-        rebound: false,
-        next: (!deny && stream::cursor(buf).more != 0).then_some(stream::ENTRY),
-    }
+    let next = (stream::cursor(buf).more != 0).then_some(stream::ENTRY);
+    decided(p, cfg, buf, flow, listener, verdict, seen, next)
 }
 
 /// The listener judging a packet to `port` received on `ifindex`: from the port's word

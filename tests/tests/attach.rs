@@ -44,6 +44,28 @@ fn require_root() {
 /// Client ns ── veth ── server ns; rampart XDP (driver mode) on the server end, the pass
 /// program on the client end so XDP_TX'd resets reach the client. Fields drop in order:
 /// the upstream, then the datapath (detaching), then the namespaces.
+/// A client and a server namespace (`<tag>-cli`, `<tag>-srv`) joined by a veth pair.
+fn client_and_server(tag: &str) -> (Netns, Netns, VethPair) {
+    let client = Netns::new(&format!("{tag}-cli")).expect("client namespace");
+    let server = Netns::new(&format!("{tag}-srv")).expect("server namespace");
+    let veth = VethPair::create(
+        &client,
+        VethConfig {
+            name: CLIENT_IF,
+            ipv4: CLIENT_V4,
+            ipv6: CLIENT_V6,
+        },
+        &server,
+        VethConfig {
+            name: SERVER_IF,
+            ipv4: SERVER_V4,
+            ipv6: SERVER_V6,
+        },
+    )
+    .expect("veth between client and server");
+    (client, server, veth)
+}
+
 struct VethRig {
     upstream: UpstreamServer,
     dp: Datapath,
@@ -58,23 +80,7 @@ struct VethRig {
 impl VethRig {
     fn new(mode: u8, action: u8) -> VethRig {
         require_root();
-        let client = Netns::new("att-cli").expect("client namespace");
-        let server = Netns::new("att-srv").expect("server namespace");
-        let veth = VethPair::create(
-            &client,
-            VethConfig {
-                name: CLIENT_IF,
-                ipv4: CLIENT_V4,
-                ipv6: CLIENT_V6,
-            },
-            &server,
-            VethConfig {
-                name: SERVER_IF,
-                ipv4: SERVER_V4,
-                ipv6: SERVER_V6,
-            },
-        )
-        .expect("veth between client and server");
+        let (client, server, veth) = client_and_server("att");
         // Dual-stack wildcard: one upstream for both address families.
         let upstream = UpstreamServer::start(
             &server,
@@ -535,23 +541,7 @@ impl NginxRig {
     fn new() -> NginxRig {
         use rampart_tests::nginx::{Nginx, NginxConfig, Origin};
         require_root();
-        let client = Netns::new("ngx-cli").expect("client namespace");
-        let server = Netns::new("ngx-srv").expect("server namespace");
-        let veth = VethPair::create(
-            &client,
-            VethConfig {
-                name: CLIENT_IF,
-                ipv4: CLIENT_V4,
-                ipv6: CLIENT_V6,
-            },
-            &server,
-            VethConfig {
-                name: SERVER_IF,
-                ipv4: SERVER_V4,
-                ipv6: SERVER_V6,
-            },
-        )
-        .expect("veth between client and server");
+        let (client, server, veth) = client_and_server("ngx");
         let origin = |listen_port, http2| Origin { listen_port, http2 };
         let nginx = Nginx::start(
             &server,
@@ -639,11 +629,10 @@ fn get(path: &str, token: Option<&BearerToken>) -> Vec<u8> {
 
 #[test]
 fn nginx_parses_no_request_that_was_not_judged() {
-    let rig = NginxRig::new();
+    let mut rig = NginxRig::new();
     let good = random_token();
-    let mut dp = rig.dp;
-    install_token(&mut dp, &good).expect("install the valid token");
-    let rig = NginxRig { dp, ..rig };
+    install_token(&mut rig.dp, &good).expect("install the valid token");
+    let rig = rig;
     let served = |what: &str, reply: &[u8], path: &str| {
         assert!(
             rig.parsed().contains(&format!("GET {path} HTTP/1.1")),

@@ -292,8 +292,21 @@ impl Fixture {
         self.send(hook, frame)
     }
 
-    /// Runs one frame of the connections as the programs track them (state carries over).
+    /// Runs one frame of the connections as the programs track them (state carries over);
+    /// at most one request may be counted.
     fn send(&mut self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>, Option<Verdict>) {
+        let (ret, out, counted) = self.send_counting(hook, frame);
+        assert!(counted.len() <= 1, "one request counted twice: {counted:?}");
+        for (_, n) in &counted {
+            assert_eq!(*n, 1);
+        }
+        (ret, out, counted.first().map(|(v, _)| *v))
+    }
+
+    /// Runs one frame of the connections as the programs track them: the return code,
+    /// the frame it left, and every verdict counted (a segment may carry several
+    /// requests).
+    fn send_counting(&mut self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>, Vec<(Verdict, u64)>) {
         let before = self.counts();
         let mut out = vec![0u8; frame.len() + 512];
         let r = match hook {
@@ -303,25 +316,27 @@ impl Fixture {
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
         out.truncate(r.data_size_out as usize);
         let after = self.counts();
-        let changed: Vec<Verdict> = Verdict::ALL
+        let counted = Verdict::ALL
             .into_iter()
             .filter(|v| after[*v as usize] != before[*v as usize])
+            .map(|v| (v, after[v as usize] - before[v as usize]))
             .collect();
-        assert!(changed.len() <= 1, "one request counted twice: {changed:?}");
-        for v in &changed {
-            assert_eq!(after[*v as usize], before[*v as usize] + 1);
-        }
-        (r.return_value, out, changed.first().copied())
+        (r.return_value, out, counted)
     }
 
     fn fate(&mut self, hook: Hook, frame: &[u8]) -> (Fate, Option<Verdict>) {
         let (ret, _, v) = self.run(hook, frame);
-        let fate = match (hook, ret) {
-            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_OK) => Fate::Passes,
-            (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Fate::Drops,
-            other => panic!("unexpected return {other:?}"),
-        };
-        (fate, v)
+        (fate_of(hook, ret), v)
+    }
+}
+
+/// What a program's return code does with the frame (drop or pass; nothing else is
+/// expected here).
+fn fate_of(hook: Hook, ret: u32) -> Fate {
+    match (hook, ret) {
+        (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_OK) => Fate::Passes,
+        (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Fate::Drops,
+        other => panic!("unexpected return {other:?}"),
     }
 }
 

@@ -59,25 +59,11 @@ impl Fixture {
 
     /// Sends one segment of the open connection; several requests may be counted.
     fn segment(&mut self, hook: Hook, frame: &[u8]) -> Seen {
-        let before = self.counts();
-        let mut out = vec![0u8; frame.len() + 512];
-        let r = match hook {
-            Hook::Xdp => self.dp.test_run_xdp(frame, &mut out, 1),
-            Hook::Tc => self.dp.test_run_tc(frame, &mut out, 1),
+        let (ret, _, counted) = self.send_counting(hook, frame);
+        Seen {
+            fate: fate_of(hook, ret),
+            counted,
         }
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of a {}-byte frame: {e}", frame.len()));
-        let after = self.counts();
-        let fate = match (hook, r.return_value) {
-            (Hook::Xdp, XDP_PASS) | (Hook::Tc, TC_ACT_OK) => Fate::Passes,
-            (Hook::Xdp, XDP_DROP) | (Hook::Tc, TC_ACT_SHOT) => Fate::Drops,
-            other => panic!("unexpected return {other:?}"),
-        };
-        let counted = Verdict::ALL
-            .into_iter()
-            .filter(|v| after[*v as usize] != before[*v as usize])
-            .map(|v| (v, after[v as usize] - before[v as usize]))
-            .collect();
-        Seen { fate, counted }
     }
 
     /// Opens the connection and sends `frames` in order: what each came to.
