@@ -333,6 +333,7 @@ impl Datapath {
             FdLink::from(PinnedLink::from_pin(&pin).map_err(link_err(&pin))?)
         };
         let program_id = link.info().map_err(link_err(&pin))?.program_id();
+        self.pin_jumps(&dir)?;
         Ok(Attached {
             link: Some(link),
             pin,
@@ -420,6 +421,7 @@ impl Datapath {
         if let Some(old) = &moved_from {
             std::fs::remove_file(old).map_err(io_err(old))?;
         }
+        self.pin_jumps(dir)?;
         Ok(Attached {
             link: None,
             pin,

@@ -332,6 +332,34 @@ fn ebpf_log_level() -> u8 {
     }
 }
 
+/// The jump maps, pinned under their own names by `Datapath::pin_jumps`.
+pub const JUMP_MAPS: [&str; 2] = ["JUMP_XDP", "JUMP_TC"];
+
+impl Datapath {
+    /// Pins this program set's jump maps under `dir`, replacing an earlier set's pins
+    /// (whose programs the caller has just replaced on their hooks). The kernel empties a
+    /// program array once no file or descriptor refers to it, so without a pin the
+    /// attached entry programs would lose their request judge when the daemon exits, and
+    /// drop every request. Never adopted at load: each program set has its own.
+    pub fn pin_jumps(&self, dir: &Path) -> Result<(), DatapathError> {
+        for name in JUMP_MAPS {
+            let Some(aya::maps::Map::ProgramArray(data)) = self.ebpf.map(name) else {
+                return Err(DatapathError::MissingMap(name));
+            };
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DatapathError::Io { path, source: e });
+                }
+                _ => {}
+            }
+            data.pin(&path)
+                .map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        Ok(())
+    }
+}
+
 /// Puts the loaded programs `names` in the slots of jump map `map` (`stream::ENTRY`,
 /// `stream::REQUEST` in the eBPF crate): the entry program tail-calls the request program
 /// for each request of a segment, and it the entry program for the rest. Each loaded
