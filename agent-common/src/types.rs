@@ -408,7 +408,7 @@ pub struct FlowState {
     /// The client's initial sequence number (from its SYN).
     pub isn: u32,
     pub _pad: u32,
-    /// CLOCK_MONOTONIC_COARSE of the SYN or the last segment that moved the stream.
+    /// CLOCK_MONOTONIC_COARSE of the SYN.
     pub seen_ns: u64,
 }
 

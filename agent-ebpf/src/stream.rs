@@ -5,9 +5,11 @@
 //! and what comes there (`agent_common::stream`): a request (after any empty lines), the
 //! rest of a Content-Length body, a chunked body, or the rest of a header block whose
 //! first bytes are held in `PARTIAL`. The rules, all fail-closed:
-//! - A client SYN starts the entry. A SYN for a connection seen within `REUSE_AFTER_NS`
-//!   (with another initial sequence number) removes it instead: the server may still hold
-//!   the old connection, whose stream position a forged SYN would otherwise move.
+//! - A client SYN starts the entry; a SYN of a known 4-tuple with another initial
+//!   sequence number replaces it when that number lies ahead of the bytes judged (a new
+//!   connection on a reused port: if the server still held the old one, data at the new
+//!   numbers would only ever wait behind a gap nothing fills), and removes it when it lies
+//!   behind (it could move the judged position under the old connection).
 //! - Data without an entry is `untracked` (opened before the listener attached, or evicted
 //!   from a full table): where its next request starts is unknown.
 //! - A segment is judged when it starts where the stream was judged up to, or when it
@@ -43,10 +45,6 @@ use crate::{
     scratch::{clear, Buf, Cursor, SCAN_COMPLETE},
 };
 
-/// How long after a connection's last judged segment a SYN of the same 4-tuple may start
-/// a new one: longer than servers keep an idle or unfinished connection (nginx: 75 s
-/// keep-alive, 60 s header and body timeouts).
-pub const REUSE_AFTER_NS: u64 = 120_000_000_000;
 /// Requests judged in one segment: two runs each (entry, request), of the 33 the kernel
 /// allows a packet.
 pub const MAX_REQUESTS_PER_SEGMENT: u64 = 16;
@@ -91,12 +89,15 @@ pub fn syn(p: &impl Packet, isn: u32, f: &Flow, buf: Buf) {
     let now = coarse_now();
     if let Some(st) = FLOWS.get_ptr(id) {
         // SAFETY: map value pointer valid for this run.
-        let (known, seen) = unsafe { ((*st).isn, (*st).seen_ns) };
+        let (known, next) = unsafe { ((*st).isn, (*st).next) };
         if known == isn {
             // The same SYN again (its SYN-ACK was lost).
             return;
         }
-        if now.wrapping_sub(seen) < REUSE_AFTER_NS {
+        if (isn.wrapping_add(1).wrapping_sub(next) as i32) <= 0 {
+            // A new connection starts ahead of the old one's bytes (RFC 6528: Linux and
+            // every modern stack choose it so). One behind them could move the judged
+            // position under a server still on the old connection: forget it instead.
             let _ = FLOWS.remove(id);
             return;
         }
@@ -437,7 +438,6 @@ fn finish(id: &FlowId, c: &Cursor, seq: u32, len: u64, v: Verdict) -> Verdict {
     st.next = seq.wrapping_add(len as u32);
     st.kind = c.kind as u32;
     st.remaining = c.remaining;
-    st.seen_ns = coarse_now();
     v
 }
 

@@ -630,18 +630,46 @@ fn a_connection_without_a_syn_seen_is_untracked() {
             seen(Fate::Drops, &[(Verdict::Untracked, 1)]),
             "{hook:?}"
         );
-        // A second SYN of a live connection (another ISN) forgets it: a forged SYN must
-        // not move where the server is in the stream.
+        // A SYN of the same 4-tuple whose ISN lies ahead of the judged bytes starts a new
+        // connection (a reused port); the old one's bytes are out of sequence.
+        let first = Http::get("/").bearer(GOOD).bytes();
         f.open(hook);
+        assert_eq!(
+            f.segment(hook, &at(0, &first)),
+            seen(Fate::Passes, &[(Verdict::Allow, 1)])
+        );
         let mut syn = Frame::tcp(PORT, b"");
-        syn.seq = ISN + 5000;
+        syn.seq = ISN + 100_000;
         syn.flags = rampart_tests::packet::TCP_SYN;
         f.segment(hook, &syn.build());
-        let got = f.segment(hook, &at(0, &Http::get("/").bearer(GOOD).bytes()));
+        let got = f.segment(hook, &at(100_000, &first));
+        assert_eq!(
+            got,
+            seen(Fate::Passes, &[(Verdict::Allow, 1)]),
+            "{hook:?} new connection"
+        );
+        let got = f.segment(hook, &at(first.len(), &first));
+        assert_eq!(
+            got,
+            seen(Fate::Drops, &[(Verdict::OutOfSequence, 1)]),
+            "{hook:?} old one"
+        );
+        // One behind them (a forged SYN that would move the judged position under the
+        // live connection) forgets the connection.
+        f.open(hook);
+        assert_eq!(
+            f.segment(hook, &at(0, &first)),
+            seen(Fate::Passes, &[(Verdict::Allow, 1)])
+        );
+        let mut syn = Frame::tcp(PORT, b"");
+        syn.seq = ISN + 5;
+        syn.flags = rampart_tests::packet::TCP_SYN;
+        f.segment(hook, &syn.build());
+        let got = f.segment(hook, &at(5, &first));
         assert_eq!(
             got,
             seen(Fate::Drops, &[(Verdict::Untracked, 1)]),
-            "{hook:?} second SYN"
+            "{hook:?} SYN behind"
         );
         // The same SYN again (a retransmission) changes nothing.
         f.open(hook);
