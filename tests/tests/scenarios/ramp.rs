@@ -305,7 +305,9 @@ fn s5_ramp_accuracy_and_penalty() {
     // been judged but not answered when the clients were stopped.
     assert!(
         statuses.len() as u64 <= offered + 2,
-        "the clients got {} responses but Rampart judged only {offered} requests of the token",
-        statuses.len()
+        "the clients got {} responses but Rampart judged only {offered} requests of the token \
+         (the listener's counts: {:?})",
+        statuses.len(),
+        counters(&gw, side)
     );
 }

@@ -102,7 +102,13 @@ pub fn assert_served(gw: &Gateway, side: Side, req: &Request, what: &str) {
     let o = gw
         .request(side, &gw.curl(side), req)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(o.resp.status, 200, "{what}: client saw {:?}", o.resp.error);
+    assert_eq!(
+        o.resp.status,
+        200,
+        "{what}: client saw {:?} (the listener's counts: {:?})",
+        o.resp.error,
+        counters(gw, side)
+    );
     assert!(o.reached, "{what}: 200 but the upstream recorded nothing");
 }
 
