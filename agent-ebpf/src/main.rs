@@ -11,6 +11,7 @@
 mod bearer;
 mod chunked;
 mod events;
+mod framing;
 mod headers;
 mod judge;
 mod maps;
