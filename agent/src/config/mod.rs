@@ -18,7 +18,7 @@ use serde_spanned::Spanned;
 
 use crate::{
     paths,
-    policy::{CompiledPolicy, Diagnostic, SourceText},
+    policy::{CompiledPolicy, Diagnostic, PolicyCache, SourceText},
 };
 
 /// The validated configuration.
@@ -338,8 +338,17 @@ impl Config {
 /// Loads the configuration and every policy file it names: what `rampart check` runs and
 /// what the daemon (re)loads. All problems found are returned, in file order.
 pub fn load_all(path: &Path) -> Result<(Config, CompiledPolicy), Vec<Diagnostic>> {
+    load_all_with(path, None)
+}
+
+/// `load_all` through the daemon's `cache` of the policy files as last compiled: only
+/// what changed since is walked again.
+pub fn load_all_with(
+    path: &Path,
+    cache: Option<&mut PolicyCache>,
+) -> Result<(Config, CompiledPolicy), Vec<Diagnostic>> {
     let config = Config::load(path).map_err(|e| vec![e.into_diagnostic()])?;
-    let policy = CompiledPolicy::load(&config.policy)?;
+    let policy = CompiledPolicy::load_cached(&config.policy, cache)?;
     Ok((config, policy))
 }
 

@@ -194,25 +194,41 @@ impl Datapath {
     }
 
     /// Installs many tokens as `install_token` would each, writing only the entries that
-    /// differ from what TOKENS already holds (TOKENS and REVOKED read in batched passes),
-    /// through batched updates: a few syscalls per 4096 tokens, not one per token. A reload that changes one token of a million writes one entry. Returns the
+    /// differ from what TOKENS already holds, through batched updates: a few syscalls per
+    /// 4096 tokens, not one per token. What the kernel holds is read in batched passes
+    /// over TOKENS and REVOKED, or, for a few tokens (a reload's diff), entry by entry: a
+    /// reload that changes one token of a million reads and writes one entry. Returns the
     /// number of entries written.
     pub fn install_tokens(
         &mut self,
         tokens: impl IntoIterator<Item = (Fingerprint, TokenInfo)>,
     ) -> Result<usize, DatapathError> {
+        /// Up to this many tokens, lookups one by one cost less than reading the maps.
+        const FEW: usize = 1024;
+        let tokens: Vec<(Fingerprint, TokenInfo)> = tokens.into_iter().collect();
         let mut held = std::collections::HashMap::new();
-        scan(
-            &self.tokens,
-            "TOKENS",
-            |fp: &Fingerprint, info: &TokenInfo| {
-                held.insert(*fp, *info);
-            },
-        )?;
         let mut revoked = std::collections::HashSet::new();
-        scan(&self.revoked, "REVOKED", |fp: &Fingerprint, _: &u64| {
-            revoked.insert(*fp);
-        })?;
+        if tokens.len() <= FEW {
+            for (fp, _) in &tokens {
+                if let Ok(info) = self.tokens.get(fp, 0) {
+                    held.insert(*fp, info);
+                }
+                if self.is_revoked(fp) {
+                    revoked.insert(*fp);
+                }
+            }
+        } else {
+            scan(
+                &self.tokens,
+                "TOKENS",
+                |fp: &Fingerprint, info: &TokenInfo| {
+                    held.insert(*fp, *info);
+                },
+            )?;
+            scan(&self.revoked, "REVOKED", |fp: &Fingerprint, _: &u64| {
+                revoked.insert(*fp);
+            })?;
+        }
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut fresh = Vec::new();
         for (fp, mut info) in tokens {
