@@ -2,10 +2,14 @@
 //! as static policy and as imported tokens, with the release `rampart` binary: `check`,
 //! daemon start until its control socket answers, reload with no change and with one
 //! token changed, `token list` and `token show`, a metrics scrape, the daemon's RSS and the
-//! kernel memory of its maps (the `memlock` of each map fd it holds). Prints a table and
-//! writes target/bench/scale-<N>.json.
+//! kernel memory of its maps (the `memlock` of each map fd it holds), and requests judged
+//! while the daemon reloads (`load`). Prints a table and writes
+//! target/bench/scale-<N>.json.
 //!
-//! The daemon runs without listeners: nothing attaches to a shared interface.
+//! The daemon runs in a network namespace of its own, with one TC listener on its
+//! loopback: nothing attaches to a shared interface.
+
+mod load;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -20,6 +24,10 @@ use anyhow::{bail, Result};
 use crate::setup::{cargo, exec};
 
 const METRICS: &str = "127.0.0.1:19464";
+/// The listener's port inside the namespace.
+const PORT: u16 = 18080;
+/// Reloads while requests are sent.
+const RELOADS_UNDER_LOAD: usize = 4;
 
 /// Runs the scale benchmark for `tokens` tokens.
 pub fn run(root: &Path, tokens: usize) -> Result<()> {
@@ -52,6 +60,7 @@ fn fp(i: usize) -> String {
 
 const HEAD: &str = "[[contract]]\nname = \"c\"\nstages = [{ after = \"0s\", rate = 5, burst = 10 }]\n\n\
                     [[contract]]\nname = \"d\"\nstages = [{ after = \"0s\", rate = 50, burst = 10 }]\n\n\
+                    [[contract]]\nname = \"load\"\nstages = [{ after = \"0s\", rate = 1000000, burst = 1000000 }]\n\n\
                     [[scope]]\nname = \"s\"\nmethods = [\"GET\"]\nprefix = \"/\"\n";
 
 fn policy(tokens: usize, static_tokens: bool, changed: bool) -> String {
@@ -135,6 +144,7 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         "/sys/fs/bpf/rampart-bench-scale-{}",
         std::process::id()
     ));
+    let ns = load::Netns::new(format!("rampart-bench-scale-{}", std::process::id()))?;
     let _ = std::fs::remove_dir_all(&bpffs);
     let sock = dir.join("control.sock");
     let config = dir.join("rampart.toml");
@@ -142,13 +152,19 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         &config,
         format!(
             "state_dir = \"{d}/state\"\nbpffs_dir = \"{b}\"\ncontrol_socket = \"{s}\"\n\
-             metrics_addr = \"{METRICS}\"\npolicy = [\"policy.toml\"]\n",
+             metrics_addr = \"{METRICS}\"\npolicy = [\"policy.toml\"]\n\n\
+             [[listener]]\nname = \"bench\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [{PORT}]\n\
+             mode = \"enforce\"\naction = \"drop\"\n",
             d = dir.display(),
             b = bpffs.display(),
             s = sock.display()
         ),
     )?;
-    std::fs::write(dir.join("policy.toml"), policy(tokens, !imported, false))?;
+    let (unchanged, changed) = (
+        policy(tokens, !imported, false),
+        policy(tokens, !imported, true),
+    );
+    std::fs::write(dir.join("policy.toml"), &unchanged)?;
     let rampart = |args: &[&str]| {
         let mut c = Command::new(bin);
         c.arg("--config").arg(&config).args(args);
@@ -160,7 +176,12 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
     timed(&mut rampart(&["keygen"]))?;
     let start = || -> Result<(Daemon, Duration)> {
         let t = Instant::now();
-        let child = rampart(&["run"])
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("daemon.log"))?)
             .spawn()?;
@@ -199,7 +220,7 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
     control(&sock, "{\"op\":\"reload\"}")?;
     rows.push(("reload, no change".to_owned(), secs(t.elapsed())));
     if !imported {
-        std::fs::write(dir.join("policy.toml"), policy(tokens, true, true))?;
+        std::fs::write(dir.join("policy.toml"), &changed)?;
     }
     let t = Instant::now();
     control(&sock, "{\"op\":\"reload\"}")?;
@@ -212,6 +233,46 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         .to_owned(),
         secs(t.elapsed()),
     ));
+    // Requests through reloads (each a one-token change for a static policy).
+    let issued = rampart(&["token", "issue", "--contract", "load", "--scope", "s"]).output()?;
+    if !issued.status.success() {
+        bail!("token issue: {}", String::from_utf8_lossy(&issued.stderr));
+    }
+    let token = String::from_utf8(issued.stdout)?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut slowest = Duration::ZERO;
+    let judged = load::during(&ns, PORT, token, || {
+        for i in 0..RELOADS_UNDER_LOAD {
+            if !imported {
+                let text = if i % 2 == 0 { &unchanged } else { &changed };
+                std::fs::write(dir.join("policy.toml"), text)?;
+            }
+            let t = Instant::now();
+            control(&sock, "{\"op\":\"reload\"}")?;
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    })?;
+    rows.push((
+        format!("{RELOADS_UNDER_LOAD} reloads under load"),
+        format!("slowest {}", secs(slowest)),
+    ));
+    rows.push((
+        "  valid token answered".to_owned(),
+        format!("{}/{}", judged.valid_answered, judged.valid_sent),
+    ));
+    rows.push((
+        "  longest wait for one".to_owned(),
+        format!("{:.1} ms", judged.longest_gap.as_secs_f64() * 1e3),
+    ));
+    rows.push((
+        "  unknown token answered".to_owned(),
+        format!("{}/{}", judged.unknown_answered, judged.unknown_sent),
+    ));
     rows.push((
         "token list".to_owned(),
         secs(timed(&mut rampart(&["token", "list", "--json"]))?),
@@ -223,17 +284,25 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         Duration::ZERO
     };
     rows.push(("token show".to_owned(), secs(d)));
-    let t = Instant::now();
-    let mut s = std::net::TcpStream::connect(METRICS)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    rows.push(("metrics scrape".to_owned(), secs(t.elapsed())));
+    let scrape = ns
+        .spawn(|| -> Result<Duration> {
+            let t = Instant::now();
+            let mut s = std::net::TcpStream::connect(METRICS)?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut body = Vec::new();
+            s.read_to_end(&mut body)?;
+            Ok(t.elapsed())
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scrape thread panicked"))???;
+    rows.push(("metrics scrape".to_owned(), secs(scrape)));
     let (rss, maps) = memory(daemon.0.id())?;
     rows.push(("daemon RSS".to_owned(), format!("{rss:.0} MB")));
     rows.push(("kernel map memory".to_owned(), format!("{maps:.0} MB")));
     drop(daemon);
-    let _ = Command::new(bin)
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(bin)
         .arg("--config")
         .arg(&config)
         .arg("detach")

@@ -82,8 +82,9 @@ impl Default for MapsConfig {
         MapsConfig {
             // About a million tokens: 48 bytes each in TOKENS, plus their state.
             max_tokens: agent_common::DEFAULT_MAX_TOKENS,
-            // Revocations live until the token would have expired; as many as tokens.
-            max_revoked: agent_common::DEFAULT_MAX_TOKENS,
+            // Revocations are kept for good; half as many as tokens. Not preallocated, so
+            // the capacity costs 16 bytes a slot of hash buckets (8 MB).
+            max_revoked: crate::datapath::DEFAULT_MAX_REVOKED,
             // Statistics for the 64k busiest tokens are enough for `rampart top`.
             token_stats: 65536,
             // 1 MiB holds about ten thousand events, seconds of backlog at the default cap.

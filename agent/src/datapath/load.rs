@@ -59,6 +59,13 @@ pub const MAP_NAMES: [&str; 13] = [
 /// at every load, so nothing in it needs moving.
 const UNPINNED: [&str; 2] = ["SCRATCH", "PORTS"];
 
+/// Default capacity of REVOKED: half of TOKENS. The map is not preallocated, so its
+/// capacity costs only the hash buckets (16 bytes each: 8 MB here, 16 at a million),
+/// which brings the kernel memory of the per-token maps to 200 bytes per token of
+/// capacity. Revocations are kept for good: when it is full, `rampart token revoke`
+/// fails with the kernel's error (the store keeps the revocation).
+pub const DEFAULT_MAX_REVOKED: u32 = DEFAULT_MAX_TOKENS / 2;
+
 /// Map sizes and pinning, from the daemon's configuration.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -77,7 +84,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_tokens: DEFAULT_MAX_TOKENS,
-            max_revoked: DEFAULT_MAX_TOKENS,
+            max_revoked: DEFAULT_MAX_REVOKED,
             token_stats: 65536,
             ring_bytes: 1 << 20,
             pin_dir: None,
