@@ -14,7 +14,7 @@ mod load;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -138,14 +138,15 @@ impl Drop for Daemon {
 
 fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(String, String)>> {
     let dir = root.join(format!("target/bench/scale-work-{tokens}-{imported}"));
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(dir.join("bpffs"))
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let bpffs = PathBuf::from(format!(
-        "/sys/fs/bpf/rampart-bench-scale-{}",
-        std::process::id()
-    ));
+    let mount = load::Bpffs::mount(dir.join("bpffs"))?;
+    let bpffs = mount.dir.join("rampart");
     let ns = load::Netns::new(format!("rampart-bench-scale-{}", std::process::id()))?;
-    let _ = std::fs::remove_dir_all(&bpffs);
     let sock = dir.join("control.sock");
     let config = dir.join("rampart.toml");
     std::fs::write(
@@ -307,6 +308,5 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         .arg(&config)
         .arg("detach")
         .output();
-    let _ = std::fs::remove_dir_all(&bpffs);
     Ok(rows)
 }

@@ -63,6 +63,33 @@ impl Drop for Netns {
     }
 }
 
+/// A private BPF filesystem for the daemon's pins (`ip netns exec` remounts /sys, so
+/// /sys/fs/bpf is not one inside the namespace), unmounted on drop.
+pub struct Bpffs {
+    pub dir: std::path::PathBuf,
+}
+
+impl Bpffs {
+    pub fn mount(dir: std::path::PathBuf) -> Result<Bpffs> {
+        let _ = Command::new("umount").arg("-l").arg(&dir).output();
+        std::fs::create_dir_all(&dir)?;
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("mount bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Bpffs { dir })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+    }
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output()?;
     if !out.status.success() {
@@ -100,23 +127,28 @@ fn request(addr: SocketAddr, token: &str, wait: Duration) -> bool {
     answered
 }
 
-/// Serves `200 ok` to every request on `listener` until `stop`.
+/// Serves `200 ok` to every request on `listener` until `stop`, a thread per connection
+/// (the connections whose request the listener dropped wait for a request that never
+/// comes).
 fn upstream(listener: TcpListener, stop: Arc<AtomicBool>) {
     for conn in listener.incoming() {
         if stop.load(Ordering::Relaxed) {
             return;
         }
         let Ok(mut c) = conn else { continue };
-        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
+        thread::spawn(move || {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
             }
-        }
-        let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            let _ =
+                c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        });
     }
 }
 
