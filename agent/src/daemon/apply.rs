@@ -545,8 +545,10 @@ mod tests {
             p.scopes = names
                 .iter()
                 .map(|n| {
-                    let mut scope = Scope::default();
-                    scope.prefix_len = prefix;
+                    let scope = Scope {
+                        prefix_len: prefix,
+                        ..Scope::default()
+                    };
                     (n.clone(), scope)
                 })
                 .collect();
