@@ -105,6 +105,9 @@ pub struct Datapath {
     /// `TOKEN_STATE`, mmapped, and who owns which of its slots.
     pub(super) token_state: MappedArray<TokenState>,
     pub(super) slots: Slots,
+    /// TOKENS as read at load (adopted pins), while nothing has written it since: the
+    /// first batched install compares with it instead of reading a million entries again.
+    pub(super) tokens_at_load: Option<std::collections::HashMap<Fingerprint, TokenInfo>>,
     pub(super) verdict_stats: PerCpuArray<MapData, u64>,
     pub(super) token_stats: PerCpuHashMap<MapData, Fingerprint, TokenStats>,
     pub(super) event_budget: PerCpuArray<MapData, EventBudget>,
@@ -214,6 +217,7 @@ impl Datapath {
             scopes: take(&mut ebpf, "SCOPES")?,
             token_state,
             slots: Slots::default(),
+            tokens_at_load: None,
             verdict_stats: take(&mut ebpf, "VERDICT_STATS")?,
             token_stats: take(&mut ebpf, "TOKEN_STATS")?,
             event_budget: take(&mut ebpf, "EVENT_BUDGET")?,

@@ -186,6 +186,7 @@ impl Datapath {
             self.token_state
                 .write(slot as usize, &TokenState::default());
         }
+        self.tokens_at_load = None;
         let r = self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"));
         if r.is_err() && matches!(assigned, Assigned::New(_)) {
             self.slots.release(&fp);
@@ -218,13 +219,18 @@ impl Datapath {
                 }
             }
         } else {
-            scan(
-                &self.tokens,
-                "TOKENS",
-                |fp: &Fingerprint, info: &TokenInfo| {
-                    held.insert(*fp, *info);
-                },
-            )?;
+            match self.tokens_at_load.take() {
+                Some(at_load) => held = at_load,
+                None => {
+                    scan(
+                        &self.tokens,
+                        "TOKENS",
+                        |fp: &Fingerprint, info: &TokenInfo| {
+                            held.insert(*fp, *info);
+                        },
+                    )?;
+                }
+            }
             scan(&self.revoked, "REVOKED", |fp: &Fingerprint, _: &u64| {
                 revoked.insert(*fp);
             })?;
@@ -252,6 +258,9 @@ impl Datapath {
                 values.push(info);
             }
         }
+        if !keys.is_empty() {
+            self.tokens_at_load = None;
+        }
         let fd = self.tokens.map().fd().as_fd();
         let r = match sys::update_batch(fd, &keys, &values) {
             // A kernel without batch updates for hash maps: entry by entry.
@@ -278,6 +287,7 @@ impl Datapath {
 
     /// Removes a token and its runtime state.
     pub fn remove_token(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+        self.tokens_at_load = None;
         absent_ok(self.tokens.remove(fp)).map_err(map_err("TOKENS"))?;
         if let Some(slot) = self.slots.release(fp) {
             self.token_state
@@ -293,13 +303,18 @@ impl Datapath {
     pub(super) fn adopt_token_slots(&mut self) -> Result<(), DatapathError> {
         let cap = u32::try_from(self.token_state.len()).unwrap_or(u32::MAX);
         let mut claims = Vec::new();
+        let mut at_load = std::collections::HashMap::new();
         scan(
             &self.tokens,
             "TOKENS",
-            |fp: &Fingerprint, info: &TokenInfo| claims.push((*fp, info.state_slot)),
+            |fp: &Fingerprint, info: &TokenInfo| {
+                claims.push((*fp, info.state_slot));
+                at_load.insert(*fp, *info);
+            },
         )?;
         let (slots, homeless) = Slots::rebuild(cap, claims);
         self.slots = slots;
+        self.tokens_at_load = Some(at_load);
         for fp in &homeless {
             if let Ok(info) = self.tokens.get(fp, 0) {
                 self.install_token(*fp, info)?;
@@ -380,6 +395,7 @@ impl Datapath {
             return Ok(false);
         }
         info.flags |= TOKEN_REVOKED;
+        self.tokens_at_load = None;
         self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))?;
         Ok(true)
     }
