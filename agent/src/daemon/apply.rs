@@ -157,22 +157,22 @@ fn resolution(p: &CompiledPolicy) -> (HashMap<&str, usize>, HashMap<&str, usize>
 /// policy's): looked up one by one when they are few, from one read of the store else.
 fn issued_among(
     lifecycle: &Lifecycle,
-    fps: impl ExactSizeIterator<Item = Fingerprint>,
+    fps: &[Fingerprint],
 ) -> Result<HashSet<Fingerprint>, StoreError> {
     let store = lifecycle.store();
     if fps.len() <= 1024 {
         let mut out = HashSet::new();
         for fp in fps {
             if store
-                .get(&fp)?
+                .get(fp)?
                 .is_some_and(|r| r.status == TokenStatus::Active)
             {
-                out.insert(fp);
+                out.insert(*fp);
             }
         }
         return Ok(out);
     }
-    let wanted: HashSet<Fingerprint> = fps.collect();
+    let wanted: HashSet<&Fingerprint> = fps.iter().collect();
     Ok(store
         .active()?
         .into_iter()
@@ -198,15 +198,13 @@ pub fn apply_reload(
         return apply_full(enf, lifecycle, old, new);
     }
     let diff = diff_tokens(old, new);
-    let issued = issued_among(
-        lifecycle,
-        diff.changed
-            .iter()
-            .map(|(fp, ..)| *fp)
-            .chain(diff.removed.iter().copied())
-            .collect::<Vec<_>>()
-            .into_iter(),
-    )?;
+    let touched: Vec<Fingerprint> = diff
+        .changed
+        .iter()
+        .map(|(fp, ..)| *fp)
+        .chain(diff.removed.iter().copied())
+        .collect();
+    let issued = issued_among(lifecycle, &touched)?;
     let mut applied = Applied::default();
     {
         let mut dp = enf.lock();

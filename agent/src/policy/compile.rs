@@ -106,6 +106,7 @@ pub(super) fn compile(
 pub(super) fn walk_part(text: &str) -> Option<Walked> {
     let mut walked = Walked::default();
     let mut w = Walk {
+        // Only definitions name locations, and a part holds tokens only.
         src: &SourceText::new(std::path::Path::new(""), text),
         problems: &mut walked.problems,
     };
@@ -114,11 +115,7 @@ pub(super) fn walk_part(text: &str) -> Option<Walked> {
             if doc.as_table().iter().any(|(k, _)| k != "token") {
                 return None;
             }
-            walk_tables(&mut w, doc.as_table(), "token", |w, entry| {
-                walked_token(w, entry)
-            })
-            .into_iter()
-            .for_each(|t| walked.tokens.push(t));
+            walked.tokens = walk_tables(&mut w, doc.as_table(), "token", walked_token);
         }
         Err(e) => w.error(e.span(), e.message().trim_end().to_string()),
     }
