@@ -1,7 +1,8 @@
 //! `cargo xtask bench scale [--tokens N]`: the control plane at N tokens (default 100 000),
 //! as static policy and as imported tokens, with the release `rampart` binary: `check`,
 //! daemon start until its control socket answers, reload with no change and with one
-//! token changed, `token list` and `token show`, a metrics scrape, the daemon's RSS and the
+//! change (static: a token moves to another contract; imported: a scope no token uses is
+//! added), `token list` and `token show`, a metrics scrape, the daemon's RSS and the
 //! kernel memory of its maps (the `memlock` of each map fd it holds), and requests judged
 //! while the daemon reloads (`load`). Prints a table and writes
 //! target/bench/scale-<N>.json.
@@ -63,8 +64,13 @@ const HEAD: &str = "[[contract]]\nname = \"c\"\nstages = [{ after = \"0s\", rate
                     [[contract]]\nname = \"load\"\nstages = [{ after = \"0s\", rate = 1000000, burst = 1000000 }]\n\n\
                     [[scope]]\nname = \"s\"\nmethods = [\"GET\"]\nprefix = \"/\"\n";
 
+/// The policy: `HEAD`, and `tokens` static tokens or none. `changed`: one token moves to
+/// contract `d`, or without tokens, one more scope.
 fn policy(tokens: usize, static_tokens: bool, changed: bool) -> String {
     let mut p = String::from(HEAD);
+    if changed && !static_tokens {
+        p.push_str("\n[[scope]]\nname = \"t\"\nmethods = [\"POST\"]\nprefix = \"/\"\n");
+    }
     if static_tokens {
         for i in 0..tokens {
             let c = if changed && i == tokens / 2 { "d" } else { "c" };
@@ -101,6 +107,53 @@ fn control(sock: &Path, req: &str) -> Result<String> {
         bail!("{req}: {}", line.chars().take(300).collect::<String>());
     }
     Ok(line)
+}
+
+/// Reloads the daemon has done, successful or not.
+fn reloads(sock: &Path) -> Result<u64> {
+    let status: serde_json::Value = serde_json::from_str(&control(sock, "{\"op\":\"status\"}")?)?;
+    let n = |k: &str| status["body"][k].as_u64().or_else(|| status[k].as_u64());
+    match (n("reloads_ok"), n("reloads_failed")) {
+        (Some(ok), Some(failed)) => Ok(ok + failed),
+        _ => bail!("no reload counts in {status}"),
+    }
+}
+
+/// Waits until the daemon has done `want` reloads: the file watcher reloads too, 300 ms
+/// after a policy file changes, and a reload measured meanwhile would wait for it.
+fn settle(sock: &Path, want: u64) -> Result<()> {
+    let t = Instant::now();
+    while reloads(sock)? < want {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the daemon did not reload {want} times within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Replaces the policy file in one step (written aside, renamed over it), so the file
+/// watcher never reads half of it.
+fn write_policy(dir: &Path, text: &str) -> Result<()> {
+    let aside = dir.join("staging");
+    std::fs::create_dir_all(&aside)?;
+    std::fs::write(aside.join("policy.toml"), text)?;
+    std::fs::rename(aside.join("policy.toml"), dir.join("policy.toml"))?;
+    Ok(())
+}
+
+/// A reload through the control socket after `change` (none: a reload without change),
+/// timed; returns once the file watcher's own reload of the change is done too.
+fn timed_reload(sock: &Path, dir: &Path, change: Option<&str>) -> Result<Duration> {
+    let before = reloads(sock)?;
+    if let Some(text) = change {
+        write_policy(dir, text)?;
+    }
+    let t = Instant::now();
+    control(sock, "{\"op\":\"reload\"}")?;
+    let took = t.elapsed();
+    settle(sock, before + if change.is_some() { 2 } else { 1 })?;
+    Ok(took)
 }
 
 /// The daemon's RSS and the summed `memlock` of the BPF maps it holds, in MB.
@@ -165,6 +218,7 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         policy(tokens, !imported, false),
         policy(tokens, !imported, true),
     );
+
     std::fs::write(dir.join("policy.toml"), &unchanged)?;
     let rampart = |args: &[&str]| {
         let mut c = Command::new(bin);
@@ -217,24 +271,17 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
     }
     let (daemon, took) = start()?;
     rows.push(("start to serving".to_owned(), secs(took)));
-    let t = Instant::now();
-    control(&sock, "{\"op\":\"reload\"}")?;
-    rows.push(("reload, no change".to_owned(), secs(t.elapsed())));
-    if !imported {
-        std::fs::write(dir.join("policy.toml"), &changed)?;
-    }
-    let t = Instant::now();
-    control(&sock, "{\"op\":\"reload\"}")?;
     rows.push((
-        if imported {
-            "reload, no change (2)"
-        } else {
-            "reload, one changed"
-        }
-        .to_owned(),
-        secs(t.elapsed()),
+        "reload, no change".to_owned(),
+        secs(timed_reload(&sock, &dir, None)?),
     ));
-    // Requests through reloads (each a one-token change for a static policy).
+    // Static: a token moves to another contract. Imported: a scope is added, which no
+    // token uses.
+    rows.push((
+        "reload, one change".to_owned(),
+        secs(timed_reload(&sock, &dir, Some(&changed))?),
+    ));
+    // Requests through reloads, each one change as above (and back).
     let issued = rampart(&["token", "issue", "--contract", "load", "--scope", "s"]).output()?;
     if !issued.status.success() {
         bail!("token issue: {}", String::from_utf8_lossy(&issued.stderr));
@@ -247,14 +294,8 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
     let mut slowest = Duration::ZERO;
     let judged = load::during(&ns, PORT, token, || {
         for i in 0..RELOADS_UNDER_LOAD {
-            if !imported {
-                let text = if i % 2 == 0 { &unchanged } else { &changed };
-                std::fs::write(dir.join("policy.toml"), text)?;
-            }
-            let t = Instant::now();
-            control(&sock, "{\"op\":\"reload\"}")?;
-            slowest = slowest.max(t.elapsed());
-            std::thread::sleep(Duration::from_millis(100));
+            let text = if i % 2 == 0 { &unchanged } else { &changed };
+            slowest = slowest.max(timed_reload(&sock, &dir, Some(text))?);
         }
         Ok(())
     })?;

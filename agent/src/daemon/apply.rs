@@ -36,6 +36,17 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
+/// What the kernel holds, as far as this daemon knows, when a reload starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The last application succeeded: the kernel holds the running policy, under which
+    /// `unresolved` active issued tokens did not resolve (their contract or a scope left
+    /// the policy).
+    InStep { unresolved: usize },
+    /// An application failed midway: the kernel may hold part of it.
+    Unknown,
+}
+
 /// What one application changed.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -46,6 +57,8 @@ pub struct Applied {
     pub reset: usize,
     /// Static tokens' TOKENS entries written (new or changed; unchanged ones are not).
     pub written: usize,
+    /// Active issued tokens that do not resolve under the applied policy.
+    pub unresolved: usize,
 }
 
 /// The contract and scope slots of `new` that differ from `old`'s (every slot without
@@ -84,6 +97,7 @@ pub fn apply_initial(
     // Revocations from SQLite first, then issued tokens under this policy's indexes.
     let lifecycle = lifecycle.apply_all(policy)?;
     Ok(Applied {
+        unresolved: lifecycle.failed.len(),
         lifecycle,
         written,
         ..Applied::default()
@@ -140,8 +154,7 @@ fn diff_tokens(old: &CompiledPolicy, new: &CompiledPolicy) -> TokenDiff {
     diff
 }
 
-/// Live contract and scope names with their slots (tombstones left out): an issued token
-/// resolves the same under two policies whose maps are equal.
+/// Live contract and scope names with their slots (tombstones left out).
 fn resolution(p: &CompiledPolicy) -> (HashMap<&str, usize>, HashMap<&str, usize>) {
     fn live<T>(defs: &[(String, T)]) -> HashMap<&str, usize> {
         defs.iter()
@@ -151,6 +164,17 @@ fn resolution(p: &CompiledPolicy) -> (HashMap<&str, usize>, HashMap<&str, usize>
             .collect()
     }
     (live(&p.contracts), live(&p.scopes))
+}
+
+/// Whether an issued token may resolve otherwise under `new` than under `old`: a name it
+/// used moved or left, or a name it lacked (one of `unresolved` tokens) came.
+fn resolves_otherwise(old: &CompiledPolicy, new: &CompiledPolicy, unresolved: usize) -> bool {
+    let ((old_c, old_s), (new_c, new_s)) = (resolution(old), resolution(new));
+    let kept = |o: &HashMap<&str, usize>, n: &HashMap<&str, usize>| {
+        o.iter().all(|(name, slot)| n.get(name) == Some(slot))
+    };
+    let added = new_c.len() > old_c.len() || new_s.len() > old_s.len();
+    !kept(&old_c, &new_c) || !kept(&old_s, &new_s) || (added && unresolved > 0)
 }
 
 /// Which of `fps` are active issued tokens (their entries are the lifecycle's, not the
@@ -182,21 +206,20 @@ fn issued_among(
 }
 
 /// A reload from `old` to `new` (stabilized against it) while the listeners keep judging
-/// traffic. `in_step`: the kernel holds `old` as applied (the last application
-/// succeeded): then only what differs between the two policies is written, and issued
-/// tokens are re-applied only if a contract or scope name now resolves otherwise. If not,
-/// every static token is compared with what the kernel holds and every issued token is
-/// re-applied.
+/// traffic. When the kernel holds `old` as applied, only what differs between the two
+/// policies is written, and issued tokens are re-applied only if one may resolve
+/// otherwise. If not, every static token is compared with what the kernel holds and every
+/// issued token is re-applied.
 pub fn apply_reload(
     enf: &DatapathEnforcer,
     lifecycle: &Lifecycle,
     old: &CompiledPolicy,
     new: &CompiledPolicy,
-    in_step: bool,
+    kernel: Kernel,
 ) -> Result<Applied, ApplyError> {
-    if !in_step {
+    let Kernel::InStep { unresolved } = kernel else {
         return apply_full(enf, lifecycle, old, new);
-    }
+    };
     let diff = diff_tokens(old, new);
     let touched: Vec<Fingerprint> = diff
         .changed
@@ -205,7 +228,10 @@ pub fn apply_reload(
         .chain(diff.removed.iter().copied())
         .collect();
     let issued = issued_among(lifecycle, &touched)?;
-    let mut applied = Applied::default();
+    let mut applied = Applied {
+        unresolved,
+        ..Applied::default()
+    };
     {
         let mut dp = enf.lock();
         write_definitions(&mut dp, Some(old), new)?;
@@ -224,8 +250,9 @@ pub fn apply_reload(
         .filter(|(fp, info, was)| was.is_some_and(|c| c != info.contract) && !issued.contains(fp))
         .map(|(fp, ..)| *fp)
         .collect();
-    if resolution(old) != resolution(new) {
+    if resolves_otherwise(old, new, unresolved) {
         applied.lifecycle = lifecycle.apply_all(new)?;
+        applied.unresolved = applied.lifecycle.failed.len();
         let moved = issued_ramp_restarts(lifecycle, old, new)?;
         let mut dp = enf.lock();
         for fp in &moved {
@@ -312,6 +339,7 @@ fn apply_full(
             })?;
     }
     Ok(Applied {
+        unresolved: report.failed.len(),
         lifecycle: report,
         removed,
         reset: changed.len(),
@@ -532,7 +560,14 @@ mod tests {
         assert_eq!(s.tokens[0].info.contract, 2);
         assert_eq!(s.scopes[0].1, Scope::default(), "old scope slot untouched");
         assert_eq!(s.tokens[0].info.scopes, 0b10);
-        assert_ne!(resolution(&old), resolution(&s), "issued tokens re-resolve");
+        assert!(resolves_otherwise(&old, &s, 0), "issued tokens re-resolve");
+        let added = policy(&["a", "b", "c"], &["r"], ("b", &["r"]));
+        let added = stabilize(&old, added);
+        assert!(!resolves_otherwise(&old, &added, 0), "a new name alone");
+        assert!(
+            resolves_otherwise(&old, &added, 1),
+            "a new name for a token that lacked one"
+        );
 
         // Full tables reuse the tombstones of earlier reloads, never this reload's.
         let names: Vec<String> = (0..agent_common::MAX_SCOPES)

@@ -17,7 +17,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
 };
@@ -88,12 +88,9 @@ pub struct Daemon {
     generation: AtomicU64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
-    /// One reload at a time (SIGHUP, file change and the `reload` op may race), and the
-    /// policy files as last compiled, so a reload re-walks only what changed.
-    reload_lock: Mutex<PolicyCache>,
-    /// The kernel holds the current policy as applied: the last application succeeded, so
-    /// a reload need only write what differs from it.
-    in_step: AtomicBool,
+    /// One reload at a time (SIGHUP, file change and the `reload` op may race), and what
+    /// the next one starts from.
+    reload_lock: Mutex<Reloading>,
     pub enforcer: Arc<DatapathEnforcer>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
@@ -102,6 +99,13 @@ pub struct Daemon {
     exporter: Mutex<Option<EventExporter>>,
     pub listeners: Vec<AttachedListener>,
     top_rates: Mutex<RateEstimator<Fingerprint>>,
+}
+
+/// What a reload starts from: the policy files as last compiled (a reload re-walks only
+/// what changed) and what the kernel holds (it writes only what differs).
+struct Reloading {
+    cache: PolicyCache,
+    kernel: apply::Kernel,
 }
 
 /// Why a reload was refused; the running policy stays.
@@ -128,8 +132,10 @@ impl Daemon {
     /// Validates the configuration and policy files and, if they are valid, applies the
     /// policy. Blocking (files, SQLite, map syscalls): call from a blocking context.
     pub fn reload(&self, why: &str) -> Result<u64, ReloadError> {
-        let mut cache = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.try_reload(&mut cache);
+        let mut state = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let began = std::time::Instant::now();
+        let result = self.try_reload(&mut state);
+        let took = began.elapsed().as_secs_f64();
         let store = self.lifecycle.store();
         match &result {
             Ok((generation, applied)) => {
@@ -144,7 +150,7 @@ impl Daemon {
                     applied.reset,
                     applied.lifecycle.failed.len()
                 );
-                tracing::info!("policy reloaded ({detail})");
+                tracing::info!("policy reloaded in {took:.3} s ({detail})");
                 for (fp, msg) in &applied.lifecycle.failed {
                     tracing::warn!(fingerprint = %fp, "token not installed: {msg}");
                 }
@@ -174,9 +180,9 @@ impl Daemon {
         result.map(|(g, _)| g)
     }
 
-    fn try_reload(&self, cache: &mut PolicyCache) -> Result<(u64, Applied), ReloadError> {
-        let (config, new) =
-            config::load_all_with(&self.config.path, Some(cache)).map_err(ReloadError::Invalid)?;
+    fn try_reload(&self, state: &mut Reloading) -> Result<(u64, Applied), ReloadError> {
+        let (config, new) = config::load_all_with(&self.config.path, Some(&mut state.cache))
+            .map_err(ReloadError::Invalid)?;
         if config.listeners != self.config.listeners
             || config.maps != self.config.maps
             || config.bpffs_dir != self.config.bpffs_dir
@@ -187,10 +193,12 @@ impl Daemon {
         }
         let old = self.policy();
         let new = apply::stabilize(&old, new);
-        let in_step = self.in_step.swap(false, Ordering::SeqCst);
-        let applied = apply::apply_reload(&self.enforcer, &self.lifecycle, &old, &new, in_step)
+        let kernel = std::mem::replace(&mut state.kernel, apply::Kernel::Unknown);
+        let applied = apply::apply_reload(&self.enforcer, &self.lifecycle, &old, &new, kernel)
             .map_err(ReloadError::Apply)?;
-        self.in_step.store(true, Ordering::SeqCst);
+        state.kernel = apply::Kernel::InStep {
+            unresolved: applied.unresolved,
+        };
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Ok((generation, applied))
@@ -262,8 +270,12 @@ fn start(
         generation: AtomicU64::new(1),
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
-        reload_lock: Mutex::new(cache),
-        in_step: AtomicBool::new(true),
+        reload_lock: Mutex::new(Reloading {
+            cache,
+            kernel: apply::Kernel::InStep {
+                unresolved: applied.unresolved,
+            },
+        }),
         enforcer,
         lifecycle,
         metrics,
