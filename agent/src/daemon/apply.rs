@@ -166,15 +166,31 @@ fn resolution(p: &CompiledPolicy) -> (HashMap<&str, usize>, HashMap<&str, usize>
     (live(&p.contracts), live(&p.scopes))
 }
 
-/// Whether an issued token may resolve otherwise under `new` than under `old`: a name it
-/// used moved or left, or a name it lacked (one of `unresolved` tokens) came.
-fn resolves_otherwise(old: &CompiledPolicy, new: &CompiledPolicy, unresolved: usize) -> bool {
+/// Whether an issued token may resolve otherwise under `new` than under `old`: a name
+/// that active tokens use (`in_use`, asked only if a name moved or left) moved or left, or
+/// a name came while `unresolved` tokens lacked one.
+fn resolves_otherwise(
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+    unresolved: usize,
+    in_use: impl FnOnce() -> Result<(HashSet<String>, HashSet<String>), StoreError>,
+) -> Result<bool, StoreError> {
     let ((old_c, old_s), (new_c, new_s)) = (resolution(old), resolution(new));
-    let kept = |o: &HashMap<&str, usize>, n: &HashMap<&str, usize>| {
-        o.iter().all(|(name, slot)| n.get(name) == Some(slot))
-    };
-    let added = new_c.len() > old_c.len() || new_s.len() > old_s.len();
-    !kept(&old_c, &new_c) || !kept(&old_s, &new_s) || (added && unresolved > 0)
+    if (new_c.len() > old_c.len() || new_s.len() > old_s.len()) && unresolved > 0 {
+        return Ok(true);
+    }
+    fn gone<'p>(o: &HashMap<&'p str, usize>, n: &HashMap<&str, usize>) -> Vec<&'p str> {
+        o.iter()
+            .filter(|(name, slot)| n.get(*name) != Some(slot))
+            .map(|(name, _)| *name)
+            .collect()
+    }
+    let (gone_c, gone_s) = (gone(&old_c, &new_c), gone(&old_s, &new_s));
+    if gone_c.is_empty() && gone_s.is_empty() {
+        return Ok(false);
+    }
+    let (used_c, used_s) = in_use()?;
+    Ok(gone_c.iter().any(|n| used_c.contains(*n)) || gone_s.iter().any(|n| used_s.contains(*n)))
 }
 
 /// Which of `fps` are active issued tokens (their entries are the lifecycle's, not the
@@ -250,7 +266,7 @@ pub fn apply_reload(
         .filter(|(fp, info, was)| was.is_some_and(|c| c != info.contract) && !issued.contains(fp))
         .map(|(fp, ..)| *fp)
         .collect();
-    if resolves_otherwise(old, new, unresolved) {
+    if resolves_otherwise(old, new, unresolved, || lifecycle.store().names_in_use())? {
         applied.lifecycle = lifecycle.apply_all(new)?;
         applied.unresolved = applied.lifecycle.failed.len();
         let moved = issued_ramp_restarts(lifecycle, old, new)?;
@@ -560,12 +576,24 @@ mod tests {
         assert_eq!(s.tokens[0].info.contract, 2);
         assert_eq!(s.scopes[0].1, Scope::default(), "old scope slot untouched");
         assert_eq!(s.tokens[0].info.scopes, 0b10);
-        assert!(resolves_otherwise(&old, &s, 0), "issued tokens re-resolve");
-        let added = policy(&["a", "b", "c"], &["r"], ("b", &["r"]));
-        let added = stabilize(&old, added);
-        assert!(!resolves_otherwise(&old, &added, 0), "a new name alone");
+        let used = |c: &[&str], s: &[&str]| {
+            let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+            let (c, s): (HashSet<String>, HashSet<String>) = (set(c), set(s));
+            move || Ok((c, s))
+        };
+        let otherwise = |new: &CompiledPolicy, unresolved, in_use| {
+            resolves_otherwise(&old, new, unresolved, in_use).unwrap()
+        };
+        assert!(otherwise(&s, 0, used(&["b"], &[])), "a used contract moved");
+        assert!(otherwise(&s, 0, used(&[], &["r"])), "a used scope moved");
+        assert!(!otherwise(&s, 0, used(&["a"], &[])), "nothing used moved");
+        let added = stabilize(&old, policy(&["a", "b", "c"], &["r"], ("b", &["r"])));
         assert!(
-            resolves_otherwise(&old, &added, 1),
+            !otherwise(&added, 0, used(&["a", "b"], &["r"])),
+            "a new name alone"
+        );
+        assert!(
+            otherwise(&added, 1, used(&[], &[])),
             "a new name for a token that lacked one"
         );
 

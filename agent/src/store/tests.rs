@@ -229,3 +229,27 @@ fn list_filters_expiring_and_idle() {
     );
     assert_eq!(store.active().unwrap().len(), 2);
 }
+
+/// The names active tokens use, each once; a revoked token's names no longer count.
+#[test]
+fn names_in_use_are_those_of_active_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for n in 0..10u64 {
+        store.issue(&new_token(n, None), 0).unwrap();
+    }
+    let mut other = new_token(99, None);
+    other.contract = "gold".into();
+    other.scopes = vec!["admin".into()];
+    store.issue(&other, 0).unwrap();
+    let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<HashSet<_>>();
+    assert_eq!(
+        store.names_in_use().unwrap(),
+        (set(&["standard", "gold"]), set(&["read", "write", "admin"]))
+    );
+    store.revoke(&fp(99), "test", 0).unwrap();
+    assert_eq!(
+        store.names_in_use().unwrap(),
+        (set(&["standard"]), set(&["read", "write"]))
+    );
+}
