@@ -1,8 +1,11 @@
 //! Writing a compiled policy into the datapath, at start and on reload.
 //!
-//! What a request sees: the programs judge it by its token's one `TOKENS` entry (replaced
-//! whole: the kernel's hash map swaps in a new element, never rewrites one in place) and
-//! by the contract slot and scope slots that entry names. A reload never rewrites a slot
+//! What a request sees: the programs judge it by its token's one `TOKENS` entry (an
+//! update links a new element in the old one's place, never a byte copy into the element
+//! a lookup returned; but a preallocated map hands the replaced element to the next
+//! update at once, so a lookup a few hundred nanoseconds old can read another token's new
+//! entry: a limit of BPF hash maps, see the README) and by the contract slot and scope
+//! slots that entry names. A reload never rewrites a slot
 //! that an entry may still name: a changed contract or scope goes into a new slot
 //! (`stabilize`), the entries that use it are rewritten to name the new one, and the old
 //! slot keeps its old definition. So every request is judged wholly by the old generation
