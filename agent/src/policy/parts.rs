@@ -284,6 +284,33 @@ mod tests {
         );
     }
 
+    /// A head that does not parse defines nothing: its error is reported, not one "unknown
+    /// contract" per token; a broken token part is reported at its own line, with the rest.
+    #[test]
+    fn a_broken_part_is_reported_alone() {
+        let head_broken = policy(500, None).replacen("rate = 5,", "rate = ,", 1);
+        let e = compile(&head_broken, None).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].line, e[0].col), (3, 34), "{e:?}");
+
+        let part_broken = policy(500, None).replacen(
+            &format!("fingerprint = \"{:032x}\"", 300),
+            "fingerprint = \"unterminated",
+            1,
+        ) + "\n[[token]]\nfingerprint = \"00000000000000000000000000000001\"\ncontract = \"c\"\nscopes = [\"s\"]\n";
+        let e: Vec<String> = compile(&part_broken, None)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("policy.toml:1510:"), "{e:?}");
+        assert!(
+            e[1].contains("is already listed at policy.toml:15:15"),
+            "{e:?}"
+        );
+    }
+
     /// Where cutting would read a file otherwise than whole, it is read whole.
     #[test]
     fn files_that_cannot_be_cut_are_read_whole() {
