@@ -458,14 +458,33 @@ impl Store {
     }
 
     fn all_records(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.records_where("1", [])
+    }
+
+    /// Active tokens that expire after `now` and no later than `now + window` seconds,
+    /// oldest first: SQLite picks them, so the expiry warnings of a few tokens among a
+    /// million do not build a million records every time they are checked.
+    pub fn expiring(&self, now: i64, window: i64) -> Result<Vec<TokenRecord>, StoreError> {
+        self.records_where(
+            "status = 'active' AND expires_at > ?1 AND expires_at <= ?2",
+            [now, now.saturating_add(window)],
+        )
+    }
+
+    /// Records matching an SQL condition on the tokens table, oldest first.
+    fn records_where<P: rusqlite::Params>(
+        &self,
+        condition: &str,
+        params: P,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT {RECORD_COLUMNS} FROM tokens ORDER BY issued_at, rowid"
+                "SELECT {RECORD_COLUMNS} FROM tokens WHERE {condition} ORDER BY issued_at, rowid"
             ))
             .map_err(sql("list tokens"))?;
         let rows = stmt
-            .query_map([], row_to_record)
+            .query_map(params, row_to_record)
             .map_err(sql("list tokens"))?;
         let mut out = Vec::new();
         for row in rows {

@@ -253,3 +253,37 @@ fn names_in_use_are_those_of_active_tokens() {
         (set(&["standard"]), set(&["read", "write"]))
     );
 }
+
+/// `expiring` picks what filtering every active record would.
+#[test]
+fn expiring_tokens_are_picked_by_sqlite_as_by_their_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = 10_000;
+    for n in 0..30u64 {
+        let expires = match n % 5 {
+            0 => None,
+            1 => Some(now - 1),
+            2 => Some(now),
+            3 => Some(now + 100),
+            _ => Some(now + 10_000),
+        };
+        store.issue(&new_token(n, expires), 0).unwrap();
+    }
+    store.revoke(&fp(3), "test", 0).unwrap();
+    let want: Vec<Fingerprint> = store
+        .active()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.expires_at.is_some_and(|e| e > now && e - now <= 100))
+        .map(|r| r.fingerprint)
+        .collect();
+    let got: Vec<Fingerprint> = store
+        .expiring(now, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.fingerprint)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 5, "six within the window, one of them revoked");
+}
