@@ -1,16 +1,21 @@
 //! `cargo xtask bench scale [--tokens N]`: the control plane at N tokens (default 100 000),
 //! as static policy and as imported tokens, with the release `rampart` binary: `check`,
 //! daemon start until its control socket answers, reload with no change and with one
-//! token changed, `token list` and `token show`, a metrics scrape, the daemon's RSS and the
-//! kernel memory of its maps (the `memlock` of each map fd it holds). Prints a table and
-//! writes target/bench/scale-<N>.json.
+//! change (static: a token moves to another contract; imported: a scope no token uses is
+//! added), `token list` and `token show`, a metrics scrape, the daemon's RSS and the
+//! kernel memory of its maps (the `memlock` of each map fd it holds), and requests judged
+//! while the daemon reloads (`load`). Prints a table and writes
+//! target/bench/scale-<N>.json.
 //!
-//! The daemon runs without listeners: nothing attaches to a shared interface.
+//! The daemon runs in a network namespace of its own, with one TC listener on its
+//! loopback: nothing attaches to a shared interface.
+
+mod load;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -20,6 +25,10 @@ use anyhow::{bail, Result};
 use crate::setup::{cargo, exec};
 
 const METRICS: &str = "127.0.0.1:19464";
+/// The listener's port inside the namespace.
+const PORT: u16 = 18080;
+/// Reloads while requests are sent.
+const RELOADS_UNDER_LOAD: usize = 4;
 
 /// Runs the scale benchmark for `tokens` tokens.
 pub fn run(root: &Path, tokens: usize) -> Result<()> {
@@ -52,10 +61,16 @@ fn fp(i: usize) -> String {
 
 const HEAD: &str = "[[contract]]\nname = \"c\"\nstages = [{ after = \"0s\", rate = 5, burst = 10 }]\n\n\
                     [[contract]]\nname = \"d\"\nstages = [{ after = \"0s\", rate = 50, burst = 10 }]\n\n\
+                    [[contract]]\nname = \"load\"\nstages = [{ after = \"0s\", rate = 1000000, burst = 1000000 }]\n\n\
                     [[scope]]\nname = \"s\"\nmethods = [\"GET\"]\nprefix = \"/\"\n";
 
+/// The policy: `HEAD`, and `tokens` static tokens or none. `changed`: one token moves to
+/// contract `d`, or without tokens, one more scope.
 fn policy(tokens: usize, static_tokens: bool, changed: bool) -> String {
     let mut p = String::from(HEAD);
+    if changed && !static_tokens {
+        p.push_str("\n[[scope]]\nname = \"t\"\nmethods = [\"POST\"]\nprefix = \"/\"\n");
+    }
     if static_tokens {
         for i in 0..tokens {
             let c = if changed && i == tokens / 2 { "d" } else { "c" };
@@ -94,6 +109,53 @@ fn control(sock: &Path, req: &str) -> Result<String> {
     Ok(line)
 }
 
+/// Reloads the daemon has done, successful or not.
+fn reloads(sock: &Path) -> Result<u64> {
+    let status: serde_json::Value = serde_json::from_str(&control(sock, "{\"op\":\"status\"}")?)?;
+    let n = |k: &str| status["body"][k].as_u64().or_else(|| status[k].as_u64());
+    match (n("reloads_ok"), n("reloads_failed")) {
+        (Some(ok), Some(failed)) => Ok(ok + failed),
+        _ => bail!("no reload counts in {status}"),
+    }
+}
+
+/// Waits until the daemon has done `want` reloads: the file watcher reloads too, 300 ms
+/// after a policy file changes, and a reload measured meanwhile would wait for it.
+fn settle(sock: &Path, want: u64) -> Result<()> {
+    let t = Instant::now();
+    while reloads(sock)? < want {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the daemon did not reload {want} times within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Replaces the policy file in one step (written aside, renamed over it), so the file
+/// watcher never reads half of it.
+fn write_policy(dir: &Path, text: &str) -> Result<()> {
+    let aside = dir.join("staging");
+    std::fs::create_dir_all(&aside)?;
+    std::fs::write(aside.join("policy.toml"), text)?;
+    std::fs::rename(aside.join("policy.toml"), dir.join("policy.toml"))?;
+    Ok(())
+}
+
+/// A reload through the control socket after `change` (none: a reload without change),
+/// timed; returns once the file watcher's own reload of the change is done too.
+fn timed_reload(sock: &Path, dir: &Path, change: Option<&str>) -> Result<Duration> {
+    let before = reloads(sock)?;
+    if let Some(text) = change {
+        write_policy(dir, text)?;
+    }
+    let t = Instant::now();
+    control(sock, "{\"op\":\"reload\"}")?;
+    let took = t.elapsed();
+    settle(sock, before + if change.is_some() { 2 } else { 1 })?;
+    Ok(took)
+}
+
 /// The daemon's RSS and the summed `memlock` of the BPF maps it holds, in MB.
 fn memory(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -129,26 +191,35 @@ impl Drop for Daemon {
 
 fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(String, String)>> {
     let dir = root.join(format!("target/bench/scale-work-{tokens}-{imported}"));
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(dir.join("bpffs"))
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let bpffs = PathBuf::from(format!(
-        "/sys/fs/bpf/rampart-bench-scale-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&bpffs);
+    let mount = load::Bpffs::mount(dir.join("bpffs"))?;
+    let bpffs = mount.dir.join("rampart");
+    let ns = load::Netns::new(format!("rampart-bench-scale-{}", std::process::id()))?;
     let sock = dir.join("control.sock");
     let config = dir.join("rampart.toml");
     std::fs::write(
         &config,
         format!(
             "state_dir = \"{d}/state\"\nbpffs_dir = \"{b}\"\ncontrol_socket = \"{s}\"\n\
-             metrics_addr = \"{METRICS}\"\npolicy = [\"policy.toml\"]\n",
+             metrics_addr = \"{METRICS}\"\npolicy = [\"policy.toml\"]\n\n\
+             [[listener]]\nname = \"bench\"\ninterface = \"lo\"\nhook = \"tc\"\nports = [{PORT}]\n\
+             mode = \"enforce\"\naction = \"drop\"\n",
             d = dir.display(),
             b = bpffs.display(),
             s = sock.display()
         ),
     )?;
-    std::fs::write(dir.join("policy.toml"), policy(tokens, !imported, false))?;
+    let (unchanged, changed) = (
+        policy(tokens, !imported, false),
+        policy(tokens, !imported, true),
+    );
+
+    std::fs::write(dir.join("policy.toml"), &unchanged)?;
     let rampart = |args: &[&str]| {
         let mut c = Command::new(bin);
         c.arg("--config").arg(&config).args(args);
@@ -160,7 +231,12 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
     timed(&mut rampart(&["keygen"]))?;
     let start = || -> Result<(Daemon, Duration)> {
         let t = Instant::now();
-        let child = rampart(&["run"])
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("daemon.log"))?)
             .spawn()?;
@@ -195,22 +271,49 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
     }
     let (daemon, took) = start()?;
     rows.push(("start to serving".to_owned(), secs(took)));
-    let t = Instant::now();
-    control(&sock, "{\"op\":\"reload\"}")?;
-    rows.push(("reload, no change".to_owned(), secs(t.elapsed())));
-    if !imported {
-        std::fs::write(dir.join("policy.toml"), policy(tokens, true, true))?;
-    }
-    let t = Instant::now();
-    control(&sock, "{\"op\":\"reload\"}")?;
     rows.push((
-        if imported {
-            "reload, no change (2)"
-        } else {
-            "reload, one changed"
+        "reload, no change".to_owned(),
+        secs(timed_reload(&sock, &dir, None)?),
+    ));
+    // Static: a token moves to another contract. Imported: a scope is added, which no
+    // token uses.
+    rows.push((
+        "reload, one change".to_owned(),
+        secs(timed_reload(&sock, &dir, Some(&changed))?),
+    ));
+    // Requests through reloads, each one change as above (and back).
+    let issued = rampart(&["token", "issue", "--contract", "load", "--scope", "s"]).output()?;
+    if !issued.status.success() {
+        bail!("token issue: {}", String::from_utf8_lossy(&issued.stderr));
+    }
+    let token = String::from_utf8(issued.stdout)?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut slowest = Duration::ZERO;
+    let judged = load::during(&ns, PORT, token, || {
+        for i in 0..RELOADS_UNDER_LOAD {
+            let text = if i % 2 == 0 { &unchanged } else { &changed };
+            slowest = slowest.max(timed_reload(&sock, &dir, Some(text))?);
         }
-        .to_owned(),
-        secs(t.elapsed()),
+        Ok(())
+    })?;
+    rows.push((
+        format!("{RELOADS_UNDER_LOAD} reloads under load"),
+        format!("slowest {}", secs(slowest)),
+    ));
+    rows.push((
+        "  valid token answered".to_owned(),
+        format!("{}/{}", judged.valid_answered, judged.valid_sent),
+    ));
+    rows.push((
+        "  longest wait for one".to_owned(),
+        format!("{:.1} ms", judged.longest_gap.as_secs_f64() * 1e3),
+    ));
+    rows.push((
+        "  unknown token answered".to_owned(),
+        format!("{}/{}", judged.unknown_answered, judged.unknown_sent),
     ));
     rows.push((
         "token list".to_owned(),
@@ -223,21 +326,28 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         Duration::ZERO
     };
     rows.push(("token show".to_owned(), secs(d)));
-    let t = Instant::now();
-    let mut s = std::net::TcpStream::connect(METRICS)?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    rows.push(("metrics scrape".to_owned(), secs(t.elapsed())));
+    let scrape = ns
+        .spawn(|| -> Result<Duration> {
+            let t = Instant::now();
+            let mut s = std::net::TcpStream::connect(METRICS)?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut body = Vec::new();
+            s.read_to_end(&mut body)?;
+            Ok(t.elapsed())
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scrape thread panicked"))???;
+    rows.push(("metrics scrape".to_owned(), secs(scrape)));
     let (rss, maps) = memory(daemon.0.id())?;
     rows.push(("daemon RSS".to_owned(), format!("{rss:.0} MB")));
     rows.push(("kernel map memory".to_owned(), format!("{maps:.0} MB")));
     drop(daemon);
-    let _ = Command::new(bin)
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(bin)
         .arg("--config")
         .arg(&config)
         .arg("detach")
         .output();
-    let _ = std::fs::remove_dir_all(&bpffs);
     Ok(rows)
 }

@@ -22,21 +22,40 @@ pub async fn import(
 ) -> anyhow::Result<()> {
     let path =
         std::fs::canonicalize(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    if std::io::stderr().is_terminal() {
-        let lines = std::fs::read(&path)
+    let terminal = std::io::stderr().is_terminal();
+    let lines = if terminal {
+        std::fs::read(&path)
             .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-            .unwrap_or(0);
-        writeln!(
-            err,
-            "importing {} ({lines} lines): one transaction, then batched kernel updates...",
-            path.display()
-        )?;
-    }
+            .unwrap_or(0)
+    } else {
+        0
+    };
     let req = Request::TokenImport {
         path: path.display().to_string(),
     };
-    let body: ImportBody = super::token::call(client, &req).await?;
-    writeln!(out, "imported {} tokens", body.imported)?;
+    // On a terminal, the time so far: the daemon answers once, when all is applied.
+    let call = super::token::call::<ImportBody>(client, &req);
+    tokio::pin!(call);
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let body = loop {
+        tokio::select! {
+            body = &mut call => break body,
+            _ = tick.tick(), if terminal => {
+                write!(
+                    err,
+                    "\rimporting {} ({lines} lines, all or none): {:.1} s",
+                    path.display(),
+                    started.elapsed().as_secs_f64()
+                )?;
+                err.flush()?;
+            }
+        }
+    };
+    if terminal {
+        writeln!(err)?;
+    }
+    writeln!(out, "imported {} tokens", body?.imported)?;
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use serde_spanned::Spanned;
 
 use crate::{
     paths,
-    policy::{CompiledPolicy, Diagnostic, SourceText},
+    policy::{CompiledPolicy, Diagnostic, PolicyCache, SourceText},
 };
 
 /// The validated configuration.
@@ -86,8 +86,9 @@ impl Default for MapsConfig {
         MapsConfig {
             // About a million tokens: 48 bytes each in TOKENS, plus their state.
             max_tokens: agent_common::DEFAULT_MAX_TOKENS,
-            // Revocations live until the token would have expired; as many as tokens.
-            max_revoked: agent_common::DEFAULT_MAX_TOKENS,
+            // Revocations are kept for good; half as many as tokens. Not preallocated, so
+            // the capacity costs 16 bytes a slot of hash buckets (8 MB).
+            max_revoked: crate::datapath::DEFAULT_MAX_REVOKED,
             // Statistics for the 64k busiest tokens are enough for `rampart top`.
             token_stats: 65536,
             // 1 MiB holds about ten thousand events, seconds of backlog at the default cap.
@@ -348,8 +349,17 @@ impl Config {
 /// Loads the configuration and every policy file it names: what `rampart check` runs and
 /// what the daemon (re)loads. All problems found are returned, in file order.
 pub fn load_all(path: &Path) -> Result<(Config, CompiledPolicy), Vec<Diagnostic>> {
+    load_all_with(path, None)
+}
+
+/// `load_all` through the daemon's `cache` of the policy files as last compiled: only
+/// what changed since is walked again.
+pub fn load_all_with(
+    path: &Path,
+    cache: Option<&mut PolicyCache>,
+) -> Result<(Config, CompiledPolicy), Vec<Diagnostic>> {
     let config = Config::load(path).map_err(|e| vec![e.into_diagnostic()])?;
-    let policy = CompiledPolicy::load(&config.policy)?;
+    let policy = CompiledPolicy::load_cached(&config.policy, cache)?;
     Ok((config, policy))
 }
 

@@ -1,19 +1,31 @@
 //! Writing a compiled policy into the datapath, at start and on reload.
 //!
-//! Order is what keeps enforcement right while maps change one entry at a time: everything
-//! the new policy allows is written before anything the old one allowed is removed (no valid
-//! token is denied in between), and revocations are re-applied last (REVOKED is never
-//! cleared, so a revoked token is refused throughout).
+//! What a request sees: the programs judge it by its token's one `TOKENS` entry (an
+//! update links a new element in the old one's place, never a byte copy into the element
+//! a lookup returned; but a preallocated map hands the replaced element to the next
+//! update at once, so a lookup a few hundred nanoseconds old can read another token's new
+//! entry: a limit of BPF hash maps, see the README) and by the contract slot and scope
+//! slots that entry names. A reload never rewrites a slot
+//! that an entry may still name: a changed contract or scope goes into a new slot
+//! (`stabilize`), the entries that use it are rewritten to name the new one, and the old
+//! slot keeps its old definition. So every request is judged wholly by the old generation
+//! or wholly by the new one for its token, never by a mix. Tokens switch one after another
+//! (in batches of 4096 entries per syscall), not all at the same instant.
+//!
+//! Order keeps the rest right: definitions first, then every entry the new policy adds or
+//! changes, then removals (no valid token is denied in between); revocations are never
+//! cleared, and the `Datapath` facade flags a revoked fingerprint's entry whenever it
+//! writes one.
 
 use std::collections::{HashMap, HashSet};
 
-use agent_common::{Contract, Fingerprint};
+use agent_common::{Contract, Fingerprint, TokenInfo};
 
 use super::enforcer::DatapathEnforcer;
 use crate::{
-    datapath::DatapathError,
+    datapath::{Datapath, DatapathError},
     policy::CompiledPolicy,
-    store::StoreError,
+    store::{StoreError, TokenStatus},
     token::{ApplyReport, Lifecycle, LifecycleError},
 };
 
@@ -27,6 +39,17 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
+/// What the kernel holds, as far as this daemon knows, when a reload starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The last application succeeded: the kernel holds the running policy, under which
+    /// `unresolved` active issued tokens did not resolve (their contract or a scope left
+    /// the policy).
+    InStep { unresolved: usize },
+    /// An application failed midway: the kernel may hold part of it.
+    Unknown,
+}
+
 /// What one application changed.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -37,46 +60,267 @@ pub struct Applied {
     pub reset: usize,
     /// Static tokens' TOKENS entries written (new or changed; unchanged ones are not).
     pub written: usize,
+    /// Active issued tokens that do not resolve under the applied policy.
+    pub unresolved: usize,
 }
 
-/// Contracts, scopes and static tokens; the indexes are the policy's positions. Only the
-/// TOKENS entries that differ from what the kernel holds are written (batched); returns
-/// how many.
-fn write(enf: &DatapathEnforcer, policy: &CompiledPolicy) -> Result<usize, DatapathError> {
-    let mut dp = enf.lock();
-    for (i, (_, c)) in policy.contracts.iter().enumerate() {
-        dp.set_contract(i as u32, c)?;
+/// The contract and scope slots of `new` that differ from `old`'s (every slot without
+/// `old`).
+fn write_definitions(
+    dp: &mut Datapath,
+    old: Option<&CompiledPolicy>,
+    new: &CompiledPolicy,
+) -> Result<(), DatapathError> {
+    for (i, (_, c)) in new.contracts.iter().enumerate() {
+        if old.and_then(|o| o.contracts.get(i)).map(|(_, d)| d) != Some(c) {
+            dp.set_contract(i as u32, c)?;
+        }
     }
-    for (i, (_, s)) in policy.scopes.iter().enumerate() {
-        dp.set_scope(i as u32, s)?;
+    for (i, (_, s)) in new.scopes.iter().enumerate() {
+        if old.and_then(|o| o.scopes.get(i)).map(|(_, d)| d) != Some(s) {
+            dp.set_scope(i as u32, s)?;
+        }
     }
-    dp.install_tokens(policy.tokens.iter().map(|t| (t.fingerprint, t.info)))
+    Ok(())
 }
 
-/// First application, before any listener is attached by this daemon.
+/// First application, before any listener is attached by this daemon. Static tokens are
+/// compared with what the kernel holds (pinned maps of an earlier daemon): only entries
+/// that differ are written.
 pub fn apply_initial(
     enf: &DatapathEnforcer,
     lifecycle: &Lifecycle,
     policy: &CompiledPolicy,
 ) -> Result<Applied, ApplyError> {
-    let written = write(enf, policy)?;
+    let written = {
+        let mut dp = enf.lock();
+        write_definitions(&mut dp, None, policy)?;
+        dp.install_tokens(policy.tokens.iter().map(|t| (t.fingerprint, t.info)))?
+    };
     // Revocations from SQLite first, then issued tokens under this policy's indexes.
     let lifecycle = lifecycle.apply_all(policy)?;
     Ok(Applied {
+        unresolved: lifecycle.failed.len(),
         lifecycle,
         written,
         ..Applied::default()
     })
 }
 
-/// A reload from `old` to `new` while the listeners keep judging traffic.
+/// Static tokens that differ between two policies.
+#[derive(Debug, Default, PartialEq)]
+struct TokenDiff {
+    /// New or changed entries, with the contract index the token had before (None: new).
+    changed: Vec<(Fingerprint, TokenInfo, Option<u32>)>,
+    /// No longer listed.
+    removed: Vec<Fingerprint>,
+}
+
+/// What changed from `old`'s static tokens to `new`'s. Both are in file order, so an edit
+/// leaves them aligned but for a few tokens: compared in step while they are, by
+/// fingerprint from the first misalignment on.
+fn diff_tokens(old: &CompiledPolicy, new: &CompiledPolicy) -> TokenDiff {
+    let mut diff = TokenDiff::default();
+    let aligned = old
+        .tokens
+        .iter()
+        .zip(&new.tokens)
+        .take_while(|(o, n)| o.fingerprint == n.fingerprint)
+        .count();
+    for (o, n) in old.tokens[..aligned].iter().zip(&new.tokens[..aligned]) {
+        if o.info != n.info {
+            diff.changed
+                .push((n.fingerprint, n.info, Some(o.info.contract)));
+        }
+    }
+    let (old_rest, new_rest) = (&old.tokens[aligned..], &new.tokens[aligned..]);
+    if old_rest.is_empty() && new_rest.is_empty() {
+        return diff;
+    }
+    let before: HashMap<Fingerprint, &TokenInfo> =
+        old_rest.iter().map(|t| (t.fingerprint, &t.info)).collect();
+    let mut kept: HashSet<Fingerprint> = HashSet::with_capacity(new_rest.len());
+    for n in new_rest {
+        kept.insert(n.fingerprint);
+        match before.get(&n.fingerprint) {
+            Some(info) if **info == n.info => {}
+            was => diff
+                .changed
+                .push((n.fingerprint, n.info, was.map(|i| i.contract))),
+        }
+    }
+    diff.removed = old_rest
+        .iter()
+        .map(|t| t.fingerprint)
+        .filter(|fp| !kept.contains(fp))
+        .collect();
+    diff
+}
+
+/// Live contract and scope names with their slots (tombstones left out).
+fn resolution(p: &CompiledPolicy) -> (HashMap<&str, usize>, HashMap<&str, usize>) {
+    fn live<T>(defs: &[(String, T)]) -> HashMap<&str, usize> {
+        defs.iter()
+            .enumerate()
+            .filter(|(_, (n, _))| !n.starts_with(TOMBSTONE))
+            .map(|(i, (n, _))| (n.as_str(), i))
+            .collect()
+    }
+    (live(&p.contracts), live(&p.scopes))
+}
+
+/// Whether an issued token may resolve otherwise under `new` than under `old`: a name
+/// that active tokens use (`in_use`, asked only if a name moved or left) moved or left, or
+/// a name came while `unresolved` tokens lacked one.
+fn resolves_otherwise(
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+    unresolved: usize,
+    in_use: impl FnOnce() -> Result<(HashSet<String>, HashSet<String>), StoreError>,
+) -> Result<bool, StoreError> {
+    let ((old_c, old_s), (new_c, new_s)) = (resolution(old), resolution(new));
+    if (new_c.len() > old_c.len() || new_s.len() > old_s.len()) && unresolved > 0 {
+        return Ok(true);
+    }
+    fn gone<'p>(o: &HashMap<&'p str, usize>, n: &HashMap<&str, usize>) -> Vec<&'p str> {
+        o.iter()
+            .filter(|(name, slot)| n.get(*name) != Some(slot))
+            .map(|(name, _)| *name)
+            .collect()
+    }
+    let (gone_c, gone_s) = (gone(&old_c, &new_c), gone(&old_s, &new_s));
+    if gone_c.is_empty() && gone_s.is_empty() {
+        return Ok(false);
+    }
+    let (used_c, used_s) = in_use()?;
+    Ok(gone_c.iter().any(|n| used_c.contains(*n)) || gone_s.iter().any(|n| used_s.contains(*n)))
+}
+
+/// Which of `fps` are active issued tokens (their entries are the lifecycle's, not the
+/// policy's): looked up one by one when they are few, from one read of the store else.
+fn issued_among(
+    lifecycle: &Lifecycle,
+    fps: &[Fingerprint],
+) -> Result<HashSet<Fingerprint>, StoreError> {
+    let store = lifecycle.store();
+    if fps.len() <= 1024 {
+        let mut out = HashSet::new();
+        for fp in fps {
+            if store
+                .get(fp)?
+                .is_some_and(|r| r.status == TokenStatus::Active)
+            {
+                out.insert(*fp);
+            }
+        }
+        return Ok(out);
+    }
+    let wanted: HashSet<&Fingerprint> = fps.iter().collect();
+    Ok(store
+        .active()?
+        .into_iter()
+        .map(|r| r.fingerprint)
+        .filter(|fp| wanted.contains(fp))
+        .collect())
+}
+
+/// A reload from `old` to `new` (stabilized against it) while the listeners keep judging
+/// traffic. When the kernel holds `old` as applied, only what differs between the two
+/// policies is written, and issued tokens are re-applied only if one may resolve
+/// otherwise. If not, every static token is compared with what the kernel holds and every
+/// issued token is re-applied.
 pub fn apply_reload(
     enf: &DatapathEnforcer,
     lifecycle: &Lifecycle,
     old: &CompiledPolicy,
     new: &CompiledPolicy,
+    kernel: Kernel,
 ) -> Result<Applied, ApplyError> {
-    let written = write(enf, new)?;
+    let Kernel::InStep { unresolved } = kernel else {
+        return apply_full(enf, lifecycle, old, new);
+    };
+    let diff = diff_tokens(old, new);
+    let touched: Vec<Fingerprint> = diff
+        .changed
+        .iter()
+        .map(|(fp, ..)| *fp)
+        .chain(diff.removed.iter().copied())
+        .collect();
+    let issued = issued_among(lifecycle, &touched)?;
+    let mut applied = Applied {
+        unresolved,
+        ..Applied::default()
+    };
+    {
+        let mut dp = enf.lock();
+        write_definitions(&mut dp, Some(old), new)?;
+        applied.written = dp.install_tokens(
+            diff.changed
+                .iter()
+                .filter(|(fp, ..)| !issued.contains(fp))
+                .map(|(fp, info, _)| (*fp, *info)),
+        )?;
+    }
+    // A contract whose definition changed moved to a new slot (`stabilize`), so the
+    // tokens whose ramp restarts are those whose contract slot changed.
+    let restarts: Vec<Fingerprint> = diff
+        .changed
+        .iter()
+        .filter(|(fp, info, was)| was.is_some_and(|c| c != info.contract) && !issued.contains(fp))
+        .map(|(fp, ..)| *fp)
+        .collect();
+    if resolves_otherwise(old, new, unresolved, || lifecycle.store().names_in_use())? {
+        applied.lifecycle = lifecycle.apply_all(new)?;
+        applied.unresolved = applied.lifecycle.failed.len();
+        let moved = issued_ramp_restarts(lifecycle, old, new)?;
+        let mut dp = enf.lock();
+        for fp in &moved {
+            dp.reset_token_state(fp)?;
+        }
+        applied.reset += moved.len();
+    }
+    let mut dp = enf.lock();
+    for fp in &diff.removed {
+        if !issued.contains(fp) {
+            dp.remove_token(fp)?;
+            applied.removed += 1;
+        }
+    }
+    for fp in &restarts {
+        dp.reset_token_state(fp)?;
+    }
+    applied.reset += restarts.len();
+    Ok(applied)
+}
+
+/// Issued tokens whose contract (by name) says something else under `new`.
+fn issued_ramp_restarts(
+    lifecycle: &Lifecycle,
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+) -> Result<Vec<Fingerprint>, StoreError> {
+    let issued: HashMap<Fingerprint, String> = lifecycle
+        .store()
+        .active()?
+        .into_iter()
+        .map(|r| (r.fingerprint, r.contract))
+        .collect();
+    Ok(issued_restarts(old, new, &issued))
+}
+
+/// A reload that does not trust the kernel to hold `old`: every static token compared
+/// with the kernel's entries, every issued token re-applied, every revocation re-flagged.
+fn apply_full(
+    enf: &DatapathEnforcer,
+    lifecycle: &Lifecycle,
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+) -> Result<Applied, ApplyError> {
+    let written = {
+        let mut dp = enf.lock();
+        write_definitions(&mut dp, None, new)?;
+        dp.install_tokens(new.tokens.iter().map(|t| (t.fingerprint, t.info)))?
+    };
     let report = lifecycle.apply_all(new)?;
 
     let issued: HashMap<Fingerprint, String> = lifecycle
@@ -114,6 +358,7 @@ pub fn apply_reload(
             })?;
     }
     Ok(Applied {
+        unresolved: report.failed.len(),
         lifecycle: report,
         removed,
         reset: changed.len(),
@@ -126,35 +371,58 @@ pub fn apply_reload(
 /// so nothing can resolve these.
 const TOMBSTONE: &str = "\u{0}removed:";
 
-/// Reorders `new` so that every contract and scope keeps the index it had in `old`: the
-/// kernel maps are updated one entry at a time, and a token must never see another
-/// contract's rate or another scope's prefix in between. Dropped entries stay as
-/// tombstones; new ones take the next free slots. Falls back to `new` as compiled when the
-/// scope table would overflow (the next restart compacts the indexes).
+/// Reorders `new` so that every contract and scope keeps the slot it had in `old` while
+/// its definition stays, and a changed definition never overwrites a slot that an entry in
+/// the kernel may still name (module comment): a dropped or redefined entry's slot becomes
+/// a tombstone that keeps its old definition, and new or redefined names take free slots.
+/// When the table is full, tombstones left by earlier reloads are reused (every entry was
+/// rewritten since: static tokens by that reload, issued ones by its re-resolution); if
+/// that is not enough, falls back to `new` as compiled (the next restart compacts).
 pub fn stabilize(old: &CompiledPolicy, mut new: CompiledPolicy) -> CompiledPolicy {
-    fn order<T: Clone>(old: &[(String, T)], new: &[(String, T)]) -> (Vec<(String, T)>, Vec<u32>) {
+    fn order<T: Clone + PartialEq>(
+        old: &[(String, T)],
+        new: &[(String, T)],
+        max: usize,
+    ) -> (Vec<(String, T)>, Vec<u32>) {
+        let mut reusable: std::collections::VecDeque<usize> = old
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| n.starts_with(TOMBSTONE))
+            .map(|(i, _)| i)
+            .collect();
         let mut out: Vec<(String, T)> = old
             .iter()
             .map(|(name, def)| match new.iter().find(|(n, _)| n == name) {
-                Some((_, d)) => (name.clone(), d.clone()),
-                None if name.starts_with(TOMBSTONE) => (name.clone(), def.clone()),
-                None => (format!("{TOMBSTONE}{name}"), def.clone()),
+                Some((_, d)) if d == def => (name.clone(), def.clone()),
+                _ if name.starts_with(TOMBSTONE) => (name.clone(), def.clone()),
+                _ => (format!("{TOMBSTONE}{name}"), def.clone()),
             })
             .collect();
         let mut remap = Vec::with_capacity(new.len());
         for (name, def) in new {
-            match out.iter().position(|(n, _)| n == name) {
-                Some(i) => remap.push(i as u32),
-                None => {
-                    remap.push(out.len() as u32);
-                    out.push((name.clone(), def.clone()));
-                }
-            }
+            let slot = match out.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => match (out.len() >= max).then(|| reusable.pop_front()).flatten() {
+                    Some(i) => {
+                        out[i] = (name.clone(), def.clone());
+                        i
+                    }
+                    None => {
+                        out.push((name.clone(), def.clone()));
+                        out.len() - 1
+                    }
+                },
+            };
+            remap.push(slot as u32);
         }
         (out, remap)
     }
-    let (contracts, contract_map) = order(&old.contracts, &new.contracts);
-    let (scopes, scope_map) = order(&old.scopes, &new.scopes);
+    let (contracts, contract_map) = order(
+        &old.contracts,
+        &new.contracts,
+        agent_common::MAX_CONTRACTS as usize,
+    );
+    let (scopes, scope_map) = order(&old.scopes, &new.scopes, agent_common::MAX_SCOPES);
     if scopes.len() > agent_common::MAX_SCOPES
         || contracts.len() > agent_common::MAX_CONTRACTS as usize
     {
@@ -176,6 +444,11 @@ pub fn stabilize(old: &CompiledPolicy, mut new: CompiledPolicy) -> CompiledPolic
     new
 }
 
+/// What a contract name says in `p`.
+fn definition<'p>(p: &'p CompiledPolicy, name: &str) -> Option<&'p Contract> {
+    p.contracts.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+}
+
 /// The tokens whose ramp restarts on a reload from `old` to `new`: those whose contract
 /// (by name, then by what it says) changed. `issued`: the active issued tokens and the
 /// names of their contracts. Tokens new to the policy start fresh anyway.
@@ -184,10 +457,6 @@ fn ramp_restarts(
     new: &CompiledPolicy,
     issued: &HashMap<Fingerprint, String>,
 ) -> Vec<Fingerprint> {
-    // A token's ramp restarts only when what its contract says changed.
-    fn def<'p>(p: &'p CompiledPolicy, name: &str) -> Option<&'p Contract> {
-        p.contracts.iter().find(|(n, _)| n == name).map(|(_, c)| c)
-    }
     fn name(p: &CompiledPolicy, idx: u32) -> Option<&str> {
         p.contracts.get(idx as usize).map(|(n, _)| n.as_str())
     }
@@ -201,17 +470,26 @@ fn ramp_restarts(
     for t in &new.tokens {
         let before = old_contract.get(&t.fingerprint).and_then(|c| name(old, *c));
         if let (Some(b), Some(n)) = (before, name(new, t.info.contract)) {
-            if b != n || def(old, b) != def(new, n) {
+            if b != n || definition(old, b) != definition(new, n) {
                 changed.push(t.fingerprint);
             }
         }
     }
-    for (fp, n) in issued {
-        if def(old, n).is_some() && def(old, n) != def(new, n) {
-            changed.push(*fp);
-        }
-    }
+    changed.extend(issued_restarts(old, new, issued));
     changed
+}
+
+/// The issued tokens whose contract says something else under `new`.
+fn issued_restarts(
+    old: &CompiledPolicy,
+    new: &CompiledPolicy,
+    issued: &HashMap<Fingerprint, String>,
+) -> Vec<Fingerprint> {
+    issued
+        .iter()
+        .filter(|(_, n)| definition(old, n).is_some() && definition(old, n) != definition(new, n))
+        .map(|(fp, _)| *fp)
+        .collect()
 }
 
 #[cfg(test)]
@@ -228,12 +506,12 @@ mod tests {
         }
     }
 
+    /// Contracts that say the same when their names start alike.
     fn policy(contracts: &[&str], scopes: &[&str], token: (&str, &[&str])) -> CompiledPolicy {
         let mut p = CompiledPolicy {
             contracts: contracts
                 .iter()
-                .enumerate()
-                .map(|(i, n)| (n.to_string(), contract(i as u32 + 1)))
+                .map(|n| (n.to_string(), contract(u32::from(n.as_bytes()[0]))))
                 .collect(),
             scopes: scopes
                 .iter()
@@ -272,7 +550,7 @@ mod tests {
         );
         assert_eq!(
             s.contracts[0].1,
-            contract(1),
+            contract(u32::from(b'a')),
             "tombstone keeps the old definition"
         );
         assert_eq!(s.tokens[0].info.contract, 2);
@@ -284,6 +562,87 @@ mod tests {
         assert_eq!(again.contracts.len(), 4);
         assert_eq!(again.contract_index("d"), Some(3));
         assert_eq!(again.tokens[0].info.scopes, 0b100);
+    }
+
+    /// A contract that says something else takes a new slot; the old slot keeps what it
+    /// said for the entries not yet rewritten, and the token names the new one.
+    #[test]
+    fn a_changed_definition_never_overwrites_its_slot() {
+        let old = policy(&["a", "b"], &["r"], ("b", &["r"]));
+        let mut new = policy(&["a", "b"], &["r"], ("b", &["r"]));
+        new.contracts[1].1 = contract(99);
+        new.scopes[0].1.prefix_len = 3;
+        let s = stabilize(&old, new);
+        assert_eq!(s.contracts[1].1, old.contracts[1].1, "old slot untouched");
+        assert_eq!(s.contract_index("b"), Some(2));
+        assert_eq!(s.contracts[2].1, contract(99));
+        assert_eq!(s.tokens[0].info.contract, 2);
+        assert_eq!(s.scopes[0].1, Scope::default(), "old scope slot untouched");
+        assert_eq!(s.tokens[0].info.scopes, 0b10);
+        let used = |c: &[&str], s: &[&str]| {
+            let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+            let (c, s): (HashSet<String>, HashSet<String>) = (set(c), set(s));
+            move || Ok((c, s))
+        };
+        let otherwise = |new: &CompiledPolicy, unresolved, in_use| {
+            resolves_otherwise(&old, new, unresolved, in_use).unwrap()
+        };
+        assert!(otherwise(&s, 0, used(&["b"], &[])), "a used contract moved");
+        assert!(otherwise(&s, 0, used(&[], &["r"])), "a used scope moved");
+        assert!(!otherwise(&s, 0, used(&["a"], &[])), "nothing used moved");
+        let added = stabilize(&old, policy(&["a", "b", "c"], &["r"], ("b", &["r"])));
+        assert!(
+            !otherwise(&added, 0, used(&["a", "b"], &["r"])),
+            "a new name alone"
+        );
+        assert!(
+            otherwise(&added, 1, used(&[], &[])),
+            "a new name for a token that lacked one"
+        );
+
+        // Full tables reuse the tombstones of earlier reloads, never this reload's.
+        let names: Vec<String> = (0..agent_common::MAX_SCOPES)
+            .map(|i| format!("s{i}"))
+            .collect();
+        let full = |prefix: u32| {
+            let mut p = policy(&["a"], &[], ("a", &["*"]));
+            p.scopes = names
+                .iter()
+                .map(|n| {
+                    let scope = Scope {
+                        prefix_len: prefix,
+                        ..Scope::default()
+                    };
+                    (n.clone(), scope)
+                })
+                .collect();
+            p
+        };
+        let mut first = full(1);
+        first.tokens.clear();
+        // Half the scopes redefined: 32 tombstones beside 64 live names would need 96
+        // slots, so the table falls back to the compiled order.
+        let mut half = full(1);
+        half.tokens.clear();
+        for (_, scope) in half.scopes.iter_mut().take(32) {
+            scope.prefix_len = 2;
+        }
+        let fallback = stabilize(&first, half.clone());
+        assert_eq!(fallback.scopes, half.scopes);
+        // With tombstones from an earlier reload, those are reused.
+        let mut fewer = first.clone();
+        fewer.scopes.truncate(32);
+        let with_tombstones = stabilize(&first, fewer);
+        assert_eq!(with_tombstones.scopes.len(), 64);
+        let mut back = full(1);
+        back.tokens.clear();
+        for (_, scope) in back.scopes.iter_mut().skip(32) {
+            scope.prefix_len = 3;
+        }
+        let reused = stabilize(&with_tombstones, back.clone());
+        assert_eq!(reused.scopes.len(), 64);
+        assert_eq!(reused.scopes[..32], back.scopes[..32], "kept in place");
+        assert_eq!(reused.scope_mask(&["s40".into()]).unwrap().1, 1 << 40);
     }
 
     /// A policy with `contracts` (name, stage count: two contracts say the same when
@@ -309,6 +668,27 @@ mod tests {
             scopes: Vec::new(),
             tokens,
         }
+    }
+
+    #[test]
+    fn a_reload_diff_names_what_changed_and_nothing_else() {
+        let base: Vec<(u64, &str)> = (1..=1000).map(|i| (i, "a")).collect();
+        let old = listing(&[("a", 1), ("b", 2)], &base);
+        assert_eq!(diff_tokens(&old, &old), TokenDiff::default());
+        // One token moved to "b", one removed, one added in the middle.
+        let mut edited = base.clone();
+        edited[10].1 = "b";
+        edited.remove(500);
+        edited.insert(700, (5000, "a"));
+        let new = listing(&[("a", 1), ("b", 2)], &edited);
+        let diff = diff_tokens(&old, &new);
+        let changed: Vec<(u64, u32, Option<u32>)> = diff
+            .changed
+            .iter()
+            .map(|(fp, info, was)| (fp.0[0], info.contract, *was))
+            .collect();
+        assert_eq!(changed, [(11, 1, Some(0)), (5000, 0, None)]);
+        assert_eq!(diff.removed, [Fingerprint([501, 0])]);
     }
 
     #[test]

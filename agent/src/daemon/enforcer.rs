@@ -63,14 +63,13 @@ impl Enforcer for DatapathEnforcer {
         let dp = self.lock();
         let state = dp.token_state(&fp);
         let stats = dp.token_stats(&fp);
-        let info = dp.token(&fp);
-        let rate = match (state, info) {
-            (Some(st), Some(info)) => dp
-                .contract(info.contract)
-                .ok()
-                .and_then(|c| stage_rate(&c, st.stage)),
-            _ => None,
-        };
+        // The entry only for the rate of a token that has a stage: `token list` asks for
+        // every token, most of them never seen.
+        let rate = state.and_then(|st| {
+            let info = dp.token(&fp)?;
+            let c = dp.contract(info.contract).ok()?;
+            stage_rate(&c, st.stage)
+        });
         if state.is_none() && stats.by_verdict.iter().all(|&n| n == 0) {
             return None;
         }

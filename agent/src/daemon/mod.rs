@@ -33,7 +33,7 @@ use crate::{
     config::{self, Config},
     control::{self, ControlError, ServerOptions},
     datapath::{AttachError, Datapath, DatapathError, LoadOptions},
-    policy::{CompiledPolicy, Diagnostic},
+    policy::{CompiledPolicy, Diagnostic, PolicyCache},
     store::{AuditAction, Store, StoreError},
     telemetry::{EventExporter, Metrics, RateEstimator, TelemetryError},
     token::{load_key, KeyError, Lifecycle},
@@ -88,8 +88,9 @@ pub struct Daemon {
     generation: AtomicU64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
-    /// One reload at a time (SIGHUP, file change and the `reload` op may race).
-    reload_lock: Mutex<()>,
+    /// One reload at a time (SIGHUP, file change and the `reload` op may race), and what
+    /// the next one starts from.
+    reload_lock: Mutex<Reloading>,
     pub enforcer: Arc<DatapathEnforcer>,
     pub lifecycle: Lifecycle,
     pub metrics: Arc<Metrics>,
@@ -98,6 +99,13 @@ pub struct Daemon {
     exporter: Mutex<Option<EventExporter>>,
     pub listeners: Vec<AttachedListener>,
     top_rates: Mutex<RateEstimator<Fingerprint>>,
+}
+
+/// What a reload starts from: the policy files as last compiled (a reload re-walks only
+/// what changed) and what the kernel holds (it writes only what differs).
+struct Reloading {
+    cache: PolicyCache,
+    kernel: apply::Kernel,
 }
 
 /// Why a reload was refused; the running policy stays.
@@ -124,8 +132,10 @@ impl Daemon {
     /// Validates the configuration and policy files and, if they are valid, applies the
     /// policy. Blocking (files, SQLite, map syscalls): call from a blocking context.
     pub fn reload(&self, why: &str) -> Result<u64, ReloadError> {
-        let _one = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.try_reload();
+        let mut state = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let began = std::time::Instant::now();
+        let result = self.try_reload(&mut state);
+        let took = began.elapsed().as_secs_f64();
         let store = self.lifecycle.store();
         match &result {
             Ok((generation, applied)) => {
@@ -140,7 +150,7 @@ impl Daemon {
                     applied.reset,
                     applied.lifecycle.failed.len()
                 );
-                tracing::info!("policy reloaded ({detail})");
+                tracing::info!("policy reloaded in {took:.3} s ({detail})");
                 for (fp, msg) in &applied.lifecycle.failed {
                     tracing::warn!(fingerprint = %fp, "token not installed: {msg}");
                 }
@@ -170,8 +180,9 @@ impl Daemon {
         result.map(|(g, _)| g)
     }
 
-    fn try_reload(&self) -> Result<(u64, Applied), ReloadError> {
-        let (config, new) = config::load_all(&self.config.path).map_err(ReloadError::Invalid)?;
+    fn try_reload(&self, state: &mut Reloading) -> Result<(u64, Applied), ReloadError> {
+        let (config, new) = config::load_all_with(&self.config.path, Some(&mut state.cache))
+            .map_err(ReloadError::Invalid)?;
         if config.listeners != self.config.listeners
             || config.maps != self.config.maps
             || config.bpffs_dir != self.config.bpffs_dir
@@ -182,8 +193,12 @@ impl Daemon {
         }
         let old = self.policy();
         let new = apply::stabilize(&old, new);
-        let applied = apply::apply_reload(&self.enforcer, &self.lifecycle, &old, &new)
+        let kernel = std::mem::replace(&mut state.kernel, apply::Kernel::Unknown);
+        let applied = apply::apply_reload(&self.enforcer, &self.lifecycle, &old, &new, kernel)
             .map_err(ReloadError::Apply)?;
+        state.kernel = apply::Kernel::InStep {
+            unresolved: applied.unresolved,
+        };
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Ok((generation, applied))
@@ -191,7 +206,11 @@ impl Daemon {
 }
 
 /// Loads everything and attaches; returns the shared state, ready for the runtime tasks.
-fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> {
+fn start(
+    config: Config,
+    policy: CompiledPolicy,
+    cache: PolicyCache,
+) -> Result<Daemon, DaemonError> {
     let key_path = config.key_path();
     let key = load_key(&key_path).map_err(|source| DaemonError::Key {
         path: key_path.clone(),
@@ -252,7 +271,12 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
         generation: AtomicU64::new(1),
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
-        reload_lock: Mutex::new(()),
+        reload_lock: Mutex::new(Reloading {
+            cache,
+            kernel: apply::Kernel::InStep {
+                unresolved: applied.unresolved,
+            },
+        }),
         enforcer,
         lifecycle,
         metrics,
@@ -265,13 +289,15 @@ fn start(config: Config, policy: CompiledPolicy) -> Result<Daemon, DaemonError> 
 
 /// `rampart run`: returns on SIGTERM/SIGINT, leaving enforcement in place.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
-    let (config, policy) = config::load_all(config_path).map_err(DaemonError::Config)?;
+    let mut cache = PolicyCache::default();
+    let (config, policy) =
+        config::load_all_with(config_path, Some(&mut cache)).map_err(DaemonError::Config)?;
     preflight::check(&config.bpffs_dir)?;
     let control_socket = config.control_socket.clone();
     let metrics_addr = config.metrics_addr;
     let daemon = {
         let cfg = config.clone();
-        tokio::task::spawn_blocking(move || start(cfg, policy))
+        tokio::task::spawn_blocking(move || start(cfg, policy, cache))
             .await
             .expect("start-up does not panic")?
     };

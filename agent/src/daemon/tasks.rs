@@ -156,7 +156,7 @@ fn expiry(d: &Daemon, warned: &mut Warned, now: i64) -> u64 {
     }
     let window = i64::try_from(d.config.expiry_warning.as_secs()).unwrap_or(i64::MAX);
     let soon: Vec<_> = store
-        .active()
+        .expiring(now, window)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|rec| {

@@ -55,6 +55,13 @@ pub const MAP_NAMES: [&str; 14] = [
 /// at every load, so nothing in it needs moving.
 const UNPINNED: [&str; 2] = ["SCRATCH", "PORTS"];
 
+/// Default capacity of REVOKED: half of TOKENS. The map is not preallocated, so its
+/// capacity costs only the hash buckets (16 bytes each: 8 MB here, 16 at a million),
+/// which brings the kernel memory of the per-token maps to 200 bytes per token of
+/// capacity. Revocations are kept for good: when it is full, `rampart token revoke`
+/// fails with the kernel's error (the store keeps the revocation).
+pub const DEFAULT_MAX_REVOKED: u32 = DEFAULT_MAX_TOKENS / 2;
+
 /// Map sizes and pinning, from the daemon's configuration.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -75,7 +82,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_tokens: DEFAULT_MAX_TOKENS,
-            max_revoked: DEFAULT_MAX_TOKENS,
+            max_revoked: DEFAULT_MAX_REVOKED,
             token_stats: 65536,
             ring_bytes: 1 << 20,
             max_flows: agent_common::DEFAULT_MAX_FLOWS,
@@ -97,6 +104,9 @@ pub struct Datapath {
     /// `TOKEN_STATE`, mmapped, and who owns which of its slots.
     pub(super) token_state: MappedArray<TokenState>,
     pub(super) slots: Slots,
+    /// TOKENS as read at load (adopted pins), while nothing has written it since: the
+    /// first batched install compares with it instead of reading a million entries again.
+    pub(super) tokens_at_load: Option<std::collections::HashMap<Fingerprint, TokenInfo>>,
     pub(super) verdict_stats: PerCpuArray<MapData, u64>,
     pub(super) token_stats: PerCpuHashMap<MapData, Fingerprint, TokenStats>,
     pub(super) event_budget: PerCpuArray<MapData, EventBudget>,
@@ -207,6 +217,7 @@ impl Datapath {
             scopes: take(&mut ebpf, "SCOPES")?,
             token_state,
             slots: Slots::default(),
+            tokens_at_load: None,
             verdict_stats: take(&mut ebpf, "VERDICT_STATS")?,
             token_stats: take(&mut ebpf, "TOKEN_STATS")?,
             event_budget: take(&mut ebpf, "EVENT_BUDGET")?,

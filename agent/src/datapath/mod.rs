@@ -22,7 +22,8 @@ pub use attach::{
 };
 pub use error::DatapathError;
 pub use load::{
-    Datapath, EbpfLogForwarder, LoadOptions, EBPF_LOG_TARGET, MAP_NAMES, TC_PROGRAM, XDP_PROGRAM,
+    Datapath, EbpfLogForwarder, LoadOptions, DEFAULT_MAX_REVOKED, EBPF_LOG_TARGET, MAP_NAMES,
+    TC_PROGRAM, XDP_PROGRAM,
 };
 pub use tables::{parse_event, RuntimeTotals};
 #[cfg(feature = "test-support")]

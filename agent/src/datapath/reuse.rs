@@ -60,6 +60,7 @@ impl Datapath {
         }
         write_last_reset(&mut self.ebpf, super::load::coarse_now()?)?;
         self.slots = Slots::rebuild(self.options.max_tokens, []).0;
+        self.tokens_at_load = None;
         Ok(())
     }
 }

@@ -100,6 +100,11 @@ impl Slots {
         self.by_fp.iter().map(|(fp, s)| (fp, *s))
     }
 
+    /// Fingerprints with a slot: the installed tokens.
+    pub(super) fn len(&self) -> usize {
+        self.by_fp.len()
+    }
+
     pub(super) fn capacity(&self) -> u32 {
         self.cap
     }

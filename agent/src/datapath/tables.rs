@@ -186,6 +186,7 @@ impl Datapath {
             self.token_state
                 .write(slot as usize, &TokenState::default());
         }
+        self.tokens_at_load = None;
         let r = self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"));
         if r.is_err() && matches!(assigned, Assigned::New(_)) {
             self.slots.release(&fp);
@@ -194,25 +195,46 @@ impl Datapath {
     }
 
     /// Installs many tokens as `install_token` would each, writing only the entries that
-    /// differ from what TOKENS already holds (TOKENS and REVOKED read in batched passes),
-    /// through batched updates: a few syscalls per 4096 tokens, not one per token. A reload that changes one token of a million writes one entry. Returns the
+    /// differ from what TOKENS already holds, through batched updates: a few syscalls per
+    /// 4096 tokens, not one per token. What the kernel holds is read in batched passes
+    /// over TOKENS and REVOKED, or, for a few tokens (a reload's diff), entry by entry: a
+    /// reload that changes one token of a million reads and writes one entry. Returns the
     /// number of entries written.
     pub fn install_tokens(
         &mut self,
         tokens: impl IntoIterator<Item = (Fingerprint, TokenInfo)>,
     ) -> Result<usize, DatapathError> {
+        /// Up to this many tokens, lookups one by one cost less than reading the maps.
+        const FEW: usize = 1024;
+        let tokens: Vec<(Fingerprint, TokenInfo)> = tokens.into_iter().collect();
         let mut held = std::collections::HashMap::new();
-        scan(
-            &self.tokens,
-            "TOKENS",
-            |fp: &Fingerprint, info: &TokenInfo| {
-                held.insert(*fp, *info);
-            },
-        )?;
         let mut revoked = std::collections::HashSet::new();
-        scan(&self.revoked, "REVOKED", |fp: &Fingerprint, _: &u64| {
-            revoked.insert(*fp);
-        })?;
+        if tokens.len() <= FEW {
+            for (fp, _) in &tokens {
+                if let Ok(info) = self.tokens.get(fp, 0) {
+                    held.insert(*fp, info);
+                }
+                if self.is_revoked(fp) {
+                    revoked.insert(*fp);
+                }
+            }
+        } else {
+            match self.tokens_at_load.take() {
+                Some(at_load) => held = at_load,
+                None => {
+                    scan(
+                        &self.tokens,
+                        "TOKENS",
+                        |fp: &Fingerprint, info: &TokenInfo| {
+                            held.insert(*fp, *info);
+                        },
+                    )?;
+                }
+            }
+            scan(&self.revoked, "REVOKED", |fp: &Fingerprint, _: &u64| {
+                revoked.insert(*fp);
+            })?;
+        }
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut fresh = Vec::new();
         for (fp, mut info) in tokens {
@@ -235,6 +257,9 @@ impl Datapath {
                 keys.push(fp);
                 values.push(info);
             }
+        }
+        if !keys.is_empty() {
+            self.tokens_at_load = None;
         }
         let fd = self.tokens.map().fd().as_fd();
         let r = match sys::update_batch(fd, &keys, &values) {
@@ -262,6 +287,7 @@ impl Datapath {
 
     /// Removes a token and its runtime state.
     pub fn remove_token(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+        self.tokens_at_load = None;
         absent_ok(self.tokens.remove(fp)).map_err(map_err("TOKENS"))?;
         if let Some(slot) = self.slots.release(fp) {
             self.token_state
@@ -277,13 +303,18 @@ impl Datapath {
     pub(super) fn adopt_token_slots(&mut self) -> Result<(), DatapathError> {
         let cap = u32::try_from(self.token_state.len()).unwrap_or(u32::MAX);
         let mut claims = Vec::new();
+        let mut at_load = std::collections::HashMap::new();
         scan(
             &self.tokens,
             "TOKENS",
-            |fp: &Fingerprint, info: &TokenInfo| claims.push((*fp, info.state_slot)),
+            |fp: &Fingerprint, info: &TokenInfo| {
+                claims.push((*fp, info.state_slot));
+                at_load.insert(*fp, *info);
+            },
         )?;
         let (slots, homeless) = Slots::rebuild(cap, claims);
         self.slots = slots;
+        self.tokens_at_load = Some(at_load);
         for fp in &homeless {
             if let Ok(info) = self.tokens.get(fp, 0) {
                 self.install_token(*fp, info)?;
@@ -384,6 +415,7 @@ impl Datapath {
             return Ok(false);
         }
         info.flags |= TOKEN_REVOKED;
+        self.tokens_at_load = None;
         self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))?;
         Ok(true)
     }
@@ -533,9 +565,11 @@ impl Datapath {
         Ok(totals)
     }
 
-    /// Entries in TOKENS (batched, like `runtime_totals`).
+    /// Entries in TOKENS: the facade, their only writer, gives each a state slot, so no
+    /// pass over the map (a million entries read in batches took seconds, under the lock
+    /// that reloads and token commands wait for).
     pub fn token_count(&self) -> usize {
-        scan(&self.tokens, "TOKENS", |_, _| {}).unwrap_or(0)
+        self.slots.len()
     }
 
     /// Entries and capacity of the big maps, for fill-level metrics. `totals` saves a

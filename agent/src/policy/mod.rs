@@ -28,6 +28,7 @@
 mod compile;
 pub mod contract;
 mod diagnostic;
+mod parts;
 mod toml_walk;
 pub mod units;
 mod values;
@@ -40,6 +41,7 @@ use std::{
 use agent_common::{Contract, Fingerprint, Scope, TokenInfo, TOKEN_ANY_SCOPE};
 pub use diagnostic::Diagnostic;
 pub(crate) use diagnostic::SourceText;
+pub use parts::PolicyCache;
 
 /// What the policy files say, in datapath form. Indexes into `contracts` and `scopes` are
 /// the indexes of the `CONTRACTS` and `SCOPES` maps.
@@ -97,6 +99,15 @@ impl CompiledPolicy {
     /// Reads and compiles policy files in order. Unreadable files are diagnostics too, so
     /// `rampart check` lists them with everything else.
     pub fn load(paths: &[PathBuf]) -> Result<CompiledPolicy, Vec<Diagnostic>> {
+        Self::load_cached(paths, None)
+    }
+
+    /// `load`, re-walking only what changed since `cache` was filled (the daemon's reloads),
+    /// and refilling it.
+    pub fn load_cached(
+        paths: &[PathBuf],
+        cache: Option<&mut PolicyCache>,
+    ) -> Result<CompiledPolicy, Vec<Diagnostic>> {
         let mut sources = Vec::new();
         let mut unreadable = Vec::new();
         for path in paths {
@@ -108,7 +119,7 @@ impl CompiledPolicy {
                 )),
             }
         }
-        match Self::from_sources(&sources) {
+        match compile::compile(&sources, cache) {
             Ok(policy) if unreadable.is_empty() => Ok(policy),
             Ok(_) => Err(unreadable),
             Err(mut diags) => {
@@ -120,7 +131,7 @@ impl CompiledPolicy {
 
     /// Compiles `(path, text)` sources in order; `path` only names them in diagnostics.
     pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<CompiledPolicy, Vec<Diagnostic>> {
-        compile::compile(sources)
+        compile::compile(sources, None)
     }
 
     /// One policy file's text (tests, tools).

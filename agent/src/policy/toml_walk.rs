@@ -8,14 +8,26 @@ use std::ops::Range;
 
 use toml_edit::{Item, TableLike, Value};
 
-use super::diagnostic::{Diagnostic, SourceText};
+use super::diagnostic::SourceText;
 
 pub(crate) type Span = Option<Range<usize>>;
 
-/// Where diagnostics go while one file is walked.
+/// A problem at a byte span of the text walked (`None`: the file as a whole). It becomes a
+/// `file:line:col` diagnostic only when reported: a part of a file walked once keeps its
+/// problems across reloads while the text before it changes length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Problem {
+    pub span: Span,
+    pub message: String,
+}
+
+/// Where problems go while one text (a file, or one part of it) is walked. Spans are
+/// relative to that text.
 pub(crate) struct Walk<'s, 'd> {
+    /// The file, for the locations of earlier definitions ("already defined at ..."):
+    /// only the part of a file that starts it defines contracts and scopes.
     pub src: &'s SourceText<'s>,
-    pub diags: &'d mut Vec<Diagnostic>,
+    pub problems: &'d mut Vec<Problem>,
 }
 
 /// One table (`[[contract]]`, `{ after = .. }`, ...) being read, with what it is called
@@ -35,7 +47,10 @@ pub(crate) struct Located<'t> {
 
 impl Walk<'_, '_> {
     pub fn error(&mut self, span: Span, message: impl Into<String>) {
-        self.diags.push(self.src.at(span, message));
+        self.problems.push(Problem {
+            span,
+            message: message.into(),
+        });
     }
 
     /// Reports keys outside `allowed`, at the key.

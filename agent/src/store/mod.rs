@@ -16,7 +16,7 @@ mod rows;
 mod schema;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::{self, OpenOptions},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -429,15 +429,62 @@ impl Store {
         .map_err(sql("count tokens"))
     }
 
+    /// The contract names and the scope names that active tokens use, each once: whether
+    /// a policy change that drops a name concerns any issued token, without building a
+    /// record per token.
+    pub fn names_in_use(&self) -> Result<(HashSet<String>, HashSet<String>), StoreError> {
+        let conn = self.conn();
+        let distinct = |column: &str| -> Result<Vec<String>, StoreError> {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT DISTINCT {column} FROM tokens WHERE status = 'active'"
+                ))
+                .map_err(sql("list names in use"))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(sql("list names in use"))?;
+            rows.map(|r| r.map_err(sql("list names in use"))).collect()
+        };
+        let contracts = distinct("contract")?.into_iter().collect();
+        let mut scopes = HashSet::new();
+        for list in distinct("scopes")? {
+            let names: Vec<String> =
+                serde_json::from_str(&list).map_err(|e| StoreError::Corrupt {
+                    what: format!("a scope list: {e}"),
+                })?;
+            scopes.extend(names);
+        }
+        Ok((contracts, scopes))
+    }
+
     fn all_records(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.records_where("1", [])
+    }
+
+    /// Active tokens that expire after `now` and no later than `now + window` seconds,
+    /// oldest first: SQLite picks them, so the expiry warnings of a few tokens among a
+    /// million do not build a million records every time they are checked.
+    pub fn expiring(&self, now: i64, window: i64) -> Result<Vec<TokenRecord>, StoreError> {
+        self.records_where(
+            "status = 'active' AND expires_at > ?1 AND expires_at <= ?2",
+            [now, now.saturating_add(window)],
+        )
+    }
+
+    /// Records matching an SQL condition on the tokens table, oldest first.
+    fn records_where<P: rusqlite::Params>(
+        &self,
+        condition: &str,
+        params: P,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT {RECORD_COLUMNS} FROM tokens ORDER BY issued_at, rowid"
+                "SELECT {RECORD_COLUMNS} FROM tokens WHERE {condition} ORDER BY issued_at, rowid"
             ))
             .map_err(sql("list tokens"))?;
         let rows = stmt
-            .query_map([], row_to_record)
+            .query_map(params, row_to_record)
             .map_err(sql("list tokens"))?;
         let mut out = Vec::new();
         for row in rows {

@@ -229,3 +229,61 @@ fn list_filters_expiring_and_idle() {
     );
     assert_eq!(store.active().unwrap().len(), 2);
 }
+
+/// The names active tokens use, each once; a revoked token's names no longer count.
+#[test]
+fn names_in_use_are_those_of_active_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for n in 0..10u64 {
+        store.issue(&new_token(n, None), 0).unwrap();
+    }
+    let mut other = new_token(99, None);
+    other.contract = "gold".into();
+    other.scopes = vec!["admin".into()];
+    store.issue(&other, 0).unwrap();
+    let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<HashSet<_>>();
+    assert_eq!(
+        store.names_in_use().unwrap(),
+        (set(&["standard", "gold"]), set(&["read", "write", "admin"]))
+    );
+    store.revoke(&fp(99), "test", 0).unwrap();
+    assert_eq!(
+        store.names_in_use().unwrap(),
+        (set(&["standard"]), set(&["read", "write"]))
+    );
+}
+
+/// `expiring` picks what filtering every active record would.
+#[test]
+fn expiring_tokens_are_picked_by_sqlite_as_by_their_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = 10_000;
+    for n in 0..30u64 {
+        let expires = match n % 5 {
+            0 => None,
+            1 => Some(now - 1),
+            2 => Some(now),
+            3 => Some(now + 100),
+            _ => Some(now + 10_000),
+        };
+        store.issue(&new_token(n, expires), 0).unwrap();
+    }
+    store.revoke(&fp(3), "test", 0).unwrap();
+    let want: Vec<Fingerprint> = store
+        .active()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.expires_at.is_some_and(|e| e > now && e - now <= 100))
+        .map(|r| r.fingerprint)
+        .collect();
+    let got: Vec<Fingerprint> = store
+        .expiring(now, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.fingerprint)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 5, "six within the window, one of them revoked");
+}
