@@ -88,7 +88,7 @@ fn text_body(len: usize) -> Vec<u8> {
 }
 
 /// A segment of the bench's connection (`Frame::tcp`'s) carrying `payload` from stream
-/// offset `off` (its SYN is `syn_of` any of its frames).
+/// offset `off` (its SYN is `syn_of` the segment at offset 0).
 fn segment_at(off: usize, payload: &[u8]) -> Vec<u8> {
     let mut f = Frame::tcp(PORT, payload);
     f.seq = f.seq.wrapping_add(off as u32);
@@ -363,10 +363,9 @@ fn main() -> anyhow::Result<()> {
         // after the first repeat the connection's last segment, judged again each time.
         dp.forget_flows()?;
         let mut out = vec![0u8; 1 << 16];
-        for f in syn_of(&case.frame)
-            .into_iter()
-            .chain(case.setup.iter().cloned())
-        {
+        // The connection starts with the first setup segment (offset 0), if any.
+        let first = case.setup.first().unwrap_or(&case.frame);
+        for f in syn_of(first).into_iter().chain(case.setup.iter().cloned()) {
             dp.test_run_xdp(&f, &mut out, 1)?;
         }
         let before = dp.verdict_counts(0)?;
