@@ -66,6 +66,22 @@ fn client_and_server(tag: &str) -> (Netns, Netns, VethPair) {
     (client, server, veth)
 }
 
+/// Rampart's XDP program on the server's veth end and the pass program on the client's
+/// (a veth delivers XDP_TX frames only to a peer running XDP); the latter's object, which
+/// must live as long as the rig.
+fn attach_both_ends(dp: &mut Datapath, client: &Netns, server: &Netns) -> TestPrograms {
+    server
+        .run(|| dp.attach_xdp(SERVER_IF, XdpMode::Driver))
+        .expect("enter the server namespace")
+        .expect("attach rampart XDP (driver mode) to the server veth end");
+    let mut pass = TestPrograms::load(dp.options()).expect("load the test programs");
+    client
+        .run(|| pass.attach_pass(CLIENT_IF, XdpMode::Driver))
+        .expect("enter the client namespace")
+        .expect("attach the pass program to the client veth end");
+    pass
+}
+
 struct VethRig {
     upstream: UpstreamServer,
     dp: Datapath,
@@ -96,15 +112,7 @@ impl VethRig {
         };
         dp.set_listener(key, listener(LISTENER, mode, action))
             .expect("listener");
-        server
-            .run(|| dp.attach_xdp(SERVER_IF, XdpMode::Driver))
-            .expect("enter the server namespace")
-            .expect("attach rampart XDP (driver mode) to the server veth end");
-        let mut pass = TestPrograms::load(dp.options()).expect("load the test programs");
-        client
-            .run(|| pass.attach_pass(CLIENT_IF, XdpMode::Driver))
-            .expect("enter the client namespace")
-            .expect("attach the pass program to the client veth end");
+        let pass = attach_both_ends(&mut dp, &client, &server);
         VethRig {
             upstream,
             dp,
@@ -565,15 +573,7 @@ impl NginxRig {
             dp.set_listener(key, listener(LISTENER, mode::ENFORCE, deny_action::DROP))
                 .expect("listener");
         }
-        server
-            .run(|| dp.attach_xdp(SERVER_IF, XdpMode::Driver))
-            .expect("enter the server namespace")
-            .expect("attach rampart XDP (driver mode) to the server veth end");
-        let mut pass = TestPrograms::load(dp.options()).expect("load the test programs");
-        client
-            .run(|| pass.attach_pass(CLIENT_IF, XdpMode::Driver))
-            .expect("enter the client namespace")
-            .expect("attach the pass program to the client veth end");
+        let pass = attach_both_ends(&mut dp, &client, &server);
         NginxRig {
             nginx,
             dp,

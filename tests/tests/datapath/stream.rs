@@ -50,11 +50,7 @@ impl Fixture {
     /// Forgets every connection and opens the test connection (its SYN).
     fn open(&mut self, hook: Hook) {
         self.dp.forget_flows().unwrap();
-        let mut syn = Frame::tcp(PORT, b"");
-        syn.seq = ISN;
-        syn.flags = rampart_tests::packet::TCP_SYN;
-        let (_, _, counted) = self.send(hook, &syn.build());
-        assert_eq!(counted, None, "a SYN is no request");
+        self.syn(hook, ISN);
     }
 
     /// Sends one segment of the open connection; several requests may be counted.
@@ -64,6 +60,15 @@ impl Fixture {
             fate: fate_of(hook, ret),
             counted,
         }
+    }
+
+    /// A client SYN of the test connection's 4-tuple with initial sequence number `isn`.
+    fn syn(&mut self, hook: Hook, isn: u32) {
+        let mut syn = Frame::tcp(PORT, b"");
+        syn.seq = isn;
+        syn.flags = rampart_tests::packet::TCP_SYN;
+        let got = self.segment(hook, &syn.build());
+        assert_eq!(got.counted, vec![], "a SYN is no request");
     }
 
     /// Opens the connection and sends `frames` in order: what each came to.
@@ -638,10 +643,7 @@ fn a_connection_without_a_syn_seen_is_untracked() {
             f.segment(hook, &at(0, &first)),
             seen(Fate::Passes, &[(Verdict::Allow, 1)])
         );
-        let mut syn = Frame::tcp(PORT, b"");
-        syn.seq = ISN + 100_000;
-        syn.flags = rampart_tests::packet::TCP_SYN;
-        f.segment(hook, &syn.build());
+        f.syn(hook, ISN + 100_000);
         let got = f.segment(hook, &at(100_000, &first));
         assert_eq!(
             got,
@@ -661,10 +663,7 @@ fn a_connection_without_a_syn_seen_is_untracked() {
             f.segment(hook, &at(0, &first)),
             seen(Fate::Passes, &[(Verdict::Allow, 1)])
         );
-        let mut syn = Frame::tcp(PORT, b"");
-        syn.seq = ISN + 5;
-        syn.flags = rampart_tests::packet::TCP_SYN;
-        f.segment(hook, &syn.build());
+        f.syn(hook, ISN + 5);
         let got = f.segment(hook, &at(5, &first));
         assert_eq!(
             got,
@@ -673,10 +672,7 @@ fn a_connection_without_a_syn_seen_is_untracked() {
         );
         // The same SYN again (a retransmission) changes nothing.
         f.open(hook);
-        let mut syn = Frame::tcp(PORT, b"");
-        syn.seq = ISN;
-        syn.flags = rampart_tests::packet::TCP_SYN;
-        f.segment(hook, &syn.build());
+        f.syn(hook, ISN);
         let got = f.segment(hook, &at(0, &Http::get("/").bearer(GOOD).bytes()));
         assert_eq!(
             got,
