@@ -8,8 +8,8 @@
 //!
 //! Layout, from bit 0: interface index (32 bits, 0 = every interface), listener id (6),
 //! 2 spare, then 2 bits each for mode, action, on_missing, on_unknown, on_incomplete and
-//! on_not_http;
-//! bit 62 `OTHERS`, bit 63 `LISTENER`. A word of 0: no listener on this port.
+//! on_not_http, then max_header_kib (5 bits); bit 62 `OTHERS`, bit 63 `LISTENER`. A word
+//! of 0: no listener on this port.
 
 use crate::{ListenerConfig, ListenerKey};
 
@@ -23,6 +23,8 @@ const ID_BITS: u32 = 6;
 const FIELD_BITS: u32 = 2;
 const CONFIG_SHIFT: u32 = 32;
 const FIELDS_SHIFT: u32 = CONFIG_SHIFT + 8;
+const HEADER_KIB_BITS: u32 = 5;
+const HEADER_KIB_SHIFT: u32 = FIELDS_SHIFT + FIELD_BITS * 6;
 
 /// Where a packet's listener is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,13 +48,17 @@ pub fn pack(key: &ListenerKey, cfg: &ListenerConfig) -> Option<u64> {
         cfg.on_incomplete,
         cfg.on_not_http,
     ];
-    if cfg.id >= 1 << ID_BITS || fields.iter().any(|f| u32::from(*f) >= 1 << FIELD_BITS) {
+    if cfg.id >= 1 << ID_BITS
+        || fields.iter().any(|f| u32::from(*f) >= 1 << FIELD_BITS)
+        || u32::from(cfg.max_header_kib) >= 1 << HEADER_KIB_BITS
+    {
         return None;
     }
     let mut w = LISTENER | u64::from(key.ifindex) | u64::from(cfg.id) << CONFIG_SHIFT;
     for (i, f) in fields.iter().enumerate() {
         w |= u64::from(*f) << (FIELDS_SHIFT + FIELD_BITS * i as u32);
     }
+    w |= u64::from(cfg.max_header_kib) << HEADER_KIB_SHIFT;
     Some(w)
 }
 
@@ -72,7 +78,8 @@ pub fn config(w: u64) -> ListenerConfig {
         on_unknown: field(w, 3),
         on_incomplete: field(w, 4),
         on_not_http: field(w, 5),
-        _pad: [0; 2],
+        max_header_kib: ((w >> HEADER_KIB_SHIFT) & ((1 << HEADER_KIB_BITS) - 1)) as u8,
+        _pad: 0,
     }
 }
 
@@ -140,7 +147,8 @@ mod tests {
             on_unknown: default_policy::DENY,
             on_incomplete: default_policy::ALLOW,
             on_not_http: default_policy::ALLOW,
-            _pad: [0; 2],
+            max_header_kib: 0,
+            _pad: 0,
         }
     }
 
@@ -160,11 +168,23 @@ mod tests {
             ..cfg(5, mode::ENFORCE)
         };
         assert_eq!(config(pack(&key(0), &odd).unwrap()), odd);
+        for kib in [0, 1, 4, 16, 31] {
+            let c = ListenerConfig {
+                max_header_kib: kib,
+                ..cfg(63, mode::ENFORCE)
+            };
+            assert_eq!(config(pack(&key(3), &c).unwrap()), c);
+        }
     }
 
     #[test]
     fn configs_that_do_not_fit_are_not_packed() {
         assert_eq!(pack(&key(1), &cfg(64, mode::ENFORCE)), None);
+        let long = ListenerConfig {
+            max_header_kib: 32,
+            ..cfg(1, mode::ENFORCE)
+        };
+        assert_eq!(pack(&key(1), &long), None);
         assert_eq!(pack(&key(1), &cfg(1, 4)), None);
         // ... and leave the port to the LISTENERS lookup.
         let (k, c) = (key(1), cfg(64, mode::ENFORCE));

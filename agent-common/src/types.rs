@@ -12,8 +12,11 @@ pub const MAX_SCOPE_PREFIX: usize = 128;
 pub const MAX_CONTRACTS: u32 = 1024;
 /// Listeners (interface + port) the datapath tells apart in its statistics.
 pub const MAX_LISTENERS: u32 = 64;
-/// Bytes of an HTTP request (request line + header block) the parser examines.
-pub const SCAN_BYTES: usize = 8192;
+/// Bytes of an HTTP request (request line + header block) the parser examines: the
+/// largest `max_header_bytes` a listener can have, and its default.
+pub const SCAN_BYTES: usize = 16384;
+/// The unit of a listener's `max_header_kib`.
+pub const HEADER_LIMIT_UNIT: usize = 1024;
 /// Default capacity of the token, revocation and token-state maps.
 pub const DEFAULT_MAX_TOKENS: u32 = 1 << 20;
 /// Default capacity of the connection table (`FLOWS`): concurrent connections tracked.
@@ -227,7 +230,23 @@ pub struct ListenerConfig {
     pub on_incomplete: u8,
     /// `default_policy` for `Verdict::NotHttp` (pins from before it hold 0: deny).
     pub on_not_http: u8,
-    pub _pad: [u8; 2],
+    /// The longest request line and header block judged, in KiB (`HEADER_LIMIT_UNIT`); a
+    /// longer one is `incomplete`. 0 (and pins from before it): SCAN_BYTES.
+    pub max_header_kib: u8,
+    pub _pad: u8,
+}
+
+impl ListenerConfig {
+    /// The longest request line and header block this listener judges, in bytes.
+    #[inline(always)]
+    pub fn max_header_bytes(&self) -> usize {
+        let kib = self.max_header_kib as usize;
+        if kib == 0 || kib * HEADER_LIMIT_UNIT > SCAN_BYTES {
+            SCAN_BYTES
+        } else {
+            kib * HEADER_LIMIT_UNIT
+        }
+    }
 }
 
 /// Token flag: the token is not restricted to its scope set.

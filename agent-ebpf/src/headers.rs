@@ -25,7 +25,7 @@ const LENGTH: u64 = u64::from_le_bytes(*b"length\0\0");
 const ENCODIN: u64 = u64::from_le_bytes(*b"-encodin");
 /// Header lines whose starts the scan records (a power of two); a block with more is
 /// `malformed` (see `framing_fields`).
-pub const MAX_LINES: usize = 128;
+pub const MAX_LINES: usize = 1024;
 /// Lines looked at per `framing_step` call.
 const LINES_PER_CALL: usize = 8;
 const ATION: u64 = u64::from_le_bytes(*b"ation\0\0\0");

@@ -1,7 +1,7 @@
 //! The per-request decision (where requests start is `stream`'s business), in the order
 //! the checks run: bytes that cannot start a request line → not_http; a request line or
 //! header block that does not end yet → held for the next segment (incomplete once it
-//! passes SCAN_BYTES); a broken request line → malformed (not_http for an unknown
+//! passes the listener's `max_header_bytes`); a broken request line → malformed (not_http for an unknown
 //! method); a malformed header block (obs-fold, a second Authorization field, whitespace
 //! before its colon) → malformed; no Authorization field → missing; not `Bearer <token>`
 //! → malformed; a fingerprint not in TOKENS → unknown (malformed when the token breaks the
@@ -19,7 +19,7 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
 use crate::{
     bearer, events, headers,
-    maps::{CONFIG, LISTENERS, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
+    maps::{CONFIG, LISTENERS, PORTS, TOKENS, TOKEN_STATS},
     packet::{copy_in, copy_len, Packet, HEADER_OFF_MASK},
     parse::{self, Flow, TCP_ACK, TCP_SYN},
     ramp,
@@ -94,7 +94,7 @@ fn segment(p: &impl Packet) -> Option<Segment> {
         Some(w) if *w != 0 => *w,
         _ => return None,
     };
-    let scratch = SCRATCH.get_ptr_mut(0)?;
+    let scratch = crate::scratch::get()?;
     // Every header layout (VLAN tags, IP options, IPv6 extension headers) reaches this
     // point with different offsets; laundered, they are one state for the verifier.
     let buf = Buf::new(scratch);
@@ -114,6 +114,36 @@ fn segment(p: &impl Packet) -> Option<Segment> {
         listener,
         buf,
     })
+}
+
+/// The segment `entry` parsed and left in the scratch value before tail-calling the
+/// request program (`carry`).
+#[inline(always)]
+fn carried() -> Option<Segment> {
+    let scratch = crate::scratch::get()?;
+    let buf = Buf::new(scratch);
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let c = unsafe { &(*scratch).carried };
+    let mut flow = c.flow;
+    // Bounded again: what comes through map memory is unknown to the verifier.
+    flow.l3_off = buf.launder_within(flow.l3_off, HEADER_OFF_MASK);
+    flow.l4_off = buf.launder_within(flow.l4_off, HEADER_OFF_MASK);
+    flow.payload_off = buf.launder_within(flow.payload_off, HEADER_OFF_MASK);
+    flow.payload_len = buf.launder_within(flow.payload_len, 0xffff);
+    Some(Segment {
+        flow,
+        listener: c.listener,
+        buf,
+    })
+}
+
+/// Leaves the segment in the scratch value for the request program (`carried`).
+#[inline(always)]
+fn carry(buf: Buf, flow: &Flow, listener: &ListenerConfig) {
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    let c = unsafe { &mut (*buf.scratch()).carried };
+    c.flow = *flow;
+    c.listener = *listener;
 }
 
 /// The entry program's decision: a new segment (or the rest of one after a request) up
@@ -153,7 +183,10 @@ pub fn entry(p: &impl Packet) -> Decision {
         };
     }
     let verdict = match stream::enter(p, &flow, buf) {
-        stream::Step::Request => return Decision::uncounted(flow, Some(stream::REQUEST)),
+        stream::Step::Request => {
+            carry(buf, &flow, &listener);
+            return Decision::uncounted(flow, Some(stream::REQUEST));
+        }
         stream::Step::Done(None) => return Decision::uncounted(flow, None),
         stream::Step::Done(Some(v)) => settle(buf, v),
     };
@@ -201,7 +234,7 @@ pub fn request_run(p: &impl Packet) -> Decision {
         flow,
         listener,
         buf,
-    }) = segment(p)
+    }) = carried()
     else {
         return Decision::untouched();
     };
@@ -212,12 +245,14 @@ pub fn request_run(p: &impl Packet) -> Decision {
     let seen = unsafe { &mut (*buf.scratch()).seen };
     zero_words(seen as *mut Seen);
     let enforce = listener.mode == mode::ENFORCE;
+    let limit = listener.max_header_bytes();
     let v = stream::request(
         p,
         &flow,
         buf,
+        limit,
         |v| enforce && denies(v, &listener),
-        |c, held| request(p, cfg, buf, &flow, seen, c.off as usize, held),
+        |c, held| request(p, cfg, buf, &flow, seen, c.off as usize, held, limit),
     );
     let verdict = settle(buf, v);
     let next = (stream::cursor(buf).more != 0).then_some(stream::ENTRY);
@@ -280,8 +315,9 @@ fn now(cfg: &GlobalConfig) -> u64 {
 
 /// Judges the request at payload offset `off`, whose first `held` bytes earlier segments
 /// brought (already at the start of the scratch buffer): the segment's bytes go after
-/// them, then `decide`.
+/// them, up to the listener's `limit` (≤ SCAN_BYTES), then `decide`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn request(
     p: &impl Packet,
     cfg: &GlobalConfig,
@@ -290,13 +326,18 @@ fn request(
     seen: &mut Seen,
     off: usize,
     held: usize,
+    limit: usize,
 ) -> Request {
     let plen = buf.launder_within(flow.payload_len, 0xffff);
     let off = buf.launder_within(off, 0xffff);
     if off >= plen {
         return Request::Judged(Verdict::Malformed);
     }
-    let room = SCAN_BYTES - held;
+    if held >= limit {
+        // Held under a larger limit (the listener changed since): as long as it may be.
+        return Request::Hold(held);
+    }
+    let room = limit - held;
     let n = if plen - off > room { room } else { plen - off };
     // The held bytes are in the buffer already (`stream::enter` put them there): one copy
     // path, so the verifier walks what follows once.
@@ -432,7 +473,7 @@ fn count_token(fp: &agent_common::Fingerprint, v: Verdict) {
     }
     // The new entry is built in the scratch value: the program's stack is too small for it
     // next to the bpf_loop callbacks' frames.
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = crate::scratch::get() else {
         return;
     };
     // SAFETY: the per-CPU scratch map value.

@@ -114,9 +114,11 @@ pub static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 pub static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
-/// Per-CPU copy of the request bytes the parser works on. Datapath.
+/// The request bytes the parser works on, a slot per possible CPU (`scratch::get`): a
+/// per-CPU array's value may not pass 32 KiB, and the buffer alone is twice SCAN_BYTES.
+/// Sized by userspace at load (one slot until then). Datapath.
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: Array<Scratch> = Array::with_max_entries(1, 0);
 
 /// A `PARTIAL` value: the first bytes of a request, as the client sent them.
 #[repr(C)]

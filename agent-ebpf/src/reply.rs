@@ -9,7 +9,7 @@ use agent_common::SCAN_BYTES;
 use aya_ebpf::helpers::generated::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 
 use crate::{
-    maps::{FlowKey, LAST_RESET, RESET_FLOWS, SCRATCH},
+    maps::{FlowKey, LAST_RESET, RESET_FLOWS},
     packet::{ptr_at, ptr_at_mut, Packet},
     parse::{EthHdr, Flow, Ipv4Hdr, Ipv6Hdr, TcpHdr, TCP_ACK, TCP_RST},
 };
@@ -71,7 +71,7 @@ pub fn write_addrs(
 /// The segment's key, built in the scratch value (the stack is nearly full).
 #[inline(always)]
 fn flow_key(p: &impl Packet, f: &Flow) -> Result<&'static FlowKey, ()> {
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let scratch = crate::scratch::get().ok_or(())?;
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let key = unsafe { &mut (*scratch).flow };
     crate::stream::write_flow_id(p, f, &mut key.id)?;

@@ -6,7 +6,7 @@
 use core::ffi::c_void;
 
 use agent_common::{siphash::Sip128, Fingerprint, TokenStats, SCAN_BYTES};
-use aya_ebpf::helpers::generated::bpf_loop;
+use aya_ebpf::helpers::generated::{bpf_get_smp_processor_id, bpf_loop};
 
 use crate::maps::FlowKey;
 
@@ -42,6 +42,25 @@ pub struct Scratch {
     pub new_stats: TokenStats,
     pub seen: Seen,
     pub flow: FlowKey,
+    /// The segment as the entry program parsed it, for the request program it tail-calls
+    /// (the same packet, on the same CPU): parsed once.
+    pub carried: Carried,
+}
+
+/// See `Scratch::carried`.
+#[repr(C)]
+pub struct Carried {
+    pub flow: crate::parse::Flow,
+    pub listener: agent_common::ListenerConfig,
+}
+
+/// This CPU's scratch value. A program runs to its end on one CPU (tail calls included),
+/// and nothing else on that CPU runs the datapath meanwhile.
+#[inline(always)]
+pub fn get() -> Option<*mut Scratch> {
+    // SAFETY: plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    crate::maps::SCRATCH.get_ptr_mut(cpu)
 }
 
 /// Hides `x` from LLVM so the mask that follows survives: LLVM drops masks it can prove

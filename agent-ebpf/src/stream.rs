@@ -38,8 +38,8 @@ use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_loop, bpf_probe_
 
 use crate::{
     chunked, framing,
-    maps::{Partial, FLOWS, PARTIAL, SCRATCH},
-    packet::{copy_len, Packet},
+    maps::{Partial, FLOWS, PARTIAL},
+    packet::{copy_len, ptr_at, Packet},
     parse::Flow,
     reply::write_addrs,
     scratch::{clear, Buf, Cursor, SCAN_COMPLETE},
@@ -64,10 +64,18 @@ pub fn write_flow_id(p: &impl Packet, f: &Flow, id: &mut FlowId) -> Result<(), (
     Ok(())
 }
 
+/// The connection's key as `enter` wrote it (`flow_id`), for the request program it
+/// tail-calls.
+#[inline(always)]
+fn current_id(buf: Buf) -> &'static FlowId {
+    // SAFETY: the per-CPU scratch map value, valid for this program run.
+    unsafe { &(*buf.scratch()).flow.id }
+}
+
 /// The connection's key, in the scratch value.
 #[inline(always)]
 fn flow_id(p: &impl Packet, f: &Flow) -> Result<&'static FlowId, ()> {
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let scratch = crate::scratch::get().ok_or(())?;
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let id = unsafe { &mut (*scratch).flow.id };
     write_flow_id(p, f, id)?;
@@ -254,6 +262,27 @@ fn holds_same(id: &FlowId, buf: Buf, n: usize) -> bool {
     ctx.differ == 0
 }
 
+/// Keeps the first `n` bytes of the scratch buffer in `PARTIAL`: copied into the
+/// connection's entry when it has one (only those bytes), else a new entry.
+#[inline(always)]
+fn hold_bytes(id: &FlowId, buf: Buf, n: usize) -> bool {
+    if let Some(part) = PARTIAL.get_ptr_mut(id) {
+        let n = buf.launder_within(n, SCAN_BYTES - 1);
+        // SAFETY: both ranges lie inside their map values (the length bounded by the mask).
+        let rc = unsafe {
+            bpf_probe_read_kernel(
+                part as *mut c_void,
+                copy_len(n, SCAN_BYTES),
+                buf.ptr() as *const c_void,
+            )
+        };
+        return rc == 0;
+    }
+    // SAFETY: the scratch buffer holds SCAN_BYTES and more.
+    let bytes = unsafe { &*(buf.ptr() as *const Partial) };
+    PARTIAL.insert(id, bytes, 0).is_ok()
+}
+
 /// Copies the `held` bytes of the request the segment continues from `PARTIAL` to the
 /// start of the scratch buffer, where the request program reads on.
 #[inline(always)]
@@ -281,14 +310,13 @@ pub fn request(
     p: &impl Packet,
     f: &Flow,
     buf: Buf,
+    limit: usize,
     denies: impl Fn(Verdict) -> bool,
     judge: impl FnOnce(&Cursor, usize) -> Request,
 ) -> Verdict {
     let c = cursor(buf);
     clear(&mut c.more);
-    let Ok(id) = flow_id(p, f) else {
-        return Verdict::Malformed;
-    };
+    let id = current_id(buf);
     let len = buf.launder_within(f.payload_len, 0xffff) as u64;
     // Laundered after the choice: one state for the verifier, whichever it was.
     let held = buf.launder_within(
@@ -313,19 +341,17 @@ pub fn request(
     };
     match outcome {
         Request::Hold(n) => {
-            if n >= SCAN_BYTES {
-                // The header block is longer than the datapath reads.
+            if n >= limit {
+                // The header block is longer than the listener reads.
                 return untracked_after(id, Verdict::Incomplete, &denies);
             }
-            // SAFETY: the scratch buffer holds SCAN_BYTES and more.
-            let bytes = unsafe { &*(buf.ptr() as *const crate::maps::Partial) };
             if c.rejudge != 0 {
                 // A retransmission that leaves the request held: the server keeps the
                 // bytes it has, which must be the ones held here.
                 if !holds_same(id, buf, n) {
                     return Verdict::Malformed;
                 }
-            } else if PARTIAL.insert(id, bytes, 0).is_err() {
+            } else if !hold_bytes(id, buf, n) {
                 return Verdict::Incomplete;
             }
             c.kind = HEADERS as u64;
@@ -492,9 +518,18 @@ fn skip_empty_lines(
     } else {
         n
     };
+    let at = buf.launder_within(f.payload_off + c.off as usize, 0xffff);
+    // The common case, a request right here: its first byte read in place, no copy (two
+    // bytes: a one-byte bounds check compiles to a form the verifier does not follow).
+    if let Ok(b) = ptr_at::<[u8; 2]>(p, at) {
+        // SAFETY: ptr_at checked the bounds.
+        let b = unsafe { (*b)[0] };
+        if b != b'\r' && b != b'\n' {
+            return Ok(());
+        }
+    }
     // SAFETY: the per-CPU scratch map value.
     let peek = unsafe { &mut (*buf.scratch()).peek };
-    let at = buf.launder_within(f.payload_off + c.off as usize, 0xffff);
     if n == 0
         || p.load(at, peek.as_mut_ptr() as *mut u8, copy_len(n, 16))
             .is_err()
@@ -532,7 +567,7 @@ pub const REQUEST: u32 = 1;
 /// Returns only when the tail call failed.
 #[inline(always)]
 pub fn go_on(p: &impl Packet, slot: u32) {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = crate::scratch::get() else {
         return;
     };
     let c = cursor(Buf::new(scratch));

@@ -73,7 +73,8 @@ pub fn listener(id: u32, mode: u8, action: u8) -> ListenerConfig {
         on_unknown: default_policy::DENY,
         on_incomplete: default_policy::DENY,
         on_not_http: agent_common::default_policy::DENY,
-        _pad: [0; 2],
+        max_header_kib: 0,
+        _pad: 0,
     }
 }
 

@@ -280,11 +280,14 @@ fn vm_tests(root: &Path, args: &TestArgs) -> Result<vm::Report> {
         // One process per test: each gets its own timeout, a hung test costs only
         // itself, and a failure's output is printed as soon as it happens.
         for test in tests {
+            // `--include-ignored`: tests the host kernel cannot run (they say why in
+            // their `#[ignore]`) run here.
             let mut argv = vec![
                 exe.clone(),
                 "--exact".into(),
                 test.clone(),
                 "--test-threads=1".into(),
+                "--include-ignored".into(),
             ];
             if target == "scenarios" {
                 // Their figures (revocation latency, ramp accuracy on 6.1) go to the

@@ -46,6 +46,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "sch_ingress",
     "cls_bpf",
     "act_bpf",
+    // For the loss-and-reordering test, which the host kernel cannot run.
+    "sch_netem",
 ];
 
 /// Second bpffs inside the guest, exported as `RAMPART_BPFFS`: `ip netns exec`

@@ -145,6 +145,9 @@ pub struct Listener {
     /// Bytes where a request must start that cannot start an HTTP/1.x request (h2c, TLS,
     /// binary): denied by default.
     pub on_not_http: DefaultPolicy,
+    /// The longest request line and header block judged (a multiple of 1024, at most
+    /// `SCAN_BYTES`); a longer one is `incomplete`.
+    pub max_header_bytes: usize,
 }
 
 impl Listener {
@@ -158,7 +161,8 @@ impl Listener {
             on_unknown: self.on_unknown.to_datapath(),
             on_incomplete: self.on_incomplete.to_datapath(),
             on_not_http: self.on_not_http.to_datapath(),
-            _pad: [0; 2],
+            max_header_kib: (self.max_header_bytes / agent_common::HEADER_LIMIT_UNIT) as u8,
+            _pad: 0,
         }
     }
 }
@@ -418,6 +422,11 @@ struct ListenerEntry {
     on_incomplete: DefaultPolicy,
     #[serde(default)]
     on_not_http: DefaultPolicy,
+    #[serde(
+        default = "default_max_header_bytes",
+        deserialize_with = "max_header_bytes"
+    )]
+    max_header_bytes: usize,
 }
 
 /// The checks that look across listeners, or at fields serde passes through unchecked.
@@ -549,6 +558,7 @@ fn validate_listeners(
             on_unknown: e.on_unknown,
             on_incomplete: e.on_incomplete,
             on_not_http: e.on_not_http,
+            max_header_bytes: e.max_header_bytes,
         });
     }
     Ok(listeners)
@@ -563,6 +573,22 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let n = u32::deserialize(d)?;
     if n == 0 {
         return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn default_max_header_bytes() -> usize {
+    agent_common::SCAN_BYTES
+}
+
+fn max_header_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    let unit = agent_common::HEADER_LIMIT_UNIT;
+    let max = agent_common::SCAN_BYTES;
+    if n < unit || n > max || !n.is_multiple_of(unit) {
+        return Err(serde::de::Error::custom(format!(
+            "max_header_bytes {n} must be a multiple of {unit} from {unit} to {max}"
+        )));
     }
     Ok(n)
 }

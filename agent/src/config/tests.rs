@@ -31,6 +31,7 @@ name = "local"
 interface = "lo"
 hook = "tc"
 ports = [8080]
+max_header_bytes = 4096
 "#;
 
 #[test]
@@ -82,10 +83,15 @@ fn listeners_and_relative_paths() {
             on_unknown: default_policy::DENY,
             on_incomplete: default_policy::DENY,
             on_not_http: default_policy::DENY,
-            _pad: [0; 2],
+            max_header_kib: 16,
+            _pad: 0,
         }
     );
+    assert_eq!(public.max_header_bytes, agent_common::SCAN_BYTES);
     let local = &c.listeners[1];
+    assert_eq!(local.max_header_bytes, 4096);
+    assert_eq!(local.datapath_config(0).max_header_kib, 4);
+    assert_eq!(local.datapath_config(0).max_header_bytes(), 4096);
     assert_eq!(local.hook, Hook::Tc);
     assert_eq!(
         (local.mode, local.action),
@@ -123,6 +129,17 @@ fn bad_values() {
         "/etc/rampart/rampart.toml:3:14: ring_bytes 5000 must be a power of two of at least \
          4096 (whole pages)"
     );
+    let listener =
+        "[[listener]]\nname = \"a\"\ninterface = \"eth0\"\nhook = \"xdp\"\nports = [80]\n";
+    for (n, col) in [("1000", 20), ("32768", 20), ("0", 20)] {
+        assert_eq!(
+            error(&format!("{listener}max_header_bytes = {n}\n")),
+            format!(
+                "/etc/rampart/rampart.toml:6:{col}: max_header_bytes {n} must be a multiple of \
+                 1024 from 1024 to 16384"
+            )
+        );
+    }
     assert_eq!(
         error("[events]\nper_cpu_per_sec = 0\n"),
         "/etc/rampart/rampart.toml:2:19: must be at least 1"

@@ -156,8 +156,14 @@ impl Datapath {
     /// Loads the object, creating its maps (or adopting pinned ones). Programs are
     /// loaded into the kernel when first used; nothing is attached yet.
     pub fn load(options: LoadOptions) -> Result<Self, DatapathError> {
+        // SCRATCH has a slot per possible CPU (see agent-ebpf's maps.rs).
+        let cpus = aya::util::nr_cpus().map_err(|(path, source)| DatapathError::Io {
+            path: path.into(),
+            source,
+        })?;
         let mut loader = EbpfLoader::new();
         loader
+            .map_max_entries("SCRATCH", cpus as u32)
             .map_max_entries("TOKENS", options.max_tokens)
             .map_max_entries("TOKEN_STATE", options.max_tokens)
             .map_max_entries("REVOKED", options.max_revoked)

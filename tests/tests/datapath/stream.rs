@@ -175,11 +175,11 @@ fn large_block(size: usize, position: usize, token: &str) -> Vec<u8> {
 }
 
 #[test]
-fn header_blocks_of_4_and_8_kib_in_mtu_segments() {
+fn header_blocks_of_4_8_and_16_kib_in_mtu_segments() {
     let mut f = enforcing();
     both(|hook| {
-        // 7 600: about as much as the datapath reads (SCAN_BYTES, 8 KiB).
-        for size in [4000, 7600] {
+        // 16 000: about as much as the datapath reads (SCAN_BYTES, 16 KiB).
+        for size in [4000, 8000, 16_000] {
             for position in 0..3 {
                 let bytes = large_block(size, position, GOOD);
                 let cuts: Vec<usize> = (1..=bytes.len() / 1448).map(|i| i * 1448).collect();
@@ -205,7 +205,7 @@ fn header_blocks_of_4_and_8_kib_in_mtu_segments() {
 fn a_header_block_longer_than_the_datapath_reads_is_incomplete() {
     let mut f = enforcing();
     both(|hook| {
-        let bytes = large_block(12_000, 2, GOOD);
+        let bytes = large_block(24_000, 2, GOOD);
         let cuts: Vec<usize> = (1..=bytes.len() / 1448).map(|i| i * 1448).collect();
         let got = f.stream(hook, &segments(&bytes, &cuts));
         let limit = got
@@ -218,6 +218,57 @@ fn a_header_block_longer_than_the_datapath_reads_is_incomplete() {
             "{hook:?}"
         );
         assert_eq!(limit, agent_common::SCAN_BYTES / 1448, "{hook:?}");
+    });
+}
+
+#[test]
+fn a_listener_reads_header_blocks_up_to_its_max_header_bytes() {
+    let mut l = listener(mode::ENFORCE, deny_action::DROP);
+    l.max_header_kib = 4;
+    let mut f = Fixture::new(l);
+    both(|hook| {
+        // Within 4 KiB: judged.
+        let bytes = large_block(3800, 2, GOOD);
+        let cuts: Vec<usize> = (1..=bytes.len() / 1448).map(|i| i * 1448).collect();
+        let got = f.stream(hook, &segments(&bytes, &cuts));
+        held_then(
+            &got,
+            seen(Fate::Passes, &[(Verdict::Allow, 1)]),
+            &format!("{hook:?} 3 800 bytes under a 4 KiB limit"),
+        );
+        // Longer: incomplete on the segment that passes 4 KiB, though the datapath could
+        // read 16.
+        let bytes = large_block(8000, 2, GOOD);
+        let cuts: Vec<usize> = (1..=bytes.len() / 1448).map(|i| i * 1448).collect();
+        let got = f.stream(hook, &segments(&bytes, &cuts));
+        let limit = 4096 / 1448;
+        assert!(
+            got[..limit].iter().all(|s| s.fate == Fate::Passes),
+            "{hook:?}: {got:?}"
+        );
+        assert_eq!(
+            got[limit],
+            seen(Fate::Drops, &[(Verdict::Incomplete, 1)]),
+            "{hook:?}"
+        );
+        // A longer block in one segment (GRO merges segments before TC): the same, under
+        // a 1 KiB limit.
+        f.dp.set_listener(
+            listener_key(0),
+            ListenerConfig {
+                max_header_kib: 1,
+                ..l
+            },
+        )
+        .unwrap();
+        let bytes = large_block(2000, 2, GOOD);
+        let got = f.stream(hook, &[at(0, &bytes)]);
+        assert_eq!(
+            got,
+            vec![seen(Fate::Drops, &[(Verdict::Incomplete, 1)])],
+            "{hook:?} one 2 000-byte segment under a 1 KiB limit"
+        );
+        f.dp.set_listener(listener_key(0), l).unwrap();
     });
 }
 
@@ -607,7 +658,7 @@ fn a_default_of_allow_for_incomplete_lets_it_through_and_forgets_the_connection(
     l.on_incomplete = default_policy::ALLOW;
     let mut f = Fixture::new(l);
     both(|hook| {
-        let bytes = large_block(12_000, 2, GOOD);
+        let bytes = large_block(24_000, 2, GOOD);
         let cuts: Vec<usize> = (1..=bytes.len() / 1448).map(|i| i * 1448).collect();
         let got = f.stream(hook, &segments(&bytes, &cuts));
         let limit = agent_common::SCAN_BYTES / 1448;
