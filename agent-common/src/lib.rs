@@ -8,6 +8,7 @@
 pub mod gcra;
 pub mod http;
 pub mod ports;
+pub mod respond;
 pub mod siphash;
 pub mod swar;
 pub mod types;

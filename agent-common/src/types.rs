@@ -161,10 +161,13 @@ pub mod action {
     pub const DROPPED: u8 = 1;
     /// The server side got an RST in place of the request.
     pub const RESET: u8 = 2;
+    /// The client got an HTTP response from the kernel in place of the request's
+    /// (`deny_action::RESPOND`); the server never saw it.
+    pub const RESPONDED: u8 = 3;
 
     /// Each action's name in events, indexed by its value: like `Verdict::name`, named
     /// where it is defined.
-    pub const NAMES: [&str; 3] = ["passed", "dropped", "reset"];
+    pub const NAMES: [&str; 4] = ["passed", "dropped", "reset", "responded"];
 
     /// `None` for a value this build does not know.
     pub fn name(action: u8) -> Option<&'static str> {
@@ -182,6 +185,8 @@ pub mod mode {
 pub mod deny_action {
     pub const DROP: u8 = 0;
     pub const RESET: u8 = 1;
+    /// Answer the client with an HTTP response (`crate::respond`), reset the server side.
+    pub const RESPOND: u8 = 2;
 }
 
 /// Default for missing / unknown / incomplete tokens.
@@ -428,4 +433,6 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for FlowId {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for crate::respond::ResponseTemplate {}
+    unsafe impl aya::Pod for crate::respond::Responded {}
 }

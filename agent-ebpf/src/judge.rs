@@ -24,6 +24,7 @@ use crate::{
     parse::{self, Flow, TCP_ACK, TCP_SYN},
     ramp,
     reply::{self, write_addrs},
+    respond,
     request_line::{self, LineError, MethodStart, RequestLine},
     scope::in_scope,
     scratch::{zero_words, Buf, HeaderScan, Seen, NOT_FOUND, SCAN_COMPLETE, SCAN_MALFORMED},
@@ -43,6 +44,8 @@ pub struct Decision {
     pub rebound: bool,
     /// The program of the jump map that goes on with this segment (`stream::go_on`).
     pub next: Option<u32>,
+    /// A segment of a connection the `respond` action answered, already rewritten.
+    pub follow: Option<respond::Follow>,
 }
 
 impl Decision {
@@ -54,6 +57,7 @@ impl Decision {
             flow: None,
             rebound: false,
             next: None,
+            follow: None,
         }
     }
 
@@ -66,6 +70,7 @@ impl Decision {
             flow: Some(flow),
             rebound: false,
             next,
+            follow: None,
         }
     }
 }
@@ -86,14 +91,15 @@ fn segment(p: &impl Packet) -> Option<Segment> {
         // Not TCP, or headers the stack will reject itself: none of our business.
         Ok(None) | Err(()) => return None,
     };
-    if flow.payload_len == 0 && flow.flags & TCP_SYN == 0 {
-        // An ACK, FIN or RST without data: no byte of the stream.
-        return None;
-    }
     let port_word = match PORTS.get(flow.dport as u32) {
         Some(w) if *w != 0 => *w,
         _ => return None,
     };
+    if flow.payload_len == 0 && flow.flags & TCP_SYN == 0 && !respond::watching() {
+        // An ACK, FIN or RST without data: no byte of the stream (unless it may be a turn
+        // of a connection the `respond` action answered: `entry`).
+        return None;
+    }
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // Every header layout (VLAN tags, IP options, IPv6 extension headers) reaches this
     // point with different offsets; laundered, they are one state for the verifier.
@@ -129,6 +135,18 @@ pub fn entry(p: &impl Packet) -> Decision {
         return Decision::untouched();
     };
     let first = stream::cursor(buf).cont == 0;
+    if first {
+        if let Some(f) = respond::follow_up(p, &flow, &listener) {
+            return Decision {
+                deny: true,
+                follow: Some(f),
+                ..Decision::untouched()
+            };
+        }
+    }
+    if flow.payload_len == 0 && flow.flags & TCP_SYN == 0 {
+        return Decision::untouched();
+    }
     if first && flow.flags & TCP_SYN != 0 {
         if flow.flags & TCP_ACK == 0 {
             // The SYN's own sequence number (see `segment`).
@@ -140,7 +158,7 @@ pub fn entry(p: &impl Packet) -> Decision {
     }
     if first
         && listener.mode == mode::ENFORCE
-        && listener.action == agent_common::deny_action::RESET
+        && listener.action != agent_common::deny_action::DROP
         && reply::already_reset(p, &flow)
     {
         return Decision {
@@ -150,6 +168,7 @@ pub fn entry(p: &impl Packet) -> Decision {
             flow: Some(flow),
             rebound: true,
             next: None,
+            follow: None,
         };
     }
     let verdict = match stream::enter(p, &flow, buf) {
@@ -191,6 +210,7 @@ fn decided(
         flow: Some(flow),
         rebound: false,
         next: if deny { None } else { next },
+        follow: None,
     }
 }
 
@@ -269,7 +289,7 @@ fn denies(v: Verdict, l: &ListenerConfig) -> bool {
 }
 
 #[inline(always)]
-fn now(cfg: &GlobalConfig) -> u64 {
+pub fn now(cfg: &GlobalConfig) -> u64 {
     if cfg.clock_mode == CLOCK_FIXED {
         cfg.fixed_now_ns
     } else {
@@ -470,6 +490,8 @@ fn report(
         agent_common::action::PASSED
     } else if l.action == agent_common::deny_action::RESET {
         agent_common::action::RESET
+    } else if l.action == agent_common::deny_action::RESPOND {
+        respond::event_action(verdict)
     } else {
         agent_common::action::DROPPED
     };

@@ -19,12 +19,17 @@ mod packet;
 mod parse;
 mod ramp;
 mod reply;
+mod respond;
 mod request_line;
 mod scope;
 mod scratch;
 mod stream;
 
-use agent_common::{deny_action, Verdict, MAX_LISTENERS, VERDICT_COUNT};
+use agent_common::{
+    deny_action,
+    respond::{answer, Answer},
+    Verdict, MAX_LISTENERS, VERDICT_COUNT,
+};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, xdp},
@@ -36,6 +41,7 @@ use crate::{
     maps::VERDICT_STATS,
     packet::{tc_redirect, Packet, Tc, Xdp},
     reply::Reset,
+    respond::Follow,
 };
 
 /// What to do with a packet, before it is mapped to XDP or TC return codes.
@@ -44,7 +50,7 @@ enum Act {
     Drop,
     /// Rewritten into an RST that continues to the server.
     PassReset,
-    /// Rewritten into an RST back to the client.
+    /// Rewritten into an RST or a response back to the client.
     Bounce,
 }
 
@@ -101,6 +107,13 @@ fn tc_action_of(pkt: &Tc, a: Act) -> i32 {
 #[inline(always)]
 fn enforce(p: &impl Packet, d: Decision) -> Act {
     record(&d);
+    if let Some(f) = d.follow {
+        return match f {
+            Follow::ToServer => Act::PassReset,
+            Follow::ToClient => Act::Bounce,
+            Follow::Drop => Act::Drop,
+        };
+    }
     if !d.deny {
         if let Some(slot) = d.next {
             // The rest of the segment, in the other program; back here only if the tail
@@ -121,8 +134,19 @@ fn enforce(p: &impl Packet, d: Decision) -> Act {
         let Some(l) = d.listener else {
             return Act::Drop;
         };
-        if l.action != deny_action::RESET {
-            return Act::Drop;
+        match l.action {
+            deny_action::RESET => {}
+            deny_action::RESPOND => match answer(d.verdict) {
+                Answer::Status(_) => {
+                    if respond::respond(p, &flow, &l, d.verdict).is_ok() {
+                        return Act::Bounce;
+                    }
+                    // No response could be made: the connection is reset instead.
+                }
+                Answer::Reset => {}
+                Answer::Drop => return Act::Drop,
+            },
+            _ => return Act::Drop,
         }
     }
     match reply::reset(p, &flow) {

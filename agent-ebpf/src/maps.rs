@@ -2,6 +2,7 @@
 //! userspace (`EbpfLoader::set_max_entries`); the values here are the defaults.
 
 use agent_common::{
+    respond::{Responded, ResponseTemplate, RATE_FIELDS_MAX},
     Contract, EventBudget, Fingerprint, FlowId, FlowState, GlobalConfig, ListenerConfig,
     ListenerKey, Scope, TokenInfo, TokenState, TokenStats, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PARTIAL,
     DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES, SCAN_BYTES, VERDICT_COUNT,
@@ -113,6 +114,40 @@ pub static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
 /// The same for the TC programs.
 #[map]
 pub static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Each `respond` listener's response to each verdict, by `respond::index(listener id,
+/// verdict)` (`agent_common::respond`). Written by userspace at attach. Not pinned.
+#[map]
+pub static RESPONSES: Array<ResponseTemplate> =
+    Array::with_max_entries(MAX_LISTENERS * VERDICT_COUNT as u32, 0);
+
+/// Connections whose client got a response from the datapath, until the server side is
+/// reset and the client's FIN acked (`respond`). Datapath. Not pinned.
+#[map]
+pub static RESPONDED: LruHashMap<FlowId, Responded> = LruHashMap::with_max_entries(65536, 0);
+
+/// When the programs last answered a request (CLOCK_MONOTONIC_COARSE ns). While that is
+/// longer ago than RESPONDED remembers a connection, segments without data skip the
+/// RESPONDED lookup. Datapath. Not pinned (0 at load: nothing answered yet).
+#[map]
+pub static LAST_RESPOND: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per-CPU assembly of a response and the keys `respond` looks up. Datapath.
+#[map]
+pub static RESPOND_BUF: PerCpuArray<RespondBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// A `RESPOND_BUF` value.
+#[repr(C)]
+pub struct RespondBuf {
+    /// The response's bytes. Twice the longest response: the tail of a template goes at
+    /// an offset the verifier bounds apart from its length.
+    pub out: [u8; 2 * agent_common::respond::RESPONSE_MAX],
+    /// A 429's rate fields, written here before they go into `out`.
+    pub fields: [u8; RATE_FIELDS_MAX],
+    pub digits: [u8; 16],
+    pub id: FlowId,
+    pub entry: Responded,
+}
 
 /// Per-CPU copy of the request bytes the parser works on. Datapath.
 #[map]

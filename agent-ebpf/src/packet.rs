@@ -6,7 +6,8 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     helpers::generated::{
         bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_pull_data,
-        bpf_xdp_adjust_tail, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+        bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -31,8 +32,11 @@ pub trait Packet {
     fn load(&self, off: usize, dst: *mut u8, len: u32) -> Result<(), ()>;
     /// Makes the first `len` bytes linear and writable (TC); a no-op for XDP.
     fn make_writable(&self, len: u32) -> Result<(), ()>;
-    /// Cuts the packet to `len` bytes. Invalidates earlier pointers.
+    /// Cuts the packet to `len` bytes (or grows it, where the hook has room). Invalidates
+    /// earlier pointers.
     fn truncate(&self, len: usize) -> Result<(), ()>;
+    /// Writes `len` (1..=max) bytes from `src` at `off`. Invalidates earlier pointers.
+    fn store(&self, off: usize, src: *const u8, len: u32) -> Result<(), ()>;
     /// The program's context, for a bpf_loop callback (`load_raw`).
     fn raw(&self) -> *mut c_void;
     /// `load` through the context `raw` returned.
@@ -198,6 +202,12 @@ impl Packet for Xdp<'_> {
         // SAFETY: shrinking the frame by a negative delta the kernel validates.
         helper_ok(unsafe { bpf_xdp_adjust_tail(self.0.ctx, delta) })
     }
+    #[inline(always)]
+    fn store(&self, off: usize, src: *const u8, len: u32) -> Result<(), ()> {
+        // SAFETY: `src` holds `len` bytes (callers bound len by their buffer); the helper
+        // checks the packet's bounds.
+        helper_ok(unsafe { bpf_xdp_store_bytes(self.0.ctx, off as u32, src as *mut c_void, len) })
+    }
 }
 
 pub struct Tc<'a>(pub &'a TcContext);
@@ -267,6 +277,13 @@ impl Packet for Tc<'_> {
     fn truncate(&self, len: usize) -> Result<(), ()> {
         // SAFETY: the helper validates len against the skb.
         helper_ok(unsafe { bpf_skb_change_tail(self.0.skb.skb, len as u32, 0) })
+    }
+    #[inline(always)]
+    fn store(&self, off: usize, src: *const u8, len: u32) -> Result<(), ()> {
+        // SAFETY: `src` holds `len` bytes; the helper checks the skb's bounds.
+        helper_ok(unsafe {
+            bpf_skb_store_bytes(self.0.skb.skb, off as u32, src as *const c_void, len, 0)
+        })
     }
 }
 

@@ -200,7 +200,7 @@ pub fn reset(p: &impl Packet, f: &Flow) -> Result<Reset, ()> {
 }
 
 #[inline(always)]
-fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
+pub fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
     let mut s = 0u64;
     let mut i = 0;
     while i + 1 < N {
@@ -212,7 +212,7 @@ fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
 
 /// One's-complement sum of `len` (even, ≤ 60) header bytes at `off`.
 #[inline(always)]
-fn csum_region(p: &impl Packet, off: usize, len: usize) -> Result<u64, ()> {
+pub fn csum_region(p: &impl Packet, off: usize, len: usize) -> Result<u64, ()> {
     let mut s = 0u64;
     for i in 0..30 {
         if i * 2 >= len {
@@ -226,7 +226,7 @@ fn csum_region(p: &impl Packet, off: usize, len: usize) -> Result<u64, ()> {
 }
 
 #[inline(always)]
-fn fold(mut s: u64) -> u16 {
+pub fn fold(mut s: u64) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod paths;
 pub mod policy;
+pub mod respond;
 pub mod store;
 pub mod telemetry;
 pub mod token;

@@ -145,6 +145,9 @@ pub struct Listener {
     /// Bytes where a request must start that cannot start an HTTP/1.x request (h2c, TLS,
     /// binary): denied by default.
     pub on_not_http: DefaultPolicy,
+    /// What `action = "respond"` answers with: the realm of its `WWW-Authenticate`
+    /// challenges and the `type` of its problem details.
+    pub response: crate::respond::ResponseConfig,
 }
 
 impl Listener {
@@ -248,6 +251,9 @@ pub enum DenyAction {
     Drop,
     /// Reset the connection so the client fails fast instead of retransmitting.
     Reset,
+    /// Answer the client with an HTTP response saying why (401, 400, 403, 429), from the
+    /// kernel; the server never sees the request.
+    Respond,
 }
 
 impl DenyAction {
@@ -255,6 +261,7 @@ impl DenyAction {
         match self {
             DenyAction::Drop => deny_action::DROP,
             DenyAction::Reset => deny_action::RESET,
+            DenyAction::Respond => deny_action::RESPOND,
         }
     }
 }
@@ -418,6 +425,8 @@ struct ListenerEntry {
     on_incomplete: DefaultPolicy,
     #[serde(default)]
     on_not_http: DefaultPolicy,
+    realm: Option<Spanned<String>>,
+    problem_type: Option<Spanned<String>>,
 }
 
 /// The checks that look across listeners, or at fields serde passes through unchecked.
@@ -537,6 +546,17 @@ fn validate_listeners(
             port_list.push(port);
         }
 
+        let mut response = crate::respond::ResponseConfig::default();
+        if let Some(r) = &e.realm {
+            response.realm = r.get_ref().clone();
+            crate::respond::check_realm(&response.realm).map_err(|m| at(r.span(), m))?;
+        }
+        if let Some(t) = &e.problem_type {
+            response.problem_type = t.get_ref().clone();
+            crate::respond::check_problem_type(&response.problem_type)
+                .map_err(|m| at(t.span(), m))?;
+        }
+
         listeners.push(Listener {
             name,
             interface,
@@ -549,6 +569,7 @@ fn validate_listeners(
             on_unknown: e.on_unknown,
             on_incomplete: e.on_incomplete,
             on_not_http: e.on_not_http,
+            response,
         });
     }
     Ok(listeners)

@@ -55,6 +55,7 @@ pub(super) fn attach_listeners(
             dp.set_listener(key, l.datapath_config(id))?;
             keys.insert(key);
         }
+        dp.set_responses(id, &l.response)?;
         ifindexes.push(ifindex);
     }
     // One program per interface (the configuration gives all listeners on an interface
@@ -71,6 +72,15 @@ pub(super) fn attach_listeners(
             continue;
         }
         let hook = match l.hook {
+            Hook::Xdp(XdpMode::Native) if answers_on_veth(config, &l.interface) => {
+                tracing::info!(
+                    interface = %l.interface,
+                    "a veth delivers XDP_TX frames (resets, responses) only to a peer that \
+                     runs XDP itself: this interface's listeners attach in generic mode, \
+                     where they leave through the veth's own transmit"
+                );
+                AttachHook::Xdp(aya::programs::XdpMode::Skb)
+            }
             Hook::Xdp(XdpMode::Native) => AttachHook::Xdp(aya::programs::XdpMode::Driver),
             Hook::Xdp(XdpMode::Generic) => AttachHook::Xdp(aya::programs::XdpMode::Skb),
             Hook::Tc => match l.tc_attach {
@@ -135,6 +145,65 @@ pub(super) fn attach_listeners(
         tracing::info!(pin = %p.display(), "detached a listener the configuration no longer has");
     }
     Ok(listeners)
+}
+
+/// Whether a listener on `interface` sends packets back out of it (`reset`, `respond`) and
+/// the interface is a veth.
+fn answers_on_veth(config: &Config, interface: &str) -> bool {
+    let answers = config.listeners.iter().any(|l| {
+        l.interface == interface
+            && matches!(l.action, config::DenyAction::Reset | config::DenyAction::Respond)
+    });
+    answers && driver(interface).as_deref() == Some("veth")
+}
+
+/// The interface's driver name (ETHTOOL_GDRVINFO), in the daemon's network namespace.
+fn driver(interface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 140],
+        counts: [u32; 5],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 140],
+        counts: [0; 5],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    let name = interface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    req.name[..name.len()].copy_from_slice(name);
+    // SAFETY: a plain socket call; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `req` names the interface and points at `info`, both live for the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 fn interface_index(name: &str) -> Option<u32> {

@@ -72,6 +72,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("this host cannot run the daemon")]
     Preflight(#[from] preflight::PreflightError),
+    #[error("writing the listeners' responses")]
+    Responses(#[from] crate::datapath::ResponseError),
 }
 
 fn lines(d: &[Diagnostic]) -> String {

@@ -8,6 +8,7 @@ pub mod clock;
 mod error;
 mod load;
 mod migrate;
+mod responses;
 #[cfg(feature = "test-support")]
 mod reuse;
 mod slots;
@@ -25,6 +26,7 @@ pub use load::{
     Datapath, EbpfLogForwarder, LoadOptions, DEFAULT_MAX_REVOKED, EBPF_LOG_TARGET, MAP_NAMES,
     TC_PROGRAM, XDP_PROGRAM,
 };
+pub use responses::ResponseError;
 pub use tables::{parse_event, RuntimeTotals};
 #[cfg(feature = "test-support")]
 pub use test_support::{TestPrograms, FLOOR_PROGRAM, PASS_PROGRAM};
