@@ -30,8 +30,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
-use rampart::datapath::{DatapathError, LoadOptions, TestPrograms};
 
 use crate::{
     client::{BearerToken, ClientError, Curl, Request, Response},
@@ -81,16 +79,6 @@ pub enum GatewayError {
         daemon: &'static str,
         waited: Duration,
         log: String,
-    },
-    #[error("loading the pass-through program: {0}")]
-    PeerLoad(#[source] Box<DatapathError>),
-    #[error("entering the gateway namespace: {0}")]
-    PeerNetns(#[source] NetnsError),
-    #[error("attaching the pass-through program to {ifname}: {source}")]
-    PeerAttach {
-        ifname: String,
-        #[source]
-        source: Box<DatapathError>,
     },
     #[error("client: {0}")]
     Client(#[source] ClientError),
@@ -171,8 +159,9 @@ impl GatewayBuilder {
         self
     }
 
-    /// Topology, key, daemons ready, pass-through program on `gw-up`: everything a
-    /// scenario needs.
+    /// Topology, key, daemons ready: everything a scenario needs. (Nothing on `gw-up`: the
+    /// daemon attaches a veth's XDP listener so that its resets and responses reach the
+    /// peer without an XDP program there.)
     pub fn build(self) -> Result<Gateway> {
         netns::require_root().map_err(GatewayError::Root)?;
         cleanup_stale_pins();
@@ -184,13 +173,11 @@ impl GatewayBuilder {
         for side in gw.sides() {
             gw.start(side)?;
         }
-        gw.attach_peer_pass()?;
         Ok(gw)
     }
 
     /// Writes configs and policy for a topology the caller built, and starts nothing (the
-    /// demo narrates each step: [`Gateway::keygen`], [`Gateway::start`],
-    /// [`Gateway::attach_peer_pass`]).
+    /// demo narrates each step: [`Gateway::keygen`], [`Gateway::start`]).
     pub fn prepare(self, rampart: PathBuf, topo: Topology) -> Result<Gateway> {
         // `rmp-<pid>-…`: `netns::cleanup_stale` removes it if this process dies hard.
         let dir = tempfile::Builder::new()
@@ -202,7 +189,6 @@ impl GatewayBuilder {
             rampart,
             daemons: Vec::new(),
             tokens: Vec::new(),
-            peer_pass: None,
             topo,
             dir,
         };
@@ -272,8 +258,6 @@ pub struct Gateway {
     daemons: Vec<Daemon>,
     /// Every token handled, to redact output and to scan files for plaintext.
     tokens: Vec<BearerToken>,
-    /// Holds the pass-through program on gw-up (detached on drop, before the namespaces).
-    peer_pass: Option<TestPrograms>,
     topo: Topology,
     dir: tempfile::TempDir,
 }
@@ -437,28 +421,6 @@ impl Gateway {
         Ok(d.process.wait_ready(&self.tokens)?)
     }
 
-    /// The pass-through XDP program on `gw-up`: a frame XDP_TX'd on `up-gw` (the reset
-    /// toward nginx) is only delivered to a peer that runs XDP itself.
-    pub fn attach_peer_pass(&mut self) -> Result<()> {
-        let mut pass = TestPrograms::load(&LoadOptions {
-            max_tokens: 16,
-            ..LoadOptions::default()
-        })
-        .map_err(|e| GatewayError::PeerLoad(Box::new(e)))?;
-        let peer = self.topo.gateway_upstream_veth().name.clone();
-        self.topo
-            .gateway()
-            .run(|| pass.attach_pass(&peer, XdpMode::Driver))
-            .map_err(GatewayError::PeerNetns)?
-            .map_err(|source| GatewayError::PeerAttach {
-                ifname: peer.clone(),
-                source: Box::new(source),
-            })?;
-        self.peer_pass = Some(pass);
-        Ok(())
-    }
-
-    /// The daemon's pid, if it runs.
     pub fn pid(&self, side: Side) -> Option<u32> {
         self.d(side).process.pid()
     }
@@ -805,7 +767,6 @@ impl Gateway {
                 let _ = fs::remove_dir_all(&self.daemons[i].bpffs);
             }
         }
-        self.peer_pass = None;
         said
     }
 }

@@ -44,21 +44,4 @@ impl Datapath {
         }
         Ok(())
     }
-
-    /// Forgets every connection the `respond` action answered (`RESPONDED`), as after a
-    /// fresh load.
-    #[cfg(feature = "test-support")]
-    pub fn forget_responded(&mut self) -> Result<(), DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut("RESPONDED")
-            .ok_or(DatapathError::MissingMap("RESPONDED"))?;
-        let mut m: aya::maps::HashMap<&mut MapData, agent_common::FlowId, agent_common::respond::Responded> =
-            aya::maps::HashMap::try_from(map).map_err(map_err("RESPONDED"))?;
-        let keys: Vec<_> = m.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = m.remove(&k);
-        }
-        Ok(())
-    }
 }

@@ -66,10 +66,10 @@ impl Datapath {
 }
 
 impl Datapath {
-    /// Forgets every connection the programs track (`FLOWS`, `PARTIAL`), as if none had
-    /// been opened since they were loaded.
+    /// Forgets every connection the programs track (`FLOWS`, `PARTIAL`, `RESPONDED`), as
+    /// if none had been opened since they were loaded.
     pub fn forget_flows(&mut self) -> Result<(), DatapathError> {
-        for name in ["FLOWS", "PARTIAL"] {
+        for name in ["FLOWS", "PARTIAL", "RESPONDED"] {
             let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
             let (Map::LruHashMap(d) | Map::HashMap(d)) = map else {
                 return Err(DatapathError::NoResetRule(name.to_owned()));

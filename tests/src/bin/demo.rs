@@ -111,10 +111,10 @@ fn run() -> Result<Vec<String>> {
         demo.gw.topo().loopback_upstream_port()
     ));
     say("policy: contracts `standard` (50/s, burst 10) and `ramp` (5/s, doubling every 5 s up to 40/s, burst 2; a breach demotes one stage for 5 s)");
-    say("        scopes `reports-read` (GET /v1/reports/) and `all`; unknown or missing tokens are reset");
-    say("gw-up (the gateway's end of that veth) runs a pass-through XDP program: a frame that");
-    say("XDP on up-gw sends back (XDP_TX, the reset toward nginx) is only delivered to a peer");
-    say("that has XDP itself; the daemon does not attach it (see the README)");
+    say("        scopes `reports-read` (GET /v1/reports/) and `all`; unknown or missing tokens are answered 401");
+    say("denied requests are answered from the kernel (action = \"respond\"): nginx passes the");
+    say("401/403/429 on to the client. On a veth the daemon attaches XDP in generic mode, so the");
+    say("answers (XDP_TX) reach the peer without an XDP program there");
     notes.push("two daemons loaded and attached (XDP native + TC)".to_owned());
 
     step("3. Issuing tokens");
@@ -164,6 +164,7 @@ fn run() -> Result<Vec<String>> {
     let r = demo.request(Side::Veth, &veth, &Request::get("/v1/orders"))?;
     show("no Authorization header, veth path", &r);
     ensure!(!r.reached, "a request without a token reached the upstream");
+    ensure!(r.resp.status == 401, "a request without a token got {}", r.resp.status);
     let r = demo.request(
         Side::Loopback,
         &lo,
@@ -171,7 +172,9 @@ fn run() -> Result<Vec<String>> {
     )?;
     show("a token nobody issued, loopback path", &r);
     ensure!(!r.reached, "an unknown token reached the upstream");
-    note("Rampart reset nginx's upstream connection inside the kernel; nginx turns that into 502");
+    ensure!(r.resp.status == 401, "an unknown token got {}", r.resp.status);
+    note("Rampart answered nginx's upstream request from the kernel (and reset the upstream's");
+    note("side of that connection); nginx passed the 401 on, WWW-Authenticate and all");
     notes.push("missing and unknown tokens stopped before the upstream".to_owned());
 
     step("6. Scopes");
@@ -280,6 +283,9 @@ fn show(what: &str, o: &Outcome) {
 fn describe(r: &Response) -> String {
     match r.status {
         200 => "200 OK".to_owned(),
+        401 => "401 from Rampart (WWW-Authenticate: Bearer ..., passed on by nginx)".to_owned(),
+        403 => "403 from Rampart (insufficient_scope, passed on by nginx)".to_owned(),
+        429 => "429 from Rampart (Retry-After and RateLimit fields, passed on by nginx)".to_owned(),
         502 => "502 from nginx (upstream connection reset)".to_owned(),
         504 => "504 from nginx (upstream silent until its timeout)".to_owned(),
         0 => format!("no HTTP response (curl exit {})", r.curl_exit),
@@ -317,6 +323,7 @@ impl Demo {
     /// Configs and policy for both daemons; nothing runs yet.
     fn new(topo: Topology) -> Result<Demo> {
         let gw = Gateway::builder()
+            .action("respond")
             .policy(POLICY)
             .prepare(gateway::rampart_binary()?, topo)?;
         Ok(Demo { gw, cleaned: false })
@@ -336,13 +343,6 @@ impl Demo {
                 t.elapsed().as_secs_f64()
             ));
         }
-        let t = Instant::now();
-        self.gw.attach_peer_pass()?;
-        say(&format!(
-            "pass-through XDP attached to {} ({:.1} s)",
-            self.gw.topo().gateway_upstream_veth().name,
-            t.elapsed().as_secs_f64()
-        ));
         Ok(())
     }
 
@@ -412,8 +412,8 @@ impl Demo {
         let url = format!("{}/v1/reports/q", self.gw.topo().veth_route_url());
         let mut out = Vec::new();
         say(&format!(
-            "{:>9}  {:<17}  {:>9}  {:>10}  {:>12}",
-            "seconds", "ramp stage", "admitted", "throttled", "client 200s"
+            "{:>9}  {:<17}  {:>9}  {:>10}  {:>12}  {:>12}",
+            "seconds", "ramp stage", "admitted", "throttled", "client 200s", "client 429s"
         ));
         let (mut allow0, mut throttled0) = (0, 0);
         let mut client_ok = 0;
@@ -435,13 +435,14 @@ impl Demo {
                 ""
             };
             say(&format!(
-                "{:>4}–{:<4}  {:<17}  {:>9}  {:>10}  {:>12}",
+                "{:>4}–{:<4}  {:<17}  {:>9}  {:>10}  {:>12}  {:>12}",
                 u64::from(w) * RAMP_STEP_SECS,
                 u64::from(w + 1) * RAMP_STEP_SECS,
                 format!("{stage} ({}{penalty})", rate.trim_end_matches(" req/s")),
                 allow - allow0,
                 throttled - throttled0,
                 report.status(200),
+                report.status(429),
             ));
             out.push(Window {
                 admitted: allow - allow0,
@@ -503,7 +504,7 @@ impl Demo {
         }
         let _ = child.wait();
         say(&line);
-        note("the connection from the client stayed open; every request after the revoke was reset before the upstream");
+        note("the connection from the client stayed open; every request after the revoke was answered 401 (invalid_token) before the upstream");
         Ok((before, after))
     }
 

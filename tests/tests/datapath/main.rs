@@ -14,6 +14,7 @@
 //! - `listeners`: observe mode, per-listener defaults, which listener judges a packet;
 //! - `events`: what a denial streams, and the flood cap;
 //! - `resets`: the reset action's RSTs, also across a restart;
+//! - `responses`: the respond action's response, RST to the server and FIN ack;
 //! - `migration`: pins adopted by a restarted daemon and earlier layouts moved over;
 //! - `budget`: the verifier's instruction counts.
 //!
@@ -27,6 +28,7 @@ mod gcra;
 mod listeners;
 mod migration;
 mod resets;
+mod responses;
 mod stream;
 
 use agent_common::{

@@ -10,12 +10,13 @@
 //!
 //! By concern: `enforcement` (served, denied, scopes, observe mode), `lifecycle`
 //! (revocation, expiry), `ramp` (GCRA rates and penalty), `resilience` (crash, restart,
-//! reload) and `telemetry` (counters, events, metrics, no plaintext); `support` holds what
+//! reload), `respond` (the statuses a denied client is told) and `telemetry` (counters, events, metrics, no plaintext); `support` holds what
 //! they share.
 
 mod enforcement;
 mod lifecycle;
 mod ramp;
 mod resilience;
+mod respond;
 mod support;
 mod telemetry;

@@ -23,7 +23,8 @@ use serde_json::Value;
 /// `standard` never throttles a test; `ramp` is scenario 5's contract (`ramp-vm`, at a
 /// quarter of the rates, in the emulated 6.1 VM, whose TLS gateway offers only 30–85/s
 /// while the other lane runs beside it); `demote` is the
-/// same shape compressed to 1 s, with a breach penalty of one stage for 3 s.
+/// same shape compressed to 1 s, with a breach penalty of one stage for 3 s; `trickle`
+/// (one request per 4 s) is the respond scenario's Retry-After.
 pub const POLICY: &str = r#"[[contract]]
 name = "standard"
 stages = [{ after = "0s", rate = 1000, burst = 1000 }]
@@ -49,6 +50,10 @@ stages = [
   { after = "1s", rate = 40, burst = 5 },
 ]
 penalty = { demote = 1, cooldown = "3s" }
+
+[[contract]]
+name = "trickle"
+stages = [{ after = "0s", rate = 0.25, burst = 0 }]
 
 [[scope]]
 name = "all"

@@ -1,0 +1,268 @@
+//! `action = "respond"`: the client is told why, from the kernel. Through the TLS gateway
+//! (nginx passes an upstream's 4xx on) and directly against the upstreams, on both hooks,
+//! IPv4 and IPv6: the statuses and headers a real client receives, the upstream never
+//! seeing the request, and no connection left on the upstream (`ss`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rampart_tests::{
+    attach_support::{random_token, request_bytes, Auth},
+    client::BearerToken,
+    gateway::{Gateway, Side},
+    netns::Netns,
+    topology::UPSTREAM_V6,
+    upstream::UpstreamServer,
+};
+
+use super::support::*;
+
+/// What a client received: status, header fields (names lowercased), body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn parse(raw: &[u8]) -> Option<Answer> {
+        let text = String::from_utf8_lossy(raw);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Some(Answer {
+            status,
+            headers,
+            body: body.to_owned(),
+        })
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Checks what every response of the respond action carries.
+    fn assert_problem(&self, status: u16, verdict: &str, what: &str) {
+        assert_eq!(self.status, status, "{what}: status");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{what}"
+        );
+        let j: serde_json::Value = serde_json::from_str(self.body.trim())
+            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e})"));
+        assert_eq!(j["status"], status, "{what}");
+        assert_eq!(j["verdict"], verdict, "{what}");
+    }
+
+    fn retry_after(&self, what: &str) -> u64 {
+        self.header("retry-after")
+            .unwrap_or_else(|| panic!("{what}: no Retry-After"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{what}: Retry-After: {e}"))
+    }
+}
+
+/// curl in the client ns through the gateway's route for `side`; the token (if any) from a
+/// 0600 header file, never on a command line.
+fn through_gateway(
+    gw: &Gateway,
+    side: Side,
+    path: &str,
+    token: Option<&BearerToken>,
+    id: &str,
+) -> Answer {
+    let mut cmd = gw.topo().client().command("curl");
+    cmd.args(["-sk", "--http1.1", "-i", "--max-time", "10", "-H"])
+        .arg(format!("X-Test-Id: {id}"));
+    if let Some(t) = token {
+        let file = gw
+            .header_file(&format!("h-respond-{id}"), t)
+            .unwrap_or_else(|e| panic!("{e}"));
+        cmd.arg("-H").arg(format!("@{}", file.display()));
+    }
+    let out = cmd
+        .arg(format!("{}{path}", gw.route_url(side)))
+        .output()
+        .expect("running curl");
+    Answer::parse(&out.stdout).unwrap_or_else(|| {
+        panic!(
+            "{id}: curl got no response (exit {:?})",
+            out.status.code()
+        )
+    })
+}
+
+/// A client in the gateway ns straight to `addr`: the response, read until the server
+/// side closes, and the client's port.
+fn direct(gw: &Gateway, addr: SocketAddr, request: &[u8], what: &str) -> (Answer, u16) {
+    let mut s = gw
+        .topo()
+        .gateway()
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .expect("entering the gateway ns")
+        .unwrap_or_else(|e| panic!("{what}: connecting: {e}"));
+    let port = s.local_addr().unwrap().port();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    // The response ends with a FIN (`Connection: close`): read to EOF.
+    s.read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("{what}: reading the response: {e}"));
+    drop(s);
+    let a = Answer::parse(&raw).unwrap_or_else(|| panic!("{what}: no HTTP response"));
+    (a, port)
+}
+
+/// Sockets of `ns` from local port `server` to peer port `client` (any state), per `ss`.
+fn server_sockets(ns: &Netns, server: u16, client: u16) -> Vec<String> {
+    let out = ns
+        .command("ss")
+        .args(["-Htan", "state", "all"])
+        .arg(format!("( sport = :{server} and dport = :{client} )"))
+        .output()
+        .expect("running ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls `ss` until the server holds nothing of the client's connection.
+fn assert_no_server_socket(ns: &Netns, server: u16, client: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = server_sockets(ns, server, client);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the upstream still holds the connection: {left:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// 13. The respond action: 401, 403 and 429 (with its rate fields) through nginx, a client
+///     that waits Retry-After admitted; the same directly against the upstream over IPv4
+///     and IPv6, the upstream holding no connection afterwards.
+#[test]
+fn s13_denied_requests_are_answered_with_their_status() {
+    let mut gw = gateway(Gateway::builder().action("respond"));
+    let unknown = random_token();
+    gw.remember(&unknown);
+    // The TC side's upstream listens on 127.0.0.1 only: one on [::1] at the same port
+    // for the IPv6 client.
+    let lo_v6 = UpstreamServer::start(
+        gw.topo().gateway(),
+        "loopback-upstream-v6",
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            gw.topo().loopback_upstream_port(),
+        ),
+    )
+    .expect("an IPv6 loopback upstream");
+    for side in [Side::Veth, Side::Loopback] {
+        let name = gw.daemon_name(side);
+        let valid = gw
+            .issue(side, "standard", &["all"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let reader = gw
+            .issue(side, "standard", &["reports-read"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let slow = gw
+            .issue(side, "trickle", &["all"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let up = gw.upstream(side);
+        let id = |what: &str| format!("s13-{name}-{what}");
+
+        let a = through_gateway(&gw, side, "/v1/orders", Some(&valid.token), &id("valid"));
+        assert_eq!(a.status, 200, "{name}: valid token");
+        assert_eq!(up.requests_with_test_id(&id("valid")).len(), 1);
+
+        let a = through_gateway(&gw, side, "/v1/orders", None, &id("missing"));
+        a.assert_problem(401, "missing", &format!("{name}: missing"));
+        assert_eq!(
+            a.header("www-authenticate"),
+            Some("Bearer realm=\"api\""),
+            "{name}: RFC 6750 §3.1, no error code"
+        );
+        let a = through_gateway(&gw, side, "/v1/orders", Some(&unknown), &id("unknown"));
+        a.assert_problem(401, "unknown", &format!("{name}: unknown"));
+        assert_eq!(
+            a.header("www-authenticate"),
+            Some("Bearer realm=\"api\", error=\"invalid_token\"")
+        );
+        let a = through_gateway(&gw, side, "/v1/admin", Some(&reader.token), &id("scope"));
+        a.assert_problem(403, "out_of_scope", &format!("{name}: out of scope"));
+        assert_eq!(
+            a.header("www-authenticate"),
+            Some("Bearer realm=\"api\", error=\"insufficient_scope\"")
+        );
+
+        // 0.25/s, no burst: the first passes, the next is throttled until 4 s later.
+        let a = through_gateway(&gw, side, "/v1/orders", Some(&slow.token), &id("slow-1"));
+        assert_eq!(a.status, 200, "{name}: first request of a trickle token");
+        let a = through_gateway(&gw, side, "/v1/orders", Some(&slow.token), &id("slow-2"));
+        a.assert_problem(429, "throttled", &format!("{name}: throttled"));
+        let retry = a.retry_after(name);
+        assert!((1..=4).contains(&retry), "{name}: Retry-After {retry}");
+        assert_eq!(
+            a.header("ratelimit-policy"),
+            Some("\"ramp\";q=1;w=4"),
+            "{name}: the stage's quota and window"
+        );
+        assert_eq!(
+            a.header("ratelimit"),
+            Some(format!("\"ramp\";r=0;t={retry}").as_str()),
+            "{name}"
+        );
+        thread::sleep(Duration::from_secs(retry));
+        let a = through_gateway(&gw, side, "/v1/orders", Some(&slow.token), &id("slow-3"));
+        assert_eq!(a.status, 200, "{name}: admitted after waiting Retry-After");
+
+        for what in ["missing", "unknown", "scope", "slow-2"] {
+            assert!(
+                up.requests_with_test_id(&id(what)).is_empty(),
+                "{name}: the {what} request reached the upstream"
+            );
+        }
+
+        // Straight to the upstream, IPv4 and IPv6.
+        let (server_ns, v6) = match side {
+            Side::Veth => (
+                gw.topo().upstream(),
+                SocketAddr::new(IpAddr::V6(UPSTREAM_V6), gw.topo().upstream_port()),
+            ),
+            Side::Loopback => (gw.topo().gateway(), lo_v6.addr()),
+        };
+        for addr in [upstream_addr(&gw, side), v6] {
+            let what = format!("{name}: direct to {addr}");
+            let test_id = id(&format!("direct-{}", addr.is_ipv6()));
+            let req = request_bytes("/v1/orders", &test_id, Auth::Bearer(&unknown));
+            let (a, port) = direct(&gw, addr, &req, &what);
+            a.assert_problem(401, "unknown", &what);
+            assert_eq!(a.header("connection"), Some("close"), "{what}");
+            assert!(
+                up.requests_with_test_id(&test_id).is_empty()
+                    && lo_v6.requests_with_test_id(&test_id).is_empty(),
+                "{what}: the request reached the upstream"
+            );
+            assert_no_server_socket(server_ns, addr.port(), port, &what);
+        }
+        println!("{name}: 401/401/403/429 through nginx, Retry-After {retry} s honoured; direct IPv4/IPv6 answered, upstream left nothing open");
+    }
+}
