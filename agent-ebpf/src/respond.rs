@@ -30,7 +30,7 @@ use aya_ebpf::helpers::generated::{
 
 use crate::{
     maps::{
-        RespondBuf, CONFIG, CONTRACTS, LAST_RESPOND, RESPONDED, RESPONSES, RESPOND_BUF, SCRATCH,
+        RespondBuf, CONFIG, CONTRACTS, LAST_RESPOND, RESPONDED, RESPOND_BUF, RESPONSES, SCRATCH,
         TOKENS, TOKEN_STATE,
     },
     packet::{copy_len, ptr_at, ptr_at_mut, Packet},
@@ -121,10 +121,12 @@ pub fn follow_up(p: &impl Packet, f: &Flow, l: &ListenerConfig) -> Option<Follow
     if r.state == RESPONDED_OPEN {
         r.state = RESPONDED_SERVER_RESET;
         let rst = TCP_RST | TCP_ACK;
-        return Some(match rewrite(p, f, server_seq, server_ack, rst, NO_PAYLOAD, false) {
-            Ok(()) => Follow::ToServer,
-            Err(()) => Follow::Drop,
-        });
+        return Some(
+            match rewrite(p, f, server_seq, server_ack, rst, NO_PAYLOAD, false) {
+                Ok(()) => Follow::ToServer,
+                Err(()) => Follow::Drop,
+            },
+        );
     }
     if f.flags & TCP_FIN == 0 {
         if f.flags & TCP_RST != 0 {
@@ -133,10 +135,12 @@ pub fn follow_up(p: &impl Packet, f: &Flow, l: &ListenerConfig) -> Option<Follow
         return Some(Follow::Drop);
     }
     let acked = f.seq.wrapping_add(f.payload_len as u32).wrapping_add(1);
-    Some(match rewrite(p, f, reply_end, acked, TCP_ACK, NO_PAYLOAD, true) {
-        Ok(()) => Follow::ToClient,
-        Err(()) => Follow::Drop,
-    })
+    Some(
+        match rewrite(p, f, reply_end, acked, TCP_ACK, NO_PAYLOAD, true) {
+            Ok(()) => Follow::ToClient,
+            Err(()) => Follow::Drop,
+        },
+    )
 }
 
 /// Turns the denied segment into listener `l`'s response to `verdict`, to be sent back to
@@ -144,11 +148,15 @@ pub fn follow_up(p: &impl Packet, f: &Flow, l: &ListenerConfig) -> Option<Follow
 /// caller resets the connection instead, never letting the request through.
 #[inline(always)]
 pub fn respond(p: &impl Packet, f: &Flow, l: &ListenerConfig, verdict: Verdict) -> Result<(), ()> {
-    let tpl = RESPONSES
-        .get(respond::index(l.id, verdict as u32))
-        .ok_or(())?;
     let b = buf()?;
-    let total = assemble(b, tpl, verdict)?;
+    // Through map memory: each verdict reaches here on a path of its own, and read back
+    // the verifier checks what follows once for them all.
+    // SAFETY: a field of the per-CPU map value.
+    unsafe { core::ptr::write_volatile(&mut b.verdict, verdict as u64) };
+    // SAFETY: as above.
+    let v = unsafe { core::ptr::read_volatile(&b.verdict) } as u32;
+    let tpl = RESPONSES.get(respond::index(l.id, v)).ok_or(())?;
+    let total = assemble(b, tpl, v == Verdict::Throttled as u32)?;
     let tcp = ptr_at::<TcpHdr>(p, f.l4_off)?;
     // SAFETY: bounds checked.
     let ack = u32::from_be(unsafe { (*tcp).ack });
@@ -166,7 +174,15 @@ pub fn respond(p: &impl Packet, f: &Flow, l: &ListenerConfig, verdict: Verdict) 
         at_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
     let payload = (b.out.as_ptr(), total);
-    rewrite(p, f, ack, client_end, TCP_FIN | TCP_PSH | TCP_ACK, payload, true)?;
+    rewrite(
+        p,
+        f,
+        ack,
+        client_end,
+        TCP_FIN | TCP_PSH | TCP_ACK,
+        payload,
+        true,
+    )?;
     RESPONDED.insert(&b.id, &b.entry, 0).map_err(|_| ())?;
     if let Some(t) = LAST_RESPOND.get_ptr_mut(0) {
         // SAFETY: map value pointer valid for this run; racing CPUs each store a time of
@@ -176,22 +192,25 @@ pub fn respond(p: &impl Packet, f: &Flow, l: &ListenerConfig, verdict: Verdict) 
     Ok(())
 }
 
-/// Copies the response to `verdict` into `b.out` (a 429's rate fields inserted after its
-/// status line), zero-padded to a multiple of four; its length.
+/// Copies the response `tpl` into `b.out` (when `throttled`, the rate fields inserted after
+/// its status line), zero-padded to a multiple of four; its length.
 #[inline(always)]
-fn assemble(b: &mut RespondBuf, tpl: &ResponseTemplate, verdict: Verdict) -> Result<usize, ()> {
+fn assemble(b: &mut RespondBuf, tpl: &ResponseTemplate, throttled: bool) -> Result<usize, ()> {
     let len = tpl.len as usize;
     if len == 0 || len > TEMPLATE_BYTES {
         return Err(());
     }
-    let (src, dst) = (tpl.bytes.as_ptr() as *const u64, b.out.as_mut_ptr() as *mut u64);
+    let (src, dst) = (
+        tpl.bytes.as_ptr() as *const u64,
+        b.out.as_mut_ptr() as *mut u64,
+    );
     for i in 0..TEMPLATE_BYTES / 8 {
         // SAFETY: both buffers hold TEMPLATE_BYTES and more.
         unsafe { dst.add(i).write_unaligned(src.add(i).read_unaligned()) };
     }
     let at = tpl.insert_at as usize;
     let mut total = len;
-    if verdict == Verdict::Throttled && at != 0 && at < len {
+    if throttled && at != 0 && at < len {
         let n = rate_fields(b)?;
         let at = opaque(at) & (RESPONSE_MAX - 1);
         let n = opaque(n) & (RATE_FIELDS_MAX - 1);
@@ -381,9 +400,7 @@ fn rewrite(
         let words = copy_len((payload + 3) & !3, RESPONSE_MAX) & !3;
         // SAFETY: `out` is `RESPOND_BUF.out` (2 × RESPONSE_MAX bytes), zero-padded after
         // the payload (`assemble`); the helper reads at most 512 bytes of it.
-        let s = unsafe {
-            bpf_csum_diff(core::ptr::null_mut(), 0, out as *mut u32, words, 0)
-        };
+        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, out as *mut u32, words, 0) };
         if s < 0 {
             return Err(());
         }

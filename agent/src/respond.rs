@@ -44,7 +44,8 @@ pub const MAX_REALM: usize = 32;
 pub const MAX_PROBLEM_TYPE: usize = 64;
 
 fn plain(s: &str) -> bool {
-    s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
 /// A realm must be printable ASCII without `"` or `\` (it goes into a quoted-string).
@@ -59,7 +60,11 @@ pub fn check_realm(realm: &str) -> Result<(), String> {
 
 /// A problem type is a URI: printable ASCII without spaces, `"` or `\`.
 pub fn check_problem_type(t: &str) -> Result<(), String> {
-    if t.is_empty() || t.len() > MAX_PROBLEM_TYPE || !plain(t) || t.contains(' ') || !t.contains(':')
+    if t.is_empty()
+        || t.len() > MAX_PROBLEM_TYPE
+        || !plain(t)
+        || t.contains(' ')
+        || !t.contains(':')
     {
         return Err(format!(
             "`problem_type` must be a URI (scheme:...) of at most {MAX_PROBLEM_TYPE} printable \
@@ -178,7 +183,9 @@ mod tests {
             Verdict::Expired,
             Verdict::NotYetValid,
         ] {
-            assert!(t(v).contains("\r\nWWW-Authenticate: Bearer realm=\"orders\", error=\"invalid_token\"\r\n"));
+            assert!(t(v).contains(
+                "\r\nWWW-Authenticate: Bearer realm=\"orders\", error=\"invalid_token\"\r\n"
+            ));
             assert!(t(v).starts_with("HTTP/1.1 401 "));
         }
         assert!(t(Verdict::Malformed).starts_with("HTTP/1.1 400 Bad Request\r\n"));

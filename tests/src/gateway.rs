@@ -30,7 +30,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-
 use crate::{
     client::{BearerToken, ClientError, Curl, Request, Response},
     daemon::{redact, ConfigTemplate, DaemonError, DaemonProcess},

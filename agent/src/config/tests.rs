@@ -294,3 +294,39 @@ fn unreadable_file() {
         .to_string()
         .starts_with("/nonexistent/rampart.toml: cannot read configuration: "));
 }
+
+#[test]
+fn respond_action_with_realm_and_problem_type() {
+    let listener = |name: &str, iface: &str, hook: &str, ports: &str| {
+        format!("[[listener]]\nname = \"{name}\"\ninterface = \"{iface}\"\nhook = \"{hook}\"\nports = {ports}\n")
+    };
+    let c = parse(&format!(
+        "{}action = \"respond\"\nrealm = \"orders\"\nproblem_type = \"https://example.com/p\"\n",
+        listener("a", "eth0", "xdp", "[80]")
+    ))
+    .unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.action, DenyAction::Respond);
+    assert_eq!(l.datapath_config(0).action, deny_action::RESPOND);
+    assert_eq!(l.response.realm, "orders");
+    assert_eq!(l.response.problem_type, "https://example.com/p");
+    // Defaults.
+    let c = parse(&listener("a", "eth0", "xdp", "[80]")).unwrap();
+    assert_eq!(
+        c.listeners[0].response,
+        crate::respond::ResponseConfig::default()
+    );
+    let bad = error(&format!(
+        "{}realm = \"a\\\"b\"\n",
+        listener("a", "eth0", "xdp", "[80]")
+    ));
+    assert!(
+        bad.starts_with("/etc/rampart/rampart.toml:6:9: `realm` must be"),
+        "{bad}"
+    );
+    let bad = error(&format!(
+        "{}problem_type = \"not a uri\"\n",
+        listener("a", "eth0", "xdp", "[80]")
+    ));
+    assert!(bad.contains("`problem_type` must be a URI"), "{bad}");
+}

@@ -152,7 +152,10 @@ pub(super) fn attach_listeners(
 fn answers_on_veth(config: &Config, interface: &str) -> bool {
     let answers = config.listeners.iter().any(|l| {
         l.interface == interface
-            && matches!(l.action, config::DenyAction::Reset | config::DenyAction::Respond)
+            && matches!(
+                l.action,
+                config::DenyAction::Reset | config::DenyAction::Respond
+            )
     });
     answers && driver(interface).as_deref() == Some("veth")
 }

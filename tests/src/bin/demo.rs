@@ -164,7 +164,11 @@ fn run() -> Result<Vec<String>> {
     let r = demo.request(Side::Veth, &veth, &Request::get("/v1/orders"))?;
     show("no Authorization header, veth path", &r);
     ensure!(!r.reached, "a request without a token reached the upstream");
-    ensure!(r.resp.status == 401, "a request without a token got {}", r.resp.status);
+    ensure!(
+        r.resp.status == 401,
+        "a request without a token got {}",
+        r.resp.status
+    );
     let r = demo.request(
         Side::Loopback,
         &lo,
@@ -172,7 +176,11 @@ fn run() -> Result<Vec<String>> {
     )?;
     show("a token nobody issued, loopback path", &r);
     ensure!(!r.reached, "an unknown token reached the upstream");
-    ensure!(r.resp.status == 401, "an unknown token got {}", r.resp.status);
+    ensure!(
+        r.resp.status == 401,
+        "an unknown token got {}",
+        r.resp.status
+    );
     note("Rampart answered nginx's upstream request from the kernel (and reset the upstream's");
     note("side of that connection); nginx passed the 401 on, WWW-Authenticate and all");
     notes.push("missing and unknown tokens stopped before the upstream".to_owned());

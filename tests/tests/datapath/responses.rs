@@ -9,13 +9,13 @@ use agent_common::{
 };
 use rampart::respond::{render, ResponseConfig};
 use rampart_tests::packet::{
-    checksum, tcp_checksum_ok, Frame, Http, CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4,
-    TCP_ACK, TCP_RST,
+    checksum, tcp_checksum_ok, Frame, Http, CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, TCP_ACK,
+    TCP_RST,
 };
 
 use crate::{
-    contract, fp, listener, Fixture, Hook, PORT, REVOKED, SCOPED, TC_ACT_OK,
-    TC_ACT_REDIRECT, UNKNOWN, XDP_PASS, XDP_TX,
+    contract, fp, listener, Fixture, Hook, PORT, REVOKED, SCOPED, TC_ACT_OK, TC_ACT_REDIRECT,
+    UNKNOWN, XDP_PASS, XDP_TX,
 };
 
 const TCP_FIN: u8 = 0x01;
@@ -67,7 +67,10 @@ struct Layout {
 
 fn layout(frame: &[u8]) -> Layout {
     let mut off = 12;
-    while matches!(u16::from_be_bytes([frame[off], frame[off + 1]]), 0x8100 | 0x88a8) {
+    while matches!(
+        u16::from_be_bytes([frame[off], frame[off + 1]]),
+        0x8100 | 0x88a8
+    ) {
         off += 4;
     }
     let ipv6 = u16::from_be_bytes([frame[off], frame[off + 1]]) == 0x86dd;
@@ -101,7 +104,11 @@ fn assert_consistent(out: &[u8], what: &str) {
     } else {
         let tot = u16::from_be_bytes([out[l.l3 + 2], out[l.l3 + 3]]) as usize;
         assert_eq!(tot, out.len() - l.l3, "{what}: IPv4 total length");
-        assert_eq!(checksum(&out[l.l3..l.l4], 0), 0, "{what}: IPv4 header checksum");
+        assert_eq!(
+            checksum(&out[l.l3..l.l4], 0),
+            0,
+            "{what}: IPv4 header checksum"
+        );
     }
     assert!(tcp_checksum_ok(&untagged(out)), "{what}: TCP checksum");
 }
@@ -131,7 +138,10 @@ fn shapes() -> Vec<(&'static str, Box<dyn Fn(Frame) -> Frame>)> {
         ("IPv4", Box::new(|f| f)),
         ("IPv6", Box::new(|f: Frame| f.v6())),
         ("IPv4 in VLAN", Box::new(|f: Frame| f.vlan(0x8100))),
-        ("IPv6 in QinQ", Box::new(|f: Frame| f.v6().vlan(0x88a8).vlan(0x8100))),
+        (
+            "IPv6 in QinQ",
+            Box::new(|f: Frame| f.v6().vlan(0x88a8).vlan(0x8100)),
+        ),
     ]
 }
 
@@ -159,9 +169,17 @@ fn a_missing_token_is_answered_then_the_server_reset_then_the_fin_acked() {
                 assert_eq!(&out[l.l3 + 12..l.l3 + 16], &SERVER_V4.octets(), "{what}");
                 assert_eq!(&out[l.l3 + 16..l.l3 + 20], &CLIENT_V4.octets(), "{what}");
             }
-            assert_eq!(&out[l.l4..l.l4 + 2], &PORT.to_be_bytes(), "{what}: from the port");
+            assert_eq!(
+                &out[l.l4..l.l4 + 2],
+                &PORT.to_be_bytes(),
+                "{what}: from the port"
+            );
             assert_eq!(&out[l.l4 + 2..l.l4 + 4], &40000u16.to_be_bytes(), "{what}");
-            assert_eq!(be32(&out[l.l4 + 4..]), 5000, "{what}: seq = the client's ack");
+            assert_eq!(
+                be32(&out[l.l4 + 4..]),
+                5000,
+                "{what}: seq = the client's ack"
+            );
             let acked = 1000 + request.len() as u32;
             assert_eq!(be32(&out[l.l4 + 8..]), acked, "{what}: acks the request");
             assert_eq!(out[l.l4 + 13], TCP_FIN | TCP_PSH | TCP_ACK, "{what}: flags");
@@ -196,8 +214,16 @@ fn a_missing_token_is_answered_then_the_server_reset_then_the_fin_acked() {
             assert_consistent(&out, &format!("{what}: server RST"));
             let l = layout(&out);
             assert_eq!(out[l.l4 + 13], TCP_RST | TCP_ACK, "{what}");
-            assert_eq!(&out[l.l4 + 2..l.l4 + 4], &PORT.to_be_bytes(), "{what}: to the server");
-            assert_eq!(be32(&out[l.l4 + 4..]), 1000, "{what}: seq the server expects");
+            assert_eq!(
+                &out[l.l4 + 2..l.l4 + 4],
+                &PORT.to_be_bytes(),
+                "{what}: to the server"
+            );
+            assert_eq!(
+                be32(&out[l.l4 + 4..]),
+                1000,
+                "{what}: seq the server expects"
+            );
             assert_eq!(be32(&out[l.l4 + 8..]), 5000, "{what}");
             assert!(payload(&out).is_empty());
 
@@ -211,14 +237,21 @@ fn a_missing_token_is_answered_then_the_server_reset_then_the_fin_acked() {
             assert_consistent(&out, &format!("{what}: FIN ack"));
             let l = layout(&out);
             assert_eq!(out[l.l4 + 13], TCP_ACK, "{what}");
-            assert_eq!(&out[l.l4..l.l4 + 2], &PORT.to_be_bytes(), "{what}: to the client");
+            assert_eq!(
+                &out[l.l4..l.l4 + 2],
+                &PORT.to_be_bytes(),
+                "{what}: to the client"
+            );
             assert_eq!(be32(&out[l.l4 + 4..]), reply_end, "{what}");
             assert_eq!(be32(&out[l.l4 + 8..]), acked + 1, "{what}: acks the FIN");
 
             // Anything else the client sends meanwhile is dropped.
             let (ret, _, v) = f.send(hook, &ackf.build());
             assert_eq!(v, None);
-            assert!(ret != pass(hook) && ret != tx(hook), "{what}: dropped, got {ret}");
+            assert!(
+                ret != pass(hook) && ret != tx(hook),
+                "{what}: dropped, got {ret}"
+            );
         }
     }
 }
@@ -271,7 +304,11 @@ fn each_verdict_gets_its_status() {
             // The response was lost: the client sends the request again, which is
             // judged (and counted) again and answered again.
             let (ret, again, v) = f.send(hook, &bytes);
-            assert_eq!((ret, v), (tx(hook), Some(verdict)), "{hook:?} {verdict:?} again");
+            assert_eq!(
+                (ret, v),
+                (tx(hook), Some(verdict)),
+                "{hook:?} {verdict:?} again"
+            );
             assert_eq!(again, out, "{hook:?} {verdict:?}: the same response");
         }
     }

@@ -96,12 +96,8 @@ fn through_gateway(
         .arg(format!("{}{path}", gw.route_url(side)))
         .output()
         .expect("running curl");
-    Answer::parse(&out.stdout).unwrap_or_else(|| {
-        panic!(
-            "{id}: curl got no response (exit {:?})",
-            out.status.code()
-        )
-    })
+    Answer::parse(&out.stdout)
+        .unwrap_or_else(|| panic!("{id}: curl got no response (exit {:?})", out.status.code()))
 }
 
 /// A client in the gateway ns straight to `addr`: the response, read until the server
