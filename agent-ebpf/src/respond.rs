@@ -173,6 +173,10 @@ pub fn respond(p: &impl Packet, f: &Flow, l: &ListenerConfig, verdict: Verdict) 
         // SAFETY: plain helper call.
         at_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
+    // Before the rewrite: a connection that cannot be remembered is reset instead (its
+    // server side would otherwise stay open). An entry whose response then fails is
+    // harmless: the client's retransmission is judged again.
+    RESPONDED.insert(&b.id, &b.entry, 0).map_err(|_| ())?;
     let payload = (b.out.as_ptr(), total);
     rewrite(
         p,
@@ -183,7 +187,6 @@ pub fn respond(p: &impl Packet, f: &Flow, l: &ListenerConfig, verdict: Verdict) 
         payload,
         true,
     )?;
-    RESPONDED.insert(&b.id, &b.entry, 0).map_err(|_| ())?;
     if let Some(t) = LAST_RESPOND.get_ptr_mut(0) {
         // SAFETY: map value pointer valid for this run; racing CPUs each store a time of
         // this moment.

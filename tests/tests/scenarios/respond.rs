@@ -171,6 +171,30 @@ fn s13_denied_requests_are_answered_with_their_status() {
         ),
     )
     .expect("an IPv6 loopback upstream");
+    // No XDP program on the veth's peer (gw-up): the daemon attached the veth's listener
+    // in generic mode, where XDP_TX needs none.
+    let up_if = gw.topo().upstream_veth().name.clone();
+    let link = gw
+        .topo()
+        .upstream()
+        .exec(&["ip", "link", "show", "dev", &up_if])
+        .expect("ip link show");
+    let first_line = String::from_utf8_lossy(&link.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(first_line.contains(" xdpgeneric"), "{up_if}: {first_line}");
+    let peer = gw.topo().gateway_upstream_veth().name.clone();
+    let peer_link = gw
+        .topo()
+        .gateway()
+        .exec(&["ip", "link", "show", "dev", &peer])
+        .expect("ip link show");
+    assert!(
+        !String::from_utf8_lossy(&peer_link.stdout).contains(" xdp"),
+        "the peer {peer} runs no XDP program"
+    );
     for side in [Side::Veth, Side::Loopback] {
         let name = gw.daemon_name(side);
         let valid = gw
