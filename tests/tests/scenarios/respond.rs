@@ -270,18 +270,65 @@ fn s13_denied_requests_are_answered_with_their_status() {
             Side::Loopback => (gw.topo().gateway(), lo_v6.addr()),
         };
         for addr in [upstream_addr(&gw, side), v6] {
-            let what = format!("{name}: direct to {addr}");
-            let test_id = id(&format!("direct-{}", addr.is_ipv6()));
-            let req = request_bytes("/v1/orders", &test_id, Auth::Bearer(&unknown));
-            let (a, port) = direct(&gw, addr, &req, &what);
-            a.assert_problem(401, "unknown", &what);
-            assert_eq!(a.header("connection"), Some("close"), "{what}");
-            assert!(
-                up.requests_with_test_id(&test_id).is_empty()
-                    && lo_v6.requests_with_test_id(&test_id).is_empty(),
-                "{what}: the request reached the upstream"
+            let v = if addr.is_ipv6() { "v6" } else { "v4" };
+            // A trickle token of its own: admitted once, then throttled.
+            let slow = gw
+                .issue(side, "trickle", &["all"])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let first = id(&format!("direct-{v}-slow-1"));
+            let req = request_bytes("/v1/orders", &first, Auth::Bearer(&slow.token));
+            let (a, _) = direct(&gw, addr, &req, &first);
+            assert_eq!(
+                a.status, 200,
+                "{name}: direct to {addr}: a trickle token's first request"
             );
-            assert_no_server_socket(server_ns, addr.port(), port, &what);
+            for (label, path, auth, status, verdict) in [
+                ("missing", "/v1/orders", Auth::None, 401, "missing"),
+                (
+                    "unknown",
+                    "/v1/orders",
+                    Auth::Bearer(&unknown),
+                    401,
+                    "unknown",
+                ),
+                (
+                    "scope",
+                    "/v1/admin",
+                    Auth::Bearer(&reader.token),
+                    403,
+                    "out_of_scope",
+                ),
+                (
+                    "slow-2",
+                    "/v1/orders",
+                    Auth::Bearer(&slow.token),
+                    429,
+                    "throttled",
+                ),
+            ] {
+                let what = format!("{name}: direct to {addr}: {label}");
+                let test_id = id(&format!("direct-{v}-{label}"));
+                let req = request_bytes(path, &test_id, auth);
+                let (a, port) = direct(&gw, addr, &req, &what);
+                a.assert_problem(status, verdict, &what);
+                assert_eq!(a.header("connection"), Some("close"), "{what}");
+                if status == 429 {
+                    let retry = a.retry_after(&what);
+                    assert!((1..=4).contains(&retry), "{what}: Retry-After {retry}");
+                    assert!(
+                        a.header("ratelimit").is_some() && a.header("ratelimit-policy").is_some(),
+                        "{what}"
+                    );
+                } else {
+                    assert!(a.header("www-authenticate").is_some(), "{what}");
+                }
+                assert!(
+                    up.requests_with_test_id(&test_id).is_empty()
+                        && lo_v6.requests_with_test_id(&test_id).is_empty(),
+                    "{what}: the request reached the upstream"
+                );
+                assert_no_server_socket(server_ns, addr.port(), port, &what);
+            }
         }
         println!("{name}: 401/401/403/429 through nginx, Retry-After {retry} s honoured; direct IPv4/IPv6 answered, upstream left nothing open");
     }
