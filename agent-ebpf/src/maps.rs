@@ -145,6 +145,8 @@ pub struct RespondBuf {
     /// A 429's rate fields, written here before they go into `out`.
     pub fields: [u8; RATE_FIELDS_MAX],
     pub digits: [u8; 16],
+    /// The L2–L4 headers, moved through here when a response grows the frame at its front.
+    pub hdr: [u8; 256],
     /// The verdict being answered, passed through here (see `respond::respond`).
     pub verdict: u64,
     pub id: FlowId,

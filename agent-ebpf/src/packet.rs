@@ -6,8 +6,8 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     helpers::generated::{
         bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_pull_data,
-        bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
-        bpf_xdp_store_bytes,
+        bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
+        bpf_xdp_load_bytes, bpf_xdp_store_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -37,6 +37,9 @@ pub trait Packet {
     fn truncate(&self, len: usize) -> Result<(), ()>;
     /// Writes `len` (1..=max) bytes from `src` at `off`. Invalidates earlier pointers.
     fn store(&self, off: usize, src: *const u8, len: u32) -> Result<(), ()>;
+    /// Adds `delta` bytes before the packet's first byte (XDP: its headroom); `Err` where
+    /// the hook cannot (TC grows at the tail). Invalidates earlier pointers.
+    fn grow_front(&self, delta: u32) -> Result<(), ()>;
     /// The program's context, for a bpf_loop callback (`load_raw`).
     fn raw(&self) -> *mut c_void;
     /// `load` through the context `raw` returned.
@@ -208,6 +211,11 @@ impl Packet for Xdp<'_> {
         // checks the packet's bounds.
         helper_ok(unsafe { bpf_xdp_store_bytes(self.0.ctx, off as u32, src as *mut c_void, len) })
     }
+    #[inline(always)]
+    fn grow_front(&self, delta: u32) -> Result<(), ()> {
+        // SAFETY: the kernel validates the delta against the headroom.
+        helper_ok(unsafe { bpf_xdp_adjust_head(self.0.ctx, -(delta as i32)) })
+    }
 }
 
 pub struct Tc<'a>(pub &'a TcContext);
@@ -284,6 +292,11 @@ impl Packet for Tc<'_> {
         helper_ok(unsafe {
             bpf_skb_store_bytes(self.0.skb.skb, off as u32, src as *const c_void, len, 0)
         })
+    }
+    #[inline(always)]
+    fn grow_front(&self, _delta: u32) -> Result<(), ()> {
+        // `truncate` (bpf_skb_change_tail) grows an skb as far as needed.
+        Err(())
     }
 }
 

@@ -338,7 +338,9 @@ fn rewrite(
         return Err(());
     }
     p.make_writable(hdr_end as u32)?;
-    p.truncate(hdr_end + payload)?;
+    if p.truncate(hdr_end + payload).is_err() {
+        grow_front(p, hdr_end, hdr_end + payload)?;
+    }
     if payload != 0 {
         p.store(hdr_end, out, copy_len(payload, RESPONSE_MAX))?;
     }
@@ -414,6 +416,30 @@ fn rewrite(
     unsafe { (*tcp).check = fold(sum) };
     Ok(())
 }
+
+/// Makes the frame `want` bytes long by adding room before it (a frame without the
+/// tailroom, as generic XDP's copies of a cloned skb may be), moving its `hdr_end` bytes of
+/// headers to the new front: the payload grows into the room they leave.
+#[inline(always)]
+fn grow_front(p: &impl Packet, hdr_end: usize, want: usize) -> Result<(), ()> {
+    let have = p.len();
+    if want <= have || hdr_end > HEADER_ROOM {
+        return Err(());
+    }
+    let delta = want - have;
+    if delta > HEADER_ROOM {
+        return Err(());
+    }
+    p.grow_front(delta as u32)?;
+    let b = buf()?;
+    let n = copy_len(hdr_end, HEADER_ROOM);
+    p.load(delta, b.hdr.as_mut_ptr(), n)?;
+    p.store(0, b.hdr.as_ptr(), n)
+}
+
+/// `RespondBuf::hdr`: the most header bytes `grow_front` moves, and the most room it adds
+/// (XDP_PACKET_HEADROOM).
+const HEADER_ROOM: usize = 256;
 
 /// The client's TCP options, turned around: its timestamps swapped (TSval becomes the
 /// echo of the client's own, and the server's last one, which the client echoed, the new
