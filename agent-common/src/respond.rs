@@ -160,9 +160,17 @@ pub const fn answer(verdict: Verdict) -> Answer {
 /// never 0 (a request that was just throttled is told to wait at least a second).
 #[inline(always)]
 pub fn retry_after_secs(tat: u64, now: u64, tolerance: u64) -> u64 {
+    retry_after_secs_per(tat, now, tolerance, NANOS_PER_SEC)
+}
+
+/// `retry_after_secs` with the nanoseconds per second passed in: the datapath passes a
+/// value LLVM cannot see, as a division by a constant becomes a 128-bit multiplication,
+/// which BPF does not have.
+#[inline(always)]
+pub fn retry_after_secs_per(tat: u64, now: u64, tolerance: u64, sec: u64) -> u64 {
     let admit_at = tat.saturating_sub(tolerance);
     let wait = admit_at.saturating_sub(now);
-    let secs = wait.div_ceil(NANOS_PER_SEC);
+    let secs = wait.div_ceil(sec);
     if secs == 0 {
         1
     } else {
@@ -175,11 +183,20 @@ pub fn retry_after_secs(tat: u64, now: u64, tolerance: u64) -> u64 {
 /// and the window the time it takes to refill it, in whole seconds rounded up (at least 1).
 #[inline(always)]
 pub fn quota_window(interval_ns: u64, tolerance_ns: u64) -> (u64, u64) {
-    if interval_ns == 0 {
+    quota_window_per(interval_ns, tolerance_ns, NANOS_PER_SEC)
+}
+
+/// `quota_window` with the nanoseconds per second passed in (see `retry_after_secs_per`).
+#[inline(always)]
+pub fn quota_window_per(interval_ns: u64, tolerance_ns: u64, sec: u64) -> (u64, u64) {
+    if interval_ns == 0 || sec == 0 {
         return (1, 1);
     }
     let quota = tolerance_ns / interval_ns + 1;
-    let window = quota.saturating_mul(interval_ns).div_ceil(NANOS_PER_SEC);
+    // quota × interval, without a multiplication (an overflow-checked one needs a
+    // 128-bit helper BPF does not have).
+    let refill = (tolerance_ns - tolerance_ns % interval_ns).saturating_add(interval_ns);
+    let window = refill.div_ceil(sec);
     (quota, if window == 0 { 1 } else { window })
 }
 

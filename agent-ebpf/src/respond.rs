@@ -19,7 +19,7 @@
 use agent_common::{
     mode,
     respond::{
-        self, quota_window, retry_after_secs, Responded, ResponseTemplate, RATE_FIELDS_MAX,
+        self, quota_window_per, retry_after_secs_per, Responded, ResponseTemplate, RATE_FIELDS_MAX,
         RESPONDED_OPEN, RESPONDED_SERVER_RESET, RESPONSE_MAX, TEMPLATE_BYTES,
     },
     ListenerConfig, Verdict, MAX_STAGES,
@@ -262,10 +262,12 @@ impl Fields<'_> {
     #[inline(always)]
     fn num(&mut self, n: u64) {
         let mut x = if n > 999_999_999 { 999_999_999 } else { n };
+        // A divisor LLVM cannot see: one by a constant becomes a 128-bit multiplication.
+        let ten = opaque(10) as u64;
         let mut k = 0usize;
         for _ in 0..9 {
-            self.b.digits[k & 15] = b'0' + (x % 10) as u8;
-            x /= 10;
+            self.b.digits[k & 15] = b'0' + (x % ten) as u8;
+            x /= ten;
             k += 1;
             if x == 0 {
                 break;
@@ -300,8 +302,10 @@ fn rate_fields(b: &mut RespondBuf) -> Result<usize, ()> {
     let s = &c.stages[stage as usize & (MAX_STAGES - 1)];
     let cfg = CONFIG.get(0).ok_or(())?;
     let now = crate::judge::now(cfg);
-    let retry = retry_after_secs(tat, now, s.tolerance_ns);
-    let (quota, window) = quota_window(s.interval_ns, s.tolerance_ns);
+    // Divisors LLVM cannot see (see `retry_after_secs_per`).
+    let sec = opaque(agent_common::gcra::NANOS_PER_SEC as usize) as u64;
+    let retry = retry_after_secs_per(tat, now, s.tolerance_ns, sec);
+    let (quota, window) = quota_window_per(s.interval_ns, s.tolerance_ns, sec);
     let mut w = Fields { b, pos: 0 };
     w.put(b"Retry-After: ");
     w.num(retry);
