@@ -168,6 +168,9 @@ pub fn retry_after_secs(tat: u64, now: u64, tolerance: u64) -> u64 {
 /// which BPF does not have.
 #[inline(always)]
 pub fn retry_after_secs_per(tat: u64, now: u64, tolerance: u64, sec: u64) -> u64 {
+    if sec == 0 {
+        return 1;
+    }
     let admit_at = tat.saturating_sub(tolerance);
     let wait = admit_at.saturating_sub(now);
     let secs = wait.div_ceil(sec);

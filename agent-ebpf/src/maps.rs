@@ -149,6 +149,9 @@ pub struct RespondBuf {
     pub hdr: [u8; 256],
     /// The verdict being answered, passed through here (see `respond::respond`).
     pub verdict: u64,
+    /// Counts passed through here so the verifier forgets which of their values a path had
+    /// (see `respond::Fields`).
+    pub launder: u64,
     pub id: FlowId,
     pub entry: Responded,
 }
