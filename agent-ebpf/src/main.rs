@@ -71,6 +71,39 @@ pub fn rampart_xdp_request(ctx: XdpContext) -> u32 {
     xdp_action_of(enforce(&pkt, judge::request_run(&pkt)))
 }
 
+/// The respond action's answer (XDP), reached by tail call only (`respond::SLOT`).
+#[xdp(frags)]
+#[inline(always)]
+pub fn rampart_xdp_respond(ctx: XdpContext) -> u32 {
+    let pkt = Xdp(&ctx);
+    xdp_action_of(answered(&pkt))
+}
+
+/// The respond action's answer (TC), reached by tail call only (`respond::SLOT`).
+#[classifier]
+#[inline(always)]
+pub fn rampart_tc_respond(ctx: TcContext) -> i32 {
+    let pkt = Tc(&ctx);
+    tc_action_of(&pkt, answered(&pkt))
+}
+
+/// The answering program's verdict: the response, or a reset when none could be made.
+#[inline(always)]
+fn answered(p: &impl Packet) -> Act {
+    if respond::answer(p).is_ok() {
+        return Act::Bounce;
+    }
+    let flow = match parse::parse(p) {
+        Ok(Some(f)) => f,
+        _ => return Act::Drop,
+    };
+    match reply::reset(p, &flow) {
+        Ok(Reset::ToServer) => Act::PassReset,
+        Ok(Reset::ToClient) => Act::Bounce,
+        Err(()) => Act::Drop,
+    }
+}
+
 #[classifier]
 #[inline(always)]
 pub fn rampart_tc(ctx: TcContext) -> i32 {
@@ -138,10 +171,9 @@ fn enforce(p: &impl Packet, d: Decision) -> Act {
             deny_action::RESET => {}
             deny_action::RESPOND => match answer(d.verdict) {
                 Answer::Status(_) => {
-                    if respond::respond(p, &flow, &l, d.verdict).is_ok() {
-                        return Act::Bounce;
-                    }
-                    // No response could be made: the connection is reset instead.
+                    // On in the answering program; back here only if the tail call
+                    // failed, and then the connection is reset instead.
+                    respond::hand_over(p, &l, d.verdict);
                 }
                 Answer::Reset => {}
                 Answer::Drop => return Act::Drop,

@@ -110,10 +110,10 @@ pub static PARTIAL: LruHashMap<FlowId, Partial> =
 /// entry walks the stream to each request, the request program judges it. Two programs,
 /// each within the verifier's budget on Linux 6.1. Written by userspace at load.
 #[map]
-pub static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(3, 0);
 /// The same for the TC programs.
 #[map]
-pub static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// Each `respond` listener's response to each verdict, by `respond::index(listener id,
 /// verdict)` (`agent_common::respond`). Written by userspace at attach. Not pinned.
@@ -147,8 +147,10 @@ pub struct RespondBuf {
     pub digits: [u8; 16],
     /// The L2–L4 headers, moved through here when a response grows the frame at its front.
     pub hdr: [u8; 256],
-    /// The verdict being answered, passed through here (see `respond::respond`).
+    /// The verdict being answered and its listener's id, from the program that judged it
+    /// to the one that answers it (`respond::hand_over`).
     pub verdict: u64,
+    pub listener: u64,
     /// Counts passed through here so the verifier forgets which of their values a path had
     /// (see `respond::Fields`).
     pub launder: u64,

@@ -143,19 +143,47 @@ pub fn follow_up(p: &impl Packet, f: &Flow, l: &ListenerConfig) -> Option<Follow
     )
 }
 
-/// Turns the denied segment into listener `l`'s response to `verdict`, to be sent back to
-/// the client. `Err`: no response (none configured, or the packet could not take it); the
-/// caller resets the connection instead, never letting the request through.
+/// The slot of the jump maps (`JUMP_XDP`, `JUMP_TC`) of the program that answers: the
+/// judging programs hand the denied segment over to it (`hand_over`), so that neither
+/// carries the response's code through the verifier's walk of every judgement.
+pub const SLOT: u32 = 2;
+
+/// Hands the denied segment over to the answering program (`answer`), with its verdict
+/// and listener; returns only if the tail call failed.
 #[inline(always)]
-pub fn respond(p: &impl Packet, f: &Flow, l: &ListenerConfig, verdict: Verdict) -> Result<(), ()> {
+pub fn hand_over(p: &impl Packet, l: &ListenerConfig, verdict: Verdict) {
+    let Ok(b) = buf() else {
+        return;
+    };
+    b.verdict = verdict as u64;
+    b.listener = l.id as u64;
+    p.rerun(SLOT);
+}
+
+/// The answering program's work: the segment the judging program handed over becomes
+/// the response. `Err`: no response could be made (the caller resets instead).
+#[inline(always)]
+pub fn answer(p: &impl Packet) -> Result<(), ()> {
+    let mut f = match crate::parse::parse(p) {
+        Ok(Some(f)) => f,
+        _ => return Err(()),
+    };
+    if f.flags & TCP_SYN != 0 {
+        // Data in a SYN starts after the SYN's sequence number (as `judge` reads it).
+        f.seq = f.seq.wrapping_add(1);
+    }
     let b = buf()?;
-    // Through map memory: each verdict reaches here on a path of its own, and read back
-    // the verifier checks what follows once for them all.
-    // SAFETY: a field of the per-CPU map value.
-    unsafe { core::ptr::write_volatile(&mut b.verdict, verdict as u64) };
-    // SAFETY: as above.
-    let v = unsafe { core::ptr::read_volatile(&b.verdict) } as u32;
-    let tpl = RESPONSES.get(respond::index(l.id, v)).ok_or(())?;
+    let (v, id) = (b.verdict as u32, b.listener as u32);
+    respond(p, &f, id, v)
+}
+
+/// Turns the denied segment into listener `id`'s response to verdict `v`, to be sent back
+/// to the client. `Err`: no response (none configured, or the packet could not take it);
+/// the caller resets the connection instead, never letting the request through.
+#[inline(always)]
+fn respond(p: &impl Packet, f: &Flow, id: u32, v: u32) -> Result<(), ()> {
+    let b = buf()?;
+    let tpl = RESPONSES.get(respond::index(id, v)).ok_or(())?;
     let total = assemble(b, tpl, v == Verdict::Throttled as u32)?;
     let tcp = ptr_at::<TcpHdr>(p, f.l4_off)?;
     // SAFETY: bounds checked.
@@ -347,7 +375,15 @@ fn csum_bytes(p: &impl Packet, off: usize, len: usize) -> Result<u64, ()> {
     p.load(off, b.hdr.as_mut_ptr(), copy_len(len, 64))?;
     let n = copy_len(len, 64) & !3;
     // SAFETY: `hdr` holds 256 bytes, of which the first `n` ≤ 64 were just written.
-    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, b.hdr.as_mut_ptr() as *mut u32, n, 0) };
+    let s = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            b.hdr.as_mut_ptr() as *mut u32,
+            n,
+            0,
+        )
+    };
     if s < 0 {
         return Err(());
     }
@@ -520,11 +556,7 @@ fn turn_options(p: &impl Packet, f: &Flow) -> Result<(), ()> {
         let o = ptr_at_mut::<[u8; 12]>(p, start)?;
         let (v, e) = (tsval.to_ne_bytes(), tsecr.to_ne_bytes());
         // SAFETY: bounds checked.
-        unsafe {
-            *o = [
-                1, 1, 8, 10, e[0], e[1], e[2], e[3], v[0], v[1], v[2], v[3],
-            ]
-        };
+        unsafe { *o = [1, 1, 8, 10, e[0], e[1], e[2], e[3], v[0], v[1], v[2], v[3]] };
     }
     Ok(())
 }

@@ -28,6 +28,10 @@ pub const TC_PROGRAM: &str = "rampart_tc";
 /// The request judges each hook's program tail-calls (never attached).
 pub const XDP_REQUEST_PROGRAM: &str = "rampart_xdp_request";
 pub const TC_REQUEST_PROGRAM: &str = "rampart_tc_request";
+/// The `respond` action's answer to a denied request, which the entry and request
+/// programs tail-call (never attached).
+pub const XDP_RESPOND_PROGRAM: &str = "rampart_xdp_respond";
+pub const TC_RESPOND_PROGRAM: &str = "rampart_tc_respond";
 
 /// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
 /// everything a restarted daemon adopts (policy, runtime state, counters, the event ring).
@@ -256,11 +260,14 @@ impl Datapath {
             && loaded_xdp(&mut self.ebpf, XDP_REQUEST_PROGRAM)?
                 .fd()
                 .is_ok()
+            && loaded_xdp(&mut self.ebpf, XDP_RESPOND_PROGRAM)?
+                .fd()
+                .is_ok()
         {
             fill_jumps(
                 &mut self.ebpf,
                 "JUMP_XDP",
-                [XDP_PROGRAM, XDP_REQUEST_PROGRAM],
+                [XDP_PROGRAM, XDP_REQUEST_PROGRAM, XDP_RESPOND_PROGRAM],
             )?;
         }
         loaded_xdp(&mut self.ebpf, XDP_PROGRAM)
@@ -268,13 +275,17 @@ impl Datapath {
 
     /// The enforcing TC program, loaded on first use (see `xdp_program`).
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        for name in [TC_PROGRAM, TC_REQUEST_PROGRAM] {
+        for name in [TC_PROGRAM, TC_REQUEST_PROGRAM, TC_RESPOND_PROGRAM] {
             let p: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             if p.fd().is_err() {
                 p.load().map_err(prog_err(name))?;
             }
         }
-        fill_jumps(&mut self.ebpf, "JUMP_TC", [TC_PROGRAM, TC_REQUEST_PROGRAM])?;
+        fill_jumps(
+            &mut self.ebpf,
+            "JUMP_TC",
+            [TC_PROGRAM, TC_REQUEST_PROGRAM, TC_RESPOND_PROGRAM],
+        )?;
         program(&mut self.ebpf, TC_PROGRAM)
     }
 
@@ -378,7 +389,7 @@ impl Datapath {
 fn fill_jumps(
     ebpf: &mut Ebpf,
     map: &'static str,
-    names: [&'static str; 2],
+    names: [&'static str; 3],
 ) -> Result<(), DatapathError> {
     let mut fds = Vec::new();
     for name in names {
@@ -472,8 +483,10 @@ mod tests {
             [
                 TC_PROGRAM,
                 TC_REQUEST_PROGRAM,
+                TC_RESPOND_PROGRAM,
                 XDP_PROGRAM,
-                XDP_REQUEST_PROGRAM
+                XDP_REQUEST_PROGRAM,
+                XDP_RESPOND_PROGRAM
             ]
         );
     }

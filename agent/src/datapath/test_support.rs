@@ -17,8 +17,8 @@ use aya::{
 use super::{
     error::{map_err, prog_err, DatapathError},
     load::{
-        loaded_xdp, take, LoadOptions, TC_PROGRAM, TC_REQUEST_PROGRAM, XDP_PROGRAM,
-        XDP_REQUEST_PROGRAM,
+        loaded_xdp, take, LoadOptions, TC_PROGRAM, TC_REQUEST_PROGRAM, TC_RESPOND_PROGRAM,
+        XDP_PROGRAM, XDP_REQUEST_PROGRAM, XDP_RESPOND_PROGRAM,
     },
     Datapath,
 };
@@ -44,8 +44,10 @@ impl Datapath {
         for name in [
             XDP_PROGRAM,
             XDP_REQUEST_PROGRAM,
+            XDP_RESPOND_PROGRAM,
             TC_PROGRAM,
             TC_REQUEST_PROGRAM,
+            TC_RESPOND_PROGRAM,
         ] {
             let p = self.ebpf.program(name).ok_or(DatapathError::Program {
                 name,

@@ -206,6 +206,14 @@ fn s13_denied_requests_are_answered_with_their_status() {
         let slow = gw
             .issue(side, "trickle", &["all"])
             .unwrap_or_else(|e| panic!("{e}"));
+        // Trickle tokens of their own for the direct clients: admitted once, then throttled.
+        let mut direct_slow = Vec::new();
+        for _ in 0..2 {
+            direct_slow.push(
+                gw.issue(side, "trickle", &["all"])
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
         let up = gw.upstream(side);
         let id = |what: &str| format!("s13-{name}-{what}");
 
@@ -269,12 +277,8 @@ fn s13_denied_requests_are_answered_with_their_status() {
             ),
             Side::Loopback => (gw.topo().gateway(), lo_v6.addr()),
         };
-        for addr in [upstream_addr(&gw, side), v6] {
+        for (addr, slow) in [upstream_addr(&gw, side), v6].into_iter().zip(&direct_slow) {
             let v = if addr.is_ipv6() { "v6" } else { "v4" };
-            // A trickle token of its own: admitted once, then throttled.
-            let slow = gw
-                .issue(side, "trickle", &["all"])
-                .unwrap_or_else(|e| panic!("{e}"));
             let first = id(&format!("direct-{v}-slow-1"));
             let req = request_bytes("/v1/orders", &first, Auth::Bearer(&slow.token));
             let (a, _) = direct(&gw, addr, &req, &first);

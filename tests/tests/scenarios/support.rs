@@ -24,7 +24,7 @@ use serde_json::Value;
 /// quarter of the rates, in the emulated 6.1 VM, whose TLS gateway offers only 30–85/s
 /// while the other lane runs beside it); `demote` is the
 /// same shape compressed to 1 s, with a breach penalty of one stage for 3 s; `trickle`
-/// (one request per 4 s) is the respond scenario's Retry-After.
+/// (two at once, then one per 4 s) is the respond scenario's Retry-After.
 pub const POLICY: &str = r#"[[contract]]
 name = "standard"
 stages = [{ after = "0s", rate = 1000, burst = 1000 }]
@@ -53,7 +53,7 @@ penalty = { demote = 1, cooldown = "3s" }
 
 [[contract]]
 name = "trickle"
-stages = [{ after = "0s", rate = 0.25, burst = 0 }]
+stages = [{ after = "0s", rate = 0.25, burst = 1 }]
 
 [[scope]]
 name = "all"
