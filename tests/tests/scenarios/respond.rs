@@ -11,7 +11,7 @@ use std::{
 };
 
 use rampart_tests::{
-    attach_support::{random_token, request_bytes, Auth},
+    attach_support::{random_token, request_bytes, Auth, HttpConn},
     client::BearerToken,
     gateway::{Gateway, Side},
     netns::Netns,
@@ -241,16 +241,21 @@ fn s13_denied_requests_are_answered_with_their_status() {
             Some("Bearer realm=\"api\", error=\"insufficient_scope\"")
         );
 
-        // 0.25/s, no burst: the first passes, the next is throttled until 4 s later.
-        let a = through_gateway(&gw, side, "/v1/orders", Some(&slow.token), &id("slow-1"));
-        assert_eq!(a.status, 200, "{name}: first request of a trickle token");
+        // 0.25/s, burst 1: two pass at once, the next is throttled until 4 s after them.
+        for n in ["slow-1", "slow-1b"] {
+            let a = through_gateway(&gw, side, "/v1/orders", Some(&slow.token), &id(n));
+            assert_eq!(
+                a.status, 200,
+                "{name}: {n}: the first two of a trickle token"
+            );
+        }
         let a = through_gateway(&gw, side, "/v1/orders", Some(&slow.token), &id("slow-2"));
         a.assert_problem(429, "throttled", &format!("{name}: throttled"));
         let retry = a.retry_after(name);
         assert!((1..=4).contains(&retry), "{name}: Retry-After {retry}");
         assert_eq!(
             a.header("ratelimit-policy"),
-            Some("\"ramp\";q=1;w=4"),
+            Some("\"ramp\";q=2;w=8"),
             "{name}: the stage's quota and window"
         );
         assert_eq!(
@@ -279,13 +284,20 @@ fn s13_denied_requests_are_answered_with_their_status() {
         };
         for (addr, slow) in [upstream_addr(&gw, side), v6].into_iter().zip(&direct_slow) {
             let v = if addr.is_ipv6() { "v6" } else { "v4" };
-            let first = id(&format!("direct-{v}-slow-1"));
-            let req = request_bytes("/v1/orders", &first, Auth::Bearer(&slow.token));
-            let (a, _) = direct(&gw, addr, &req, &first);
-            assert_eq!(
-                a.status, 200,
-                "{name}: direct to {addr}: a trickle token's first request"
-            );
+            for n in 1..=2 {
+                let first = id(&format!("direct-{v}-slow-{n}a"));
+                let req = request_bytes("/v1/orders", &first, Auth::Bearer(&slow.token));
+                // Served, on a connection the upstream keeps open: read by length.
+                let mut conn = HttpConn::connect(gw.topo().gateway(), addr)
+                    .expect("entering the gateway ns")
+                    .unwrap_or_else(|e| panic!("{first}: connecting: {e}"));
+                let ex = conn.exchange(&req, Duration::from_secs(5));
+                assert_eq!(
+                    ex.status(),
+                    Some(200),
+                    "{name}: direct to {addr}: trickle request {n}"
+                );
+            }
             for (label, path, auth, status, verdict) in [
                 ("missing", "/v1/orders", Auth::None, 401, "missing"),
                 (
