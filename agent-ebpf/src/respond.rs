@@ -96,6 +96,10 @@ pub fn watching() -> bool {
 /// A segment of a `respond` listener's connection, before it is judged: `Some` when the
 /// connection was answered and the segment is one of the turns of the module comment
 /// (already rewritten), `None` when it is to be judged as usual.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the keys and entries (map memory) would be copied to the stack"
+)]
 #[inline(always)]
 pub fn follow_up(p: &impl Packet, f: &Flow, l: &ListenerConfig) -> Option<Follow> {
     if l.mode != mode::ENFORCE || l.action != agent_common::deny_action::RESPOND || !watching() {
@@ -180,6 +184,10 @@ pub fn answer(p: &impl Packet) -> Result<(), ()> {
 /// Turns the denied segment into listener `id`'s response to verdict `v`, to be sent back
 /// to the client. `Err`: no response (none configured, or the packet could not take it);
 /// the caller resets the connection instead, never letting the request through.
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the keys and entries (map memory) would be copied to the stack"
+)]
 #[inline(always)]
 fn respond(p: &impl Packet, f: &Flow, id: u32, v: u32) -> Result<(), ()> {
     let b = buf()?;
@@ -336,7 +344,7 @@ fn rate_fields(b: &mut RespondBuf) -> Result<usize, ()> {
     let scratch = SCRATCH.get_ptr(0).ok_or(())?;
     // SAFETY: the per-CPU scratch map value, valid for this program run.
     let fp = unsafe { (*scratch).seen.fingerprint };
-    let info = TOKENS.get_ptr(&fp).ok_or(())?;
+    let info = TOKENS.get_ptr(fp).ok_or(())?;
     // SAFETY: map value pointer valid for this run.
     let (contract, slot) = unsafe { ((*info).contract, (*info).state_slot) };
     let st = TOKEN_STATE.get_ptr(slot).ok_or(())?;
@@ -368,7 +376,7 @@ const _: () = assert!(respond::POLICY_NAME.len() == 4);
 /// copied out and summed by one helper call: no loop for the verifier to walk per path.
 #[inline(always)]
 fn csum_bytes(p: &impl Packet, off: usize, len: usize) -> Result<u64, ()> {
-    if len == 0 || len > 60 || len % 4 != 0 {
+    if len == 0 || len > 60 || !len.is_multiple_of(4) {
         return Err(());
     }
     let b = buf()?;

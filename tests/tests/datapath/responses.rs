@@ -133,7 +133,10 @@ fn pass(hook: Hook) -> u32 {
     }
 }
 
-fn shapes() -> Vec<(&'static str, Box<dyn Fn(Frame) -> Frame>)> {
+/// A frame shape: what it does to a plain IPv4 frame.
+type Shape = Box<dyn Fn(Frame) -> Frame>;
+
+fn shapes() -> Vec<(&'static str, Shape)> {
     vec![
         ("IPv4", Box::new(|f| f)),
         ("IPv6", Box::new(|f: Frame| f.v6())),
