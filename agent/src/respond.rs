@@ -41,7 +41,7 @@ impl Default for ResponseConfig {
 
 /// Longest `realm` and `problem_type`: with them every response fits its template.
 pub const MAX_REALM: usize = 32;
-pub const MAX_PROBLEM_TYPE: usize = 64;
+pub const MAX_PROBLEM_TYPE: usize = 60;
 
 fn plain(s: &str) -> bool {
     s.bytes()
