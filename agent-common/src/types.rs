@@ -238,6 +238,14 @@ pub const TOKEN_ANY_SCOPE: u32 = 1;
 /// carries it for a revoked fingerprint, a revocation sets it on the installed entry, and
 /// loading adopted maps sets it wherever a daemon that predates it left it out.
 pub const TOKEN_REVOKED: u32 = 1 << 1;
+/// Token flag, only in `NEXT_TOKENS`: the generation being switched to removes the token.
+pub const TOKEN_ABSENT: u32 = 1 << 2;
+
+/// `GENERATION[0]`: the token generation the programs judge by (low 32 bits) and, in this
+/// bit, whether a switch to it is under way: then `NEXT_TOKENS` holds the entries the
+/// generation changes or removes, and is read before `TOKENS` (agent-ebpf's `maps::token`;
+/// userspace's side is agent/src/datapath/switch.rs).
+pub const GENERATION_SWITCHING: u64 = 1 << 32;
 
 /// `TOKENS` value: what a fingerprint may do. Times are CLOCK_TAI nanoseconds, 0 = unset.
 #[repr(C)]
@@ -255,7 +263,10 @@ pub struct TokenInfo {
     /// `install_token` caller passes): one slot per installed fingerprint, zeroed before
     /// the entry that names it is written.
     pub state_slot: u32,
-    pub _pad: u32,
+    /// The token generation from which the entry applies: the programs ignore a `TOKENS`
+    /// entry of a later generation than `GENERATION`'s (it is a new token of a generation
+    /// not switched to yet). 0 in pins from before generations: always applies.
+    pub generation: u32,
 }
 
 /// One ramp stage: from `after_ns` past the ramp start, GCRA with emission interval

@@ -19,7 +19,7 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_tai_ns;
 
 use crate::{
     bearer, events, headers,
-    maps::{CONFIG, LISTENERS, PORTS, SCRATCH, TOKENS, TOKEN_STATS},
+    maps::{self, CONFIG, LISTENERS, PORTS, SCRATCH, TOKEN_STATS},
     packet::{copy_in, copy_len, Packet, HEADER_OFF_MASK},
     parse::{self, Flow, TCP_ACK, TCP_SYN},
     ramp,
@@ -369,7 +369,7 @@ fn judge_block(
         return Verdict::Malformed;
     };
     let fp = bearer::token_fingerprint(&cfg.key, buf, &token);
-    let Some(info) = TOKENS.get_ptr(fp) else {
+    let Some(info) = maps::token(&fp) else {
         // Only now is the grammar checked (see `token_fingerprint`); a malformed token
         // gets no fingerprint in its event.
         if !bearer::token_is_valid(buf, &token) {
@@ -379,8 +379,6 @@ fn judge_block(
         return Verdict::Unknown;
     };
     seen.fingerprint = fp;
-    // SAFETY: map value pointer valid for this run.
-    let info: TokenInfo = unsafe { *info };
     let v = known_token(cfg, &info, buf, line, method);
     // An admission is counted in TOKEN_STATE by `ramp::admit_request`.
     if v != Verdict::Allow {

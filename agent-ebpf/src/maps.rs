@@ -4,7 +4,8 @@
 use agent_common::{
     Contract, EventBudget, Fingerprint, FlowId, FlowState, GlobalConfig, ListenerConfig,
     ListenerKey, Scope, TokenInfo, TokenState, TokenStats, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PARTIAL,
-    DEFAULT_MAX_TOKENS, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES, SCAN_BYTES, VERDICT_COUNT,
+    DEFAULT_MAX_TOKENS, GENERATION_SWITCHING, MAX_CONTRACTS, MAX_LISTENERS, MAX_SCOPES, SCAN_BYTES,
+    TOKEN_ABSENT, VERDICT_COUNT,
 };
 use aya_ebpf::{
     macros::map,
@@ -33,6 +34,50 @@ pub static LISTENERS: HashMap<ListenerKey, ListenerConfig> = HashMap::with_max_e
 #[map]
 pub static TOKENS: HashMap<Fingerprint, TokenInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_TOKENS, 0);
+
+/// The token generation the programs judge by, and whether a switch to it is under way
+/// (`agent_common::GENERATION_SWITCHING`). Written by userspace with one atomic store
+/// through its mmap.
+#[map]
+pub static GENERATION: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The entries the generation being switched to changes or removes (`TOKEN_ABSENT`), read
+/// before TOKENS while the switch is under way: userspace fills it, flips `GENERATION`,
+/// brings TOKENS up to it and empties it again. Not preallocated: it holds entries only
+/// during a switch, and its capacity costs only its buckets. Written by userspace. Set at
+/// load.
+#[map]
+pub static NEXT_TOKENS: HashMap<Fingerprint, TokenInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_TOKENS / 4, BPF_F_NO_PREALLOC);
+
+/// A token's entry in the generation the programs judge by: its `NEXT_TOKENS` entry while a
+/// switch is under way, else its `TOKENS` entry unless that belongs to a later generation.
+/// Copied out at once: a program never reads an element after userspace may replace it.
+#[inline(always)]
+pub fn token(fp: &Fingerprint) -> Option<TokenInfo> {
+    let word = match GENERATION.get_ptr(0) {
+        // SAFETY: an aligned u64 in the map value, written by userspace with atomic stores.
+        Some(w) => unsafe { core::ptr::read_volatile(w) },
+        None => 0,
+    };
+    if word & GENERATION_SWITCHING != 0 {
+        if let Some(next) = NEXT_TOKENS.get_ptr(fp) {
+            // SAFETY: map value pointer valid for this run.
+            let info = unsafe { *next };
+            return if info.flags & TOKEN_ABSENT != 0 {
+                None
+            } else {
+                Some(info)
+            };
+        }
+    }
+    // SAFETY: map value pointer valid for this run.
+    let info = unsafe { *TOKENS.get_ptr(fp)? };
+    if info.generation > word as u32 {
+        return None;
+    }
+    Some(info)
+}
 
 /// Revoked fingerprints → revocation time. Written by userspace; never cleared by a reload.
 /// The programs read a known token's revocation from its `TOKEN_REVOKED` flag, which

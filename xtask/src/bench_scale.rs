@@ -319,6 +319,10 @@ fn one(root: &Path, bin: &Path, tokens: usize, imported: bool) -> Result<Vec<(St
         "token list".to_owned(),
         secs(timed(&mut rampart(&["token", "list", "--json"]))?),
     ));
+    rows.push((
+        "token list --limit 100".to_owned(),
+        secs(timed(&mut rampart(&["token", "list", "--limit", "100"]))?),
+    ));
     let show = if imported { fp(tokens / 2) } else { fp(0) };
     let d = if imported {
         timed(&mut rampart(&["token", "show", &show]))?

@@ -69,6 +69,16 @@ enum Command {
         /// Include revoked and expired tokens.
         #[arg(long)]
         all: bool,
+        /// Only tokens on this contract.
+        #[arg(long, value_name = "CONTRACT")]
+        contract: Option<String>,
+        /// Print at most this many tokens (then say how to go on).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Start after this token (tokens are listed in the order they were recorded).
+        #[arg(long, value_name = "FINGERPRINT", value_parser = parse_fp)]
+        after: Option<Fp>,
+        /// A JSON array of the tokens, one per line.
         #[arg(long)]
         json: bool,
     },
@@ -174,21 +184,21 @@ async fn exec(
             expiring,
             idle,
             all,
+            contract,
+            limit,
+            after,
             json,
         } => {
-            let req = Request::TokenList {
+            let query = ListQuery {
                 expiring_within_secs: expiring.map(secs),
                 idle_secs: idle.map(secs),
                 all,
+                contract,
+                limit,
+                after,
+                json,
             };
-            let body: ListBody = call(client, &req).await?;
-            if json {
-                serde_json::to_writer_pretty(&mut *out, &body.tokens)?;
-                writeln!(out)?;
-            } else {
-                print_table(&body.tokens, out)?;
-            }
-            Ok(())
+            list(client, query, LIST_PAGE, out, err).await
         }
         Command::Import { file } => super::token_io::import(client, file, out, err).await,
         Command::Export => super::token_io::export(client, out).await,
@@ -248,13 +258,88 @@ fn print_issued(
     Ok(())
 }
 
-fn print_table(tokens: &[TokenView], out: &mut impl Write) -> io::Result<()> {
+/// Tokens per `token.list` request: the daemon answers each in a few milliseconds,
+/// and nothing holds more than a page in memory.
+const LIST_PAGE: usize = 2048;
+
+/// What `token list` was asked for.
+struct ListQuery {
+    expiring_within_secs: Option<u64>,
+    idle_secs: Option<u64>,
+    all: bool,
+    contract: Option<String>,
+    limit: Option<usize>,
+    after: Option<Fp>,
+    json: bool,
+}
+
+/// `token list`: `page` tokens per request to the daemon, each page printed as it comes.
+async fn list(
+    client: &mut Client,
+    query: ListQuery,
+    page: usize,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (limit, mut after, json) = (query.limit, query.after, query.json);
+    let mut printed = 0usize;
+    if json {
+        write!(out, "[")?;
+    } else {
+        print_header(out)?;
+    }
+    loop {
+        let want = page.min(limit.map_or(usize::MAX, |l| l - printed));
+        if want == 0 {
+            break;
+        }
+        let req = Request::TokenList {
+            expiring_within_secs: query.expiring_within_secs,
+            idle_secs: query.idle_secs,
+            all: query.all,
+            contract: query.contract.clone(),
+            after,
+            limit: Some(u32::try_from(want).unwrap_or(u32::MAX)),
+        };
+        let body: ListBody = call(client, &req).await?;
+        for t in &body.tokens {
+            if json {
+                write!(out, "{}\n", if printed == 0 { "" } else { "," })?;
+                serde_json::to_writer(&mut *out, t)?;
+            } else {
+                print_row(t, out)?;
+            }
+            printed += 1;
+        }
+        out.flush()?;
+        after = body.next;
+        if after.is_none() {
+            break;
+        }
+    }
+    if json {
+        writeln!(out, "\n]")?;
+    }
+    if let (Some(next), Some(_)) = (after, limit) {
+        writeln!(
+            err,
+            "{printed} tokens shown; more may follow: --after {}",
+            next.0
+        )?;
+    }
+    Ok(())
+}
+
+fn print_header(out: &mut impl Write) -> io::Result<()> {
     writeln!(
         out,
         "{:<32}  {:<7}  {:<16}  {:<20}  {:<20}  LABEL",
         "FINGERPRINT", "STATUS", "CONTRACT", "EXPIRES", "LAST SEEN"
-    )?;
-    for t in tokens {
+    )
+}
+
+fn print_row(t: &TokenView, out: &mut impl Write) -> io::Result<()> {
+    {
         let last = t
             .runtime
             .as_ref()
@@ -450,6 +535,98 @@ prefix = "/v1/"
         Ok((String::from_utf8(out)?, String::from_utf8(err)?))
     }
 
+    /// Issues `n` tokens; their fingerprints in issue order (the tokens are dropped).
+    async fn issue_many(sock: &Path, n: usize) -> Vec<Fingerprint> {
+        let mut fps = Vec::new();
+        for _ in 0..n {
+            let (out, _) = cli(
+                sock,
+                Command::Issue {
+                    contract: "standard".into(),
+                    scopes: vec!["read".into()],
+                    ttl: None,
+                    label: None,
+                },
+            )
+            .await
+            .unwrap();
+            fps.push(fingerprint(&KEY, out.trim_end().as_bytes()));
+        }
+        fps
+    }
+
+    fn listed(out: &str) -> Vec<Fingerprint> {
+        let views: Vec<TokenView> = serde_json::from_str(out).expect("a JSON array");
+        views.iter().map(|v| v.fingerprint.0).collect()
+    }
+
+    /// `token list` pages through the daemon's tokens in issue order, each once, however
+    /// many a request carries; `--limit` stops and says where to go on, `--after` goes on.
+    #[tokio::test]
+    async fn list_pages_through_every_token_in_issue_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_kernel, task, sock) = start(dir.path()).await;
+        let fps = issue_many(&sock, 7).await;
+        let query = |limit: Option<usize>, after: Option<Fingerprint>| ListQuery {
+            expiring_within_secs: None,
+            idle_secs: None,
+            all: false,
+            contract: None,
+            limit,
+            after: after.map(Fp),
+            json: true,
+        };
+        for page in [1, 2, 3, 7, 100] {
+            let mut client = Client::connect(&sock).await.unwrap();
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            list(&mut client, query(None, None), page, &mut out, &mut err)
+                .await
+                .unwrap();
+            assert_eq!(
+                listed(&String::from_utf8(out).unwrap()),
+                fps,
+                "pages of {page}"
+            );
+            assert!(err.is_empty());
+        }
+
+        let list_cmd = |limit: Option<usize>, after: Option<Fingerprint>| Command::List {
+            expiring: None,
+            idle: None,
+            all: false,
+            contract: None,
+            limit,
+            after: after.map(Fp),
+            json: true,
+        };
+        let (out, err) = cli(&sock, list_cmd(Some(3), None)).await.unwrap();
+        assert_eq!(listed(&out), fps[..3]);
+        assert!(err.contains(&format!("--after {}", fps[2])), "{err}");
+        let (out, err) = cli(&sock, list_cmd(None, Some(fps[2]))).await.unwrap();
+        assert_eq!(listed(&out), fps[3..]);
+        assert!(err.is_empty(), "{err}");
+        let (out, _) = cli(
+            &sock,
+            Command::List {
+                expiring: None,
+                idle: None,
+                all: false,
+                contract: None,
+                limit: None,
+                after: None,
+                json: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            out.lines().count(),
+            1 + fps.len(),
+            "a header and a row each"
+        );
+        task.abort();
+    }
+
     #[tokio::test]
     async fn issue_prints_token_once_then_list_show_revoke() {
         let dir = tempfile::tempdir().unwrap();
@@ -487,6 +664,9 @@ prefix = "/v1/"
                 expiring: Some(Duration::from_secs(2 * 86_400)),
                 idle: None,
                 all: false,
+                contract: None,
+                limit: None,
+                after: None,
                 json: true,
             },
         )
@@ -535,6 +715,9 @@ prefix = "/v1/"
                 expiring: None,
                 idle: None,
                 all: false,
+                contract: None,
+                limit: None,
+                after: None,
                 json: false,
             },
         )

@@ -1,21 +1,18 @@
 //! Writing a compiled policy into the datapath, at start and on reload.
 //!
-//! What a request sees: the programs judge it by its token's one `TOKENS` entry (an
-//! update links a new element in the old one's place, never a byte copy into the element
-//! a lookup returned; but a preallocated map hands the replaced element to the next
-//! update at once, so a lookup a few hundred nanoseconds old can read another token's new
-//! entry: a limit of BPF hash maps, see the README) and by the contract slot and scope
-//! slots that entry names. A reload never rewrites a slot
-//! that an entry may still name: a changed contract or scope goes into a new slot
-//! (`stabilize`), the entries that use it are rewritten to name the new one, and the old
-//! slot keeps its old definition. So every request is judged wholly by the old generation
-//! or wholly by the new one for its token, never by a mix. Tokens switch one after another
-//! (in batches of 4096 entries per syscall), not all at the same instant.
+//! What a request sees: the programs judge it by its token's entry in the generation
+//! they judge by, and by the contract slot and scope slots that entry names. Every token
+//! entry an application writes or removes, static or issued, goes into one generation,
+//! which the programs switch to at one instant (datapath/switch.rs). A reload never
+//! rewrites a slot that an entry may still name: a changed contract or scope goes into a
+//! new slot (`stabilize`), the entries that use it are rewritten to name the new one (in
+//! the generation), and the old slot keeps its old definition. So every request is judged
+//! wholly by the old generation or wholly by the new one, and a request judged after
+//! another never by an older generation than it.
 //!
-//! Order keeps the rest right: definitions first, then every entry the new policy adds or
-//! changes, then removals (no valid token is denied in between); revocations are never
-//! cleared, and the `Datapath` facade flags a revoked fingerprint's entry whenever it
-//! writes one.
+//! Order keeps the rest right: revocations from the store first, then definitions (into
+//! slots no entry names yet), then the generation; revocations are never cleared, and the
+//! `Datapath` facade flags a revoked fingerprint's entry whenever it writes one.
 
 use std::collections::{HashMap, HashSet};
 
@@ -58,7 +55,7 @@ pub struct Applied {
     pub removed: usize,
     /// Tokens whose contract changed, whose ramp restarts.
     pub reset: usize,
-    /// Static tokens' TOKENS entries written (new or changed; unchanged ones are not).
+    /// TOKENS entries written (new or changed, static or issued; unchanged ones are not).
     pub written: usize,
     /// Active issued tokens that do not resolve under the applied policy.
     pub unresolved: usize,
@@ -92,16 +89,29 @@ pub fn apply_initial(
     lifecycle: &Lifecycle,
     policy: &CompiledPolicy,
 ) -> Result<Applied, ApplyError> {
+    // Revocations from SQLite first, then static and issued tokens under this policy's
+    // indexes, as one generation.
+    let revoked = lifecycle.apply_revocations()?;
+    let resolved = lifecycle.resolve_all(policy)?;
+    let installed = resolved.entries.len();
     let written = {
         let mut dp = enf.lock();
         write_definitions(&mut dp, None, policy)?;
-        dp.install_tokens(policy.tokens.iter().map(|t| (t.fingerprint, t.info)))?
+        dp.install_tokens(
+            policy
+                .tokens
+                .iter()
+                .map(|t| (t.fingerprint, t.info))
+                .chain(resolved.entries),
+        )?
     };
-    // Revocations from SQLite first, then issued tokens under this policy's indexes.
-    let lifecycle = lifecycle.apply_all(policy)?;
     Ok(Applied {
-        unresolved: lifecycle.failed.len(),
-        lifecycle,
+        unresolved: resolved.failed.len(),
+        lifecycle: ApplyReport {
+            revoked,
+            installed,
+            failed: resolved.failed,
+        },
         written,
         ..Applied::default()
     })
@@ -251,45 +261,53 @@ pub fn apply_reload(
         unresolved,
         ..Applied::default()
     };
+    // Issued tokens are re-resolved only when one may resolve otherwise; revocations go
+    // in first, as `Lifecycle::apply_all` does.
+    let reissued = if resolves_otherwise(old, new, unresolved, || lifecycle.store().names_in_use())?
     {
-        let mut dp = enf.lock();
-        write_definitions(&mut dp, Some(old), new)?;
-        applied.written = dp.install_tokens(
-            diff.changed
-                .iter()
-                .filter(|(fp, ..)| !issued.contains(fp))
-                .map(|(fp, info, _)| (*fp, *info)),
-        )?;
-    }
+        applied.lifecycle.revoked = lifecycle.apply_revocations()?;
+        let r = lifecycle.resolve_all(new)?;
+        applied.lifecycle.installed = r.entries.len();
+        applied.lifecycle.failed = r.failed;
+        applied.unresolved = applied.lifecycle.failed.len();
+        Some((r.entries, issued_ramp_restarts(lifecycle, old, new)?))
+    } else {
+        None
+    };
+    let removed: Vec<Fingerprint> = diff
+        .removed
+        .iter()
+        .filter(|fp| !issued.contains(*fp))
+        .copied()
+        .collect();
     // A contract whose definition changed moved to a new slot (`stabilize`), so the
     // tokens whose ramp restarts are those whose contract slot changed.
-    let restarts: Vec<Fingerprint> = diff
+    let mut restarts: Vec<Fingerprint> = diff
         .changed
         .iter()
         .filter(|(fp, info, was)| was.is_some_and(|c| c != info.contract) && !issued.contains(fp))
         .map(|(fp, ..)| *fp)
         .collect();
-    if resolves_otherwise(old, new, unresolved, || lifecycle.store().names_in_use())? {
-        applied.lifecycle = lifecycle.apply_all(new)?;
-        applied.unresolved = applied.lifecycle.failed.len();
-        let moved = issued_ramp_restarts(lifecycle, old, new)?;
-        let mut dp = enf.lock();
-        for fp in &moved {
-            dp.reset_token_state(fp)?;
-        }
-        applied.reset += moved.len();
-    }
+    let statics = diff
+        .changed
+        .iter()
+        .filter(|(fp, ..)| !issued.contains(fp))
+        .map(|(fp, info, _)| (*fp, *info));
     let mut dp = enf.lock();
-    for fp in &diff.removed {
-        if !issued.contains(fp) {
-            dp.remove_token(fp)?;
-            applied.removed += 1;
+    write_definitions(&mut dp, Some(old), new)?;
+    // Static and issued tokens, and removals, as one generation (datapath/switch.rs).
+    applied.written = match reissued {
+        Some((entries, moved)) => {
+            restarts.extend(moved);
+            dp.switch_generation(statics.chain(entries), &removed)?
         }
-    }
+        None => dp.switch_generation(statics, &removed)?,
+    };
+    applied.removed = removed.len();
     for fp in &restarts {
         dp.reset_token_state(fp)?;
     }
-    applied.reset += restarts.len();
+    applied.reset = restarts.len();
     Ok(applied)
 }
 
@@ -316,13 +334,8 @@ fn apply_full(
     old: &CompiledPolicy,
     new: &CompiledPolicy,
 ) -> Result<Applied, ApplyError> {
-    let written = {
-        let mut dp = enf.lock();
-        write_definitions(&mut dp, None, new)?;
-        dp.install_tokens(new.tokens.iter().map(|t| (t.fingerprint, t.info)))?
-    };
-    let report = lifecycle.apply_all(new)?;
-
+    let revoked = lifecycle.apply_revocations()?;
+    let resolved = lifecycle.resolve_all(new)?;
     let issued: HashMap<Fingerprint, String> = lifecycle
         .store()
         .active()?
@@ -330,24 +343,30 @@ fn apply_full(
         .map(|r| (r.fingerprint, r.contract))
         .collect();
     let new_static: HashSet<Fingerprint> = new.tokens.iter().map(|t| t.fingerprint).collect();
-    let mut removed = 0;
-    {
-        let mut dp = enf.lock();
-        for t in &old.tokens {
-            if !new_static.contains(&t.fingerprint) && !issued.contains_key(&t.fingerprint) {
-                dp.remove_token(&t.fingerprint)?;
-                removed += 1;
-            }
-        }
-    }
-
+    let removed: Vec<Fingerprint> = old
+        .tokens
+        .iter()
+        .map(|t| t.fingerprint)
+        .filter(|fp| !new_static.contains(fp) && !issued.contains_key(fp))
+        .collect();
     let changed = ramp_restarts(old, new, &issued);
-    {
+    let installed = resolved.entries.len();
+    let written = {
         let mut dp = enf.lock();
+        write_definitions(&mut dp, None, new)?;
+        // Static and issued tokens, and removals, as one generation (datapath/switch.rs).
+        let written = dp.switch_generation(
+            new.tokens
+                .iter()
+                .map(|t| (t.fingerprint, t.info))
+                .chain(resolved.entries),
+            &removed,
+        )?;
         for fp in &changed {
             dp.reset_token_state(fp)?;
         }
-    }
+        written
+    };
     // REVOKED is never cleared, but a revocation recorded while this ran must not be missed.
     for fp in lifecycle.store().revoked()? {
         use crate::token::Enforcer as _;
@@ -358,9 +377,13 @@ fn apply_full(
             })?;
     }
     Ok(Applied {
-        unresolved: report.failed.len(),
-        lifecycle: report,
-        removed,
+        unresolved: resolved.failed.len(),
+        lifecycle: ApplyReport {
+            revoked,
+            installed,
+            failed: resolved.failed,
+        },
+        removed: removed.len(),
         reset: changed.len(),
         written,
     })

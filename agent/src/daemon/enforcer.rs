@@ -60,26 +60,36 @@ impl Enforcer for DatapathEnforcer {
     }
 
     fn runtime(&self, fp: Fingerprint) -> Option<TokenRuntime> {
-        let dp = self.lock();
-        let state = dp.token_state(&fp);
-        let stats = dp.token_stats(&fp);
-        // The entry only for the rate of a token that has a stage: `token list` asks for
-        // every token, most of them never seen.
-        let rate = state.and_then(|st| {
-            let info = dp.token(&fp)?;
-            let c = dp.contract(info.contract).ok()?;
-            stage_rate(&c, st.stage)
-        });
-        if state.is_none() && stats.by_verdict.iter().all(|&n| n == 0) {
-            return None;
-        }
-        // Verdicts past `TOKEN_VERDICT_COUNT` are never a known token's: zero.
-        let mut by_verdict = [0; agent_common::VERDICT_COUNT];
-        by_verdict[..stats.by_verdict.len()].copy_from_slice(&stats.by_verdict);
-        Some(TokenRuntime {
-            state: state.unwrap_or_default(),
-            by_verdict,
-            rate_per_sec: rate,
-        })
+        runtime(&self.lock(), fp)
     }
+
+    /// Under one hold of the lock.
+    fn runtimes(&self, fps: &[Fingerprint]) -> Vec<Option<TokenRuntime>> {
+        let dp = self.lock();
+        fps.iter().map(|fp| runtime(&dp, *fp)).collect()
+    }
+}
+
+/// A token's runtime state and counts, as `token show` and `token list` give them.
+fn runtime(dp: &Datapath, fp: Fingerprint) -> Option<TokenRuntime> {
+    let state = dp.token_state(&fp);
+    let stats = dp.token_stats(&fp);
+    // The entry only for the rate of a token that has a stage: `token list` asks for
+    // every token, most of them never seen.
+    let rate = state.and_then(|st| {
+        let info = dp.token(&fp)?;
+        let c = dp.contract(info.contract).ok()?;
+        stage_rate(&c, st.stage)
+    });
+    if state.is_none() && stats.by_verdict.iter().all(|&n| n == 0) {
+        return None;
+    }
+    // Verdicts past `TOKEN_VERDICT_COUNT` are never a known token's: zero.
+    let mut by_verdict = [0; agent_common::VERDICT_COUNT];
+    by_verdict[..stats.by_verdict.len()].copy_from_slice(&stats.by_verdict);
+    Some(TokenRuntime {
+        state: state.unwrap_or_default(),
+        by_verdict,
+        rate_per_sec: rate,
+    })
 }

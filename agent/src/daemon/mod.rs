@@ -216,6 +216,7 @@ fn start(
         path: key_path.clone(),
         source,
     })?;
+    let began = std::time::Instant::now();
     let store = Arc::new(Store::open(&config.state_dir)?);
     let mut dp = Datapath::load(LoadOptions {
         max_tokens: config.maps.max_tokens,
@@ -231,6 +232,11 @@ fn start(
         clock_mode: CLOCK_REAL,
         fixed_now_ns: 0,
     })?;
+    tracing::info!(
+        tokens = dp.token_count(),
+        secs = began.elapsed().as_secs_f64(),
+        "maps loaded"
+    );
     let enforcer = Arc::new(DatapathEnforcer::new(dp));
     let lifecycle = Lifecycle::new(store.clone(), enforcer.clone(), key);
     let applied = apply::apply_initial(&enforcer, &lifecycle, &policy)?;
@@ -238,6 +244,8 @@ fn start(
         revoked = applied.lifecycle.revoked,
         installed = applied.lifecycle.installed,
         static_tokens = policy.tokens.len(),
+        written = applied.written,
+        secs = began.elapsed().as_secs_f64(),
         "policy applied"
     );
     for (fp, msg) in &applied.lifecycle.failed {
@@ -246,6 +254,11 @@ fn start(
 
     // Only now, with every revocation in REVOKED, does this daemon's program judge traffic.
     let listeners = attach::attach_listeners(&enforcer, &config)?;
+    tracing::info!(
+        listeners = listeners.len(),
+        secs = began.elapsed().as_secs_f64(),
+        "listeners attached"
+    );
     let metrics = Arc::new(Metrics::default());
     metrics.set_policy_generation(1);
     let (events, _) = broadcast::channel(4096);

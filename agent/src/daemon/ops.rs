@@ -101,16 +101,34 @@ pub fn answer(
             expiring_within_secs,
             idle_secs,
             all,
+            contract,
+            after,
+            limit,
         } => {
             let filter = ListFilter {
                 expiring_within: expiring_within_secs.map(Duration::from_secs),
                 idle_for: idle_secs.map(Duration::from_secs),
                 include_inactive: *all,
+                contract: contract.clone(),
             };
-            match lc.list(&filter) {
-                Ok(records) => Response::ok(&ListBody {
-                    tokens: records.iter().map(|r| view(lc, r, true)).collect(),
-                }),
+            let limit = limit.map_or(usize::MAX, |l| l.max(1) as usize);
+            match lc.list_page(&filter, after.map(|f| f.0), limit) {
+                Ok(page) => {
+                    let offset = tai_offset_ns();
+                    let now = unix_now();
+                    Response::ok(&ListBody {
+                        tokens: page
+                            .tokens
+                            .iter()
+                            .map(|(rec, rt)| {
+                                let rt =
+                                    rt.as_ref().map(|rt| RuntimeView::from_runtime(rt, offset));
+                                TokenView::new(rec, now, rt)
+                            })
+                            .collect(),
+                        next: page.next.map(Fp),
+                    })
+                }
                 Err(e) => Response::error(error_chain(&e)),
             }
         }

@@ -31,11 +31,13 @@ pub const TC_REQUEST_PROGRAM: &str = "rampart_tc_request";
 
 /// The maps pinned under the bpffs dir (as `migrate::pin_file` of these names):
 /// everything a restarted daemon adopts (policy, runtime state, counters, the event ring).
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 16] = [
     "CONFIG",
     "PORTS",
     "LISTENERS",
     "TOKENS",
+    "GENERATION",
+    "NEXT_TOKENS",
     "REVOKED",
     "CONTRACTS",
     "SCOPES",
@@ -61,6 +63,14 @@ const UNPINNED: [&str; 2] = ["SCRATCH", "PORTS"];
 /// capacity. Revocations are kept for good: when it is full, `rampart token revoke`
 /// fails with the kernel's error (the store keeps the revocation).
 pub const DEFAULT_MAX_REVOKED: u32 = DEFAULT_MAX_TOKENS / 2;
+
+/// Capacity of NEXT_TOKENS, the entries a generation switch changes or removes
+/// (`switch.rs`): a quarter of TOKENS. The map is not preallocated, so its capacity costs
+/// its hash buckets (16 bytes each: 4 bytes per token of capacity) and it holds entries
+/// only during a switch; a generation that changes more tokens is switched to in steps.
+pub fn next_tokens_capacity(max_tokens: u32) -> u32 {
+    (max_tokens / 4).max(1)
+}
 
 /// Map sizes and pinning, from the daemon's configuration.
 #[derive(Clone, Debug)]
@@ -98,6 +108,12 @@ pub struct Datapath {
     pub(super) ports: MappedWords,
     pub(super) listeners: HashMap<MapData, ListenerKey, ListenerConfig>,
     pub(super) tokens: HashMap<MapData, Fingerprint, TokenInfo>,
+    /// `GENERATION`, mmapped: the generation the programs judge by (`switch.rs`).
+    pub(super) generation: MappedWords,
+    pub(super) next_tokens: HashMap<MapData, Fingerprint, TokenInfo>,
+    /// A write outside a switch freed a TOKENS element that a program may still read:
+    /// the next write waits a grace period first (`Datapath::settle`).
+    pub(super) unsettled: bool,
     pub(super) revoked: HashMap<MapData, Fingerprint, u64>,
     pub(super) contracts: Array<MapData, Contract>,
     pub(super) scopes: Array<MapData, Scope>,
@@ -160,6 +176,7 @@ impl Datapath {
         loader
             .map_max_entries("TOKENS", options.max_tokens)
             .map_max_entries("TOKEN_STATE", options.max_tokens)
+            .map_max_entries("NEXT_TOKENS", next_tokens_capacity(options.max_tokens))
             .map_max_entries("REVOKED", options.max_revoked)
             .map_max_entries("TOKEN_STATS", options.token_stats)
             .map_max_entries("EVENTS", options.ring_bytes)
@@ -207,8 +224,17 @@ impl Datapath {
                 source,
             }
         })?;
+        let generation = MappedWords::new(take(&mut ebpf, "GENERATION")?).map_err(|source| {
+            DatapathError::Mmap {
+                name: "GENERATION",
+                source,
+            }
+        })?;
         let mut dp = Datapath {
             config: take(&mut ebpf, "CONFIG")?,
+            generation,
+            next_tokens: take(&mut ebpf, "NEXT_TOKENS")?,
+            unsettled: false,
             ports,
             listeners: take(&mut ebpf, "LISTENERS")?,
             tokens: take(&mut ebpf, "TOKENS")?,
@@ -228,6 +254,7 @@ impl Datapath {
         // Adopted listeners (or a pin dir from before PORTS existed) must be judged by
         // the new programs from their first packet.
         dp.sync_ports();
+        dp.adopt_generation()?;
         dp.adopt_token_slots()?;
         if let Some(dir) = dp.options.pin_dir.clone() {
             dp.migrate_tokens(&dir)?;

@@ -11,6 +11,7 @@ mod migrate;
 #[cfg(feature = "test-support")]
 mod reuse;
 mod slots;
+mod switch;
 mod sys;
 mod tables;
 #[cfg(feature = "test-support")]
@@ -22,9 +23,9 @@ pub use attach::{
 };
 pub use error::DatapathError;
 pub use load::{
-    Datapath, EbpfLogForwarder, LoadOptions, DEFAULT_MAX_REVOKED, EBPF_LOG_TARGET, MAP_NAMES,
-    TC_PROGRAM, XDP_PROGRAM,
+    next_tokens_capacity, Datapath, EbpfLogForwarder, LoadOptions, DEFAULT_MAX_REVOKED,
+    EBPF_LOG_TARGET, MAP_NAMES, TC_PROGRAM, XDP_PROGRAM,
 };
 pub use tables::{parse_event, RuntimeTotals};
 #[cfg(feature = "test-support")]
-pub use test_support::{TestPrograms, FLOOR_PROGRAM, PASS_PROGRAM};
+pub use test_support::{TestPrograms, TestRunner, FLOOR_PROGRAM, PASS_PROGRAM};

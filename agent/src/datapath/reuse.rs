@@ -31,6 +31,8 @@ impl Datapath {
             ("PORTS", self.ports.map_data()),
             ("LISTENERS", self.listeners.map()),
             ("TOKENS", self.tokens.map()),
+            ("GENERATION", self.generation.map_data()),
+            ("NEXT_TOKENS", self.next_tokens.map()),
             ("REVOKED", self.revoked.map()),
             ("CONTRACTS", self.contracts.map()),
             ("SCOPES", self.scopes.map()),
@@ -61,6 +63,8 @@ impl Datapath {
         write_last_reset(&mut self.ebpf, super::load::coarse_now()?)?;
         self.slots = Slots::rebuild(self.options.max_tokens, []).0;
         self.tokens_at_load = None;
+        // Elements were freed while a program may have read them.
+        self.unsettled = true;
         Ok(())
     }
 }

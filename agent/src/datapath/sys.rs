@@ -10,6 +10,7 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `bpf(cmd, attr)` with a zero-padded `union bpf_attr` (the kernel may write results back
@@ -127,6 +128,66 @@ pub(super) fn update_batch<K: Copy, V: Copy>(
         bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
     }
     Ok(())
+}
+
+/// Deletes `keys` through BPF_MAP_DELETE_BATCH, `BATCH` keys per syscall. A key the map
+/// does not hold stops a batch with ENOENT: the keys after it are deleted one by one.
+/// `K` must be the map's key type (plain old data). Returns how many were deleted.
+pub(super) fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let ks = &rest[..rest.len().min(BATCH)];
+        let mut attr = [0u64; 16];
+        // { u64 in_batch; u64 out_batch; u64 keys; u64 values; u32 count; u32 map_fd;
+        //   u64 elem_flags; u64 flags; }
+        attr[2] = ks.as_ptr() as u64;
+        attr[4] = ks.len() as u64 | (u64::from(map.as_raw_fd() as u32) << 32);
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        // The kernel writes back how many keys it deleted, also on an error.
+        let done = (attr[4] as u32 as usize).min(ks.len());
+        deleted += done;
+        match r {
+            Ok(_) => rest = &rest[ks.len()..],
+            // Key `done` is absent: skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// BPF_PROG_TEST_RUN of `prog` over `frame` once (aya's needs the `&mut` program); the
+/// program's return code.
+#[cfg(feature = "test-support")]
+pub(super) fn test_run(prog: BorrowedFd<'_>, frame: &[u8]) -> io::Result<u32> {
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut out = vec![0u8; frame.len() + 512];
+    let mut attr = [0u64; 16];
+    // { u32 prog_fd; u32 retval; u32 data_size_in; u32 data_size_out; u64 data_in;
+    //   u64 data_out; u32 repeat; u32 duration; ... }
+    attr[0] = u64::from(prog.as_raw_fd() as u32);
+    attr[1] = frame.len() as u64 | ((out.len() as u64) << 32);
+    attr[2] = frame.as_ptr() as u64;
+    attr[3] = out.as_mut_ptr() as u64;
+    attr[4] = 1;
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok((attr[0] >> 32) as u32)
+}
+
+/// Waits until every program run that may have started before the call has ended.
+/// Programs run inside RCU read-side critical sections (XDP and TC in softirq context,
+/// BPF_PROG_TEST_RUN under rcu_read_lock), and MEMBARRIER_CMD_GLOBAL is the kernel's
+/// synchronize_rcu(): after it, no program still holds a map element it looked up
+/// before. A few milliseconds. Kernels that refuse it (nohz_full CPUs) get a sleep far
+/// longer than any program run instead.
+pub(super) fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier(2) takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A BPF array mapped into this process (the map was created with BPF_F_MMAPABLE), read

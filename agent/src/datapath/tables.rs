@@ -16,6 +16,7 @@ use super::{
     error::map_err,
     migrate,
     slots::{Assigned, Slots},
+    switch::Switch,
     sys, Datapath, DatapathError,
 };
 
@@ -164,14 +165,16 @@ impl Datapath {
         self.scopes.set(index, s, 0).map_err(map_err("SCOPES"))
     }
 
-    /// Adds or replaces what a token may do. Its runtime state is kept. A revoked
-    /// fingerprint stays revoked: the entry carries `TOKEN_REVOKED` whatever `info` says.
-    /// The entry's `state_slot` is the fingerprint's own (`Slots`), whatever `info` says.
+    /// Adds or replaces what a token may do, at one instant (outside any generation
+    /// switch: `switch.rs`). Its runtime state is kept. A revoked fingerprint stays
+    /// revoked: the entry carries `TOKEN_REVOKED` whatever `info` says. The entry's
+    /// `state_slot` is the fingerprint's own (`Slots`), whatever `info` says.
     pub fn install_token(
         &mut self,
         fp: Fingerprint,
         mut info: TokenInfo,
     ) -> Result<(), DatapathError> {
+        self.settle()?;
         if self.is_revoked(&fp) {
             info.flags |= TOKEN_REVOKED;
         }
@@ -180,37 +183,52 @@ impl Datapath {
             max: self.slots.capacity(),
         })?;
         info.state_slot = assigned.slot();
-        info._pad = 0;
+        info.generation = self.generation();
         if let Assigned::New(slot) = assigned {
             // Before any entry names it: the programs take all zero for a fresh state.
             self.token_state
                 .write(slot as usize, &TokenState::default());
         }
         self.tokens_at_load = None;
+        let replaces = self.tokens.get(&fp, 0).is_ok();
         let r = self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"));
         if r.is_err() && matches!(assigned, Assigned::New(_)) {
             self.slots.release(&fp);
         }
+        // The replaced element may go to the next update while a program reads it.
+        self.unsettled |= replaces;
         r
     }
 
-    /// Installs many tokens as `install_token` would each, writing only the entries that
-    /// differ from what TOKENS already holds, through batched updates: a few syscalls per
-    /// 4096 tokens, not one per token. What the kernel holds is read in batched passes
-    /// over TOKENS and REVOKED, or, for a few tokens (a reload's diff), entry by entry: a
-    /// reload that changes one token of a million reads and writes one entry. Returns the
-    /// number of entries written.
+    /// Installs many tokens as `install_token` would each, as one generation: the
+    /// programs see all of them at one instant (`switch.rs`). See `switch_generation`.
     pub fn install_tokens(
         &mut self,
         tokens: impl IntoIterator<Item = (Fingerprint, TokenInfo)>,
     ) -> Result<usize, DatapathError> {
+        self.switch_generation(tokens, &[])
+    }
+
+    /// One token generation: `tokens` installed as `install_token` would each and
+    /// `removed` taken out (with their runtime state), all seen by the programs at one
+    /// instant (`switch.rs`). Only entries that differ from what TOKENS already holds are
+    /// written, through batched updates: a few syscalls per 4096 tokens, not one per token.
+    /// What the kernel holds is read in batched passes over TOKENS and REVOKED, or, for a
+    /// few tokens (a reload's diff), entry by entry: a reload that changes one token of a
+    /// million reads and writes one entry. Returns the number of entries written.
+    pub fn switch_generation(
+        &mut self,
+        tokens: impl IntoIterator<Item = (Fingerprint, TokenInfo)>,
+        removed: &[Fingerprint],
+    ) -> Result<usize, DatapathError> {
         /// Up to this many tokens, lookups one by one cost less than reading the maps.
         const FEW: usize = 1024;
+        self.settle()?;
         let tokens: Vec<(Fingerprint, TokenInfo)> = tokens.into_iter().collect();
         let mut held = std::collections::HashMap::new();
         let mut revoked = std::collections::HashSet::new();
-        if tokens.len() <= FEW {
-            for (fp, _) in &tokens {
+        if tokens.len() + removed.len() <= FEW {
+            for fp in tokens.iter().map(|(fp, _)| fp).chain(removed) {
                 if let Ok(info) = self.tokens.get(fp, 0) {
                     held.insert(*fp, info);
                 }
@@ -235,8 +253,8 @@ impl Datapath {
                 revoked.insert(*fp);
             })?;
         }
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        let mut fresh = Vec::new();
+        let mut switch = Switch::default();
+        let mut fresh_slots = Vec::new();
         for (fp, mut info) in tokens {
             if revoked.contains(&fp) {
                 info.flags |= TOKEN_REVOKED;
@@ -246,54 +264,64 @@ impl Datapath {
                 max: self.slots.capacity(),
             })?;
             info.state_slot = assigned.slot();
-            info._pad = 0;
+            // `switch` tags what it writes.
+            info.generation = 0;
             if let Assigned::New(slot) = assigned {
                 // Before any entry names it: the programs take all zero for a fresh state.
                 self.token_state
                     .write(slot as usize, &TokenState::default());
-                fresh.push(fp);
+                fresh_slots.push(fp);
             }
-            if held.get(&fp) != Some(&info) {
-                keys.push(fp);
-                values.push(info);
+            match held.get(&fp) {
+                None => switch.fresh.push((fp, info)),
+                // The generation an entry was written in is not what it says.
+                Some(h)
+                    if TokenInfo {
+                        generation: 0,
+                        ..*h
+                    } == info => {}
+                Some(_) => switch.changed.push((fp, info)),
             }
         }
-        if !keys.is_empty() {
-            self.tokens_at_load = None;
+        for fp in removed {
+            if held.contains_key(fp) {
+                switch.removed.push(*fp);
+            } else {
+                self.release_slot(fp);
+            }
         }
-        let fd = self.tokens.map().fd().as_fd();
-        let r = match sys::update_batch(fd, &keys, &values) {
-            // A kernel without batch updates for hash maps: entry by entry.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => keys
-                .iter()
-                .zip(&values)
-                .try_for_each(|(k, v)| self.tokens.insert(k, v, 0).map_err(map_err("TOKENS"))),
-            r => r.map_err(|source| DatapathError::Batch {
-                name: "TOKENS",
-                source,
-            }),
-        };
+        let written = switch.fresh.len() + switch.changed.len();
+        let r = self.switch(switch);
         if r.is_err() {
             // Slots handed out for entries that may not have been written go back; a slot
             // whose entry was written is re-found from TOKENS at the next load.
-            for fp in &fresh {
+            for fp in &fresh_slots {
                 if self.tokens.get(fp, 0).is_err() {
                     self.slots.release(fp);
                 }
             }
         }
-        r.map(|()| keys.len())
+        r.map(|()| written)
     }
 
-    /// Removes a token and its runtime state.
+    /// Removes a token and its runtime state, at one instant (outside any generation
+    /// switch).
     pub fn remove_token(&mut self, fp: &Fingerprint) -> Result<(), DatapathError> {
+        self.settle()?;
         self.tokens_at_load = None;
         absent_ok(self.tokens.remove(fp)).map_err(map_err("TOKENS"))?;
+        // The deleted element may go to the next insert while a program reads it.
+        self.unsettled = true;
+        self.release_slot(fp);
+        Ok(())
+    }
+
+    /// Frees a removed token's state slot (zeroed for its next owner).
+    pub(super) fn release_slot(&mut self, fp: &Fingerprint) {
         if let Some(slot) = self.slots.release(fp) {
             self.token_state
                 .write(slot as usize, &TokenState::default());
         }
-        Ok(())
     }
 
     /// Rebuilds the slot assignment from TOKENS (adopted from pins, or empty): each entry
@@ -304,14 +332,34 @@ impl Datapath {
         let cap = u32::try_from(self.token_state.len()).unwrap_or(u32::MAX);
         let mut claims = Vec::new();
         let mut at_load = std::collections::HashMap::new();
+        let current = self.generation();
+        let mut unborn = Vec::new();
         scan(
             &self.tokens,
             "TOKENS",
             |fp: &Fingerprint, info: &TokenInfo| {
+                if info.generation > current {
+                    unborn.push(*fp);
+                    return;
+                }
                 claims.push((*fp, info.state_slot));
                 at_load.insert(*fp, *info);
             },
         )?;
+        if !unborn.is_empty() {
+            // A generation a stopped daemon never switched to (`switch.rs`).
+            sys::delete_batch(self.tokens.map().fd().as_fd(), &unborn).map_err(|source| {
+                DatapathError::Batch {
+                    name: "TOKENS",
+                    source,
+                }
+            })?;
+            self.unsettled = true;
+            tracing::info!(
+                tokens = unborn.len(),
+                "deleted the entries of a token generation never switched to"
+            );
+        }
         let (slots, homeless) = Slots::rebuild(cap, claims);
         self.slots = slots;
         self.tokens_at_load = Some(at_load);
@@ -415,8 +463,11 @@ impl Datapath {
             return Ok(false);
         }
         info.flags |= TOKEN_REVOKED;
+        self.settle()?;
         self.tokens_at_load = None;
         self.tokens.insert(fp, info, 0).map_err(map_err("TOKENS"))?;
+        // The replaced element may go to the next update while a program reads it.
+        self.unsettled = true;
         Ok(true)
     }
 

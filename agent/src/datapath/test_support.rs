@@ -93,6 +93,36 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// The enforcing XDP program's BPF_PROG_TEST_RUN for another thread than the one that
+    /// holds this `Datapath` (which writes its maps meanwhile).
+    pub fn xdp_test_runner(&mut self) -> Result<TestRunner, DatapathError> {
+        let prog = self.xdp_program()?;
+        let fd = prog
+            .fd()
+            .map_err(prog_err(XDP_PROGRAM))?
+            .try_clone()
+            .map_err(|source| DatapathError::Program {
+                name: XDP_PROGRAM,
+                source: aya::programs::ProgramError::IOError(source),
+            })?;
+        Ok(TestRunner { fd })
+    }
+}
+
+/// A loaded program's BPF_PROG_TEST_RUN through its own fd: usable from any thread.
+pub struct TestRunner {
+    fd: aya::programs::ProgramFd,
+}
+
+impl TestRunner {
+    /// Runs the program once over `frame`; its return code.
+    pub fn run(&self, frame: &[u8]) -> std::io::Result<u32> {
+        use std::os::fd::AsFd as _;
+        super::sys::test_run(self.fd.as_fd(), frame)
+    }
+}
+
 /// The test object (agent-ebpf's `rampart-test` bin), loaded apart from any `Datapath`:
 /// its programs are loaded into the kernel on first use, and detached when this is
 /// dropped. The floor reads maps of its own (`CONFIG`'s key, `TOKENS`) shaped like the

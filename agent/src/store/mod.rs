@@ -359,35 +359,103 @@ impl Store {
         get_in(&self.conn(), fp)
     }
 
-    /// Tokens matching `filter`, oldest first. `last_seen` (Unix seconds, from the datapath)
-    /// drives the idle filter; without it every token counts as idle since issue.
-    pub fn list(
+    /// One page of the tokens matching `filter` but its idle filter (which needs the
+    /// datapath's last-seen times), in the order they were recorded (issue order): at most
+    /// `limit`, those recorded after the token `after` if given. One indexed query (the
+    /// rowid B-tree), however many tokens there are; the caller pages on from the last
+    /// record returned.
+    pub fn list_page(
         &self,
         filter: &ListFilter,
         now: i64,
-        last_seen: Option<&HashMap<Fingerprint, i64>>,
+        after: Option<&Fingerprint>,
+        limit: usize,
     ) -> Result<Vec<TokenRecord>, StoreError> {
-        let all = self.all_records()?;
+        let conn = self.conn();
+        let after_row: i64 = match after {
+            None => 0,
+            Some(fp) => conn
+                .query_row(
+                    "SELECT rowid FROM tokens WHERE fingerprint = ?1",
+                    [fp.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("list tokens"))?
+                .ok_or_else(|| StoreError::NotFound {
+                    fingerprint: fp.to_string(),
+                })?,
+        };
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-        Ok(all
-            .into_iter()
-            .filter(|r| filter.include_inactive || r.status_at(now) == TokenStatus::Active)
-            .filter(|r| match filter.expiring_within {
-                None => true,
-                Some(d) => r
-                    .expires_at
-                    .is_some_and(|e| e > now && e <= now.saturating_add(secs(d))),
-            })
-            .filter(|r| match filter.idle_for {
-                None => true,
-                Some(d) => {
-                    let seen = last_seen
-                        .and_then(|m| m.get(&r.fingerprint).copied())
-                        .unwrap_or(r.issued_at);
-                    seen <= now.saturating_sub(secs(d))
-                }
-            })
-            .collect())
+        let expiring_until = filter.expiring_within.map(|d| now.saturating_add(secs(d)));
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM tokens
+                 WHERE rowid > ?1
+                   AND (?2 OR (status = 'active' AND (expires_at IS NULL OR expires_at > ?3)))
+                   AND (?4 IS NULL OR (expires_at > ?3 AND expires_at <= ?4))
+                   AND (?5 IS NULL OR contract = ?5)
+                 ORDER BY rowid LIMIT ?6"
+            ))
+            .map_err(sql("list tokens"))?;
+        let rows = stmt
+            .query_map(
+                rusqlite::params![
+                    after_row,
+                    filter.include_inactive,
+                    now,
+                    expiring_until,
+                    filter.contract,
+                    i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+                row_to_record,
+            )
+            .map_err(sql("list tokens"))?;
+        let mut out = Vec::with_capacity(limit.min(65536));
+        for row in rows {
+            out.push(row.map_err(sql("list tokens"))?.parse()?);
+        }
+        Ok(out)
+    }
+
+    /// Every token active at `now` (not revoked, not expired) as the kernel needs it, in
+    /// the order they were recorded: `f(fingerprint, contract, scopes as the stored JSON
+    /// array, not_before, expires_at)`. Reads only those columns and builds no record:
+    /// start-up and reloads resolve a million tokens through this.
+    pub fn for_each_active(
+        &self,
+        now: i64,
+        mut f: impl FnMut(Fingerprint, &str, &str, Option<i64>, Option<i64>),
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT fingerprint, contract, scopes, not_before, expires_at FROM tokens
+                 WHERE status = 'active' AND (expires_at IS NULL OR expires_at > ?1)
+                 ORDER BY rowid",
+            )
+            .map_err(sql("list active tokens"))?;
+        let mut rows = stmt.query([now]).map_err(sql("list active tokens"))?;
+        while let Some(row) = rows.next().map_err(sql("list active tokens"))? {
+            let fp = row.get_ref(0).map_err(sql("list active tokens"))?;
+            let fp = fp
+                .as_str()
+                .map_err(|e| sql("list active tokens")(e.into()))?;
+            let fingerprint = fp.parse::<Fingerprint>().map_err(|_| corrupt_fp(fp))?;
+            let text = |i: usize| -> Result<&str, StoreError> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str().map_err(Into::into))
+                    .map_err(sql("list active tokens"))
+            };
+            f(
+                fingerprint,
+                text(1)?,
+                text(2)?,
+                row.get(3).map_err(sql("list active tokens"))?,
+                row.get(4).map_err(sql("list active tokens"))?,
+            );
+        }
+        Ok(())
     }
 
     /// Every token whose status is `active` (start-up installs these into the kernel).

@@ -160,6 +160,8 @@ pub struct ListFilter {
     pub idle_for: Option<Duration>,
     /// Include revoked and expired tokens too.
     pub include_inactive: bool,
+    /// Only tokens on this contract.
+    pub contract: Option<String>,
 }
 
 /// The result of `Store::revoke`.

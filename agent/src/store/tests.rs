@@ -174,7 +174,7 @@ fn rotate_links_tokens_and_shortens_old_expiry() {
 }
 
 #[test]
-fn list_filters_expiring_and_idle() {
+fn list_filters_expiring_and_inactive() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let now = 10_000;
@@ -185,42 +185,26 @@ fn list_filters_expiring_and_idle() {
     store.issue(&new_token(3, None), 0).unwrap();
     store.issue(&new_token(4, Some(now - 1)), 0).unwrap(); // already expired
     store.revoke(&fp(3), "r", 0).unwrap();
+    let list = |filter: &ListFilter| -> Vec<Fingerprint> {
+        store
+            .list_page(filter, now, None, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.fingerprint)
+            .collect()
+    };
 
-    let active = store.list(&ListFilter::default(), now, None).unwrap();
-    let fps: Vec<_> = active.iter().map(|r| r.fingerprint).collect();
-    assert_eq!(fps, vec![fp(1), fp(2)]);
-
+    assert_eq!(list(&ListFilter::default()), vec![fp(1), fp(2)]);
     let expiring = ListFilter {
         expiring_within: Some(Duration::from_secs(3_600)),
         ..Default::default()
     };
-    let fps: Vec<_> = store
-        .list(&expiring, now, None)
-        .unwrap()
-        .iter()
-        .map(|r| r.fingerprint)
-        .collect();
-    assert_eq!(fps, vec![fp(1)]);
-
-    // Token 1 was seen a minute ago, token 2 never (issued at 1_000).
-    let seen = HashMap::from([(fp(1), now - 60)]);
-    let idle = ListFilter {
-        idle_for: Some(Duration::from_secs(3_600)),
-        ..Default::default()
-    };
-    let fps: Vec<_> = store
-        .list(&idle, now, Some(&seen))
-        .unwrap()
-        .iter()
-        .map(|r| r.fingerprint)
-        .collect();
-    assert_eq!(fps, vec![fp(2)]);
-
+    assert_eq!(list(&expiring), vec![fp(1)]);
     let all = ListFilter {
         include_inactive: true,
         ..Default::default()
     };
-    assert_eq!(store.list(&all, now, None).unwrap().len(), 4);
+    assert_eq!(list(&all), vec![fp(1), fp(2), fp(3), fp(4)]);
 
     assert_eq!(store.mark_expired(now).unwrap(), vec![fp(4)]);
     assert_eq!(
@@ -228,6 +212,55 @@ fn list_filters_expiring_and_idle() {
         TokenStatus::Expired
     );
     assert_eq!(store.active().unwrap().len(), 2);
+}
+
+/// Pages follow one another in the order tokens were recorded, each token once, whatever
+/// the page size; the contract filter holds on every page.
+#[test]
+fn list_pages_cover_every_token_once_in_record_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = 10_000;
+    // Issued out of fingerprint order, half on another contract.
+    let order: Vec<u64> = (0..23u64).map(|i| (i * 7) % 23).collect();
+    for &n in &order {
+        let mut t = new_token(n, None);
+        if n % 2 == 1 {
+            t.contract = "gold".into();
+        }
+        store.issue(&t, 0).unwrap();
+    }
+    let pages = |filter: &ListFilter, size: usize| -> Vec<Fingerprint> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list_page(filter, now, after.as_ref(), size).unwrap();
+            assert!(page.len() <= size);
+            out.extend(page.iter().map(|r| r.fingerprint));
+            match page.last() {
+                Some(r) if page.len() == size => after = Some(r.fingerprint),
+                _ => return out,
+            }
+        }
+    };
+    let want: Vec<Fingerprint> = order.iter().map(|&n| fp(n)).collect();
+    for size in [1, 4, 23, 100] {
+        assert_eq!(pages(&ListFilter::default(), size), want, "pages of {size}");
+    }
+    let gold = ListFilter {
+        contract: Some("gold".into()),
+        ..Default::default()
+    };
+    let want_gold: Vec<Fingerprint> = order
+        .iter()
+        .filter(|n| *n % 2 == 1)
+        .map(|&n| fp(n))
+        .collect();
+    assert_eq!(pages(&gold, 3), want_gold);
+    assert!(matches!(
+        store.list_page(&ListFilter::default(), now, Some(&fp(99)), 10),
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 /// The names active tokens use, each once; a revoked token's names no longer count.

@@ -90,6 +90,10 @@ pub trait Enforcer: Send + Sync {
             .into_iter()
             .try_for_each(|(fp, info)| self.install(fp, info))
     }
+    /// `runtime` of each of `fps` (a page of `token list`), in order.
+    fn runtimes(&self, fps: &[Fingerprint]) -> Vec<Option<TokenRuntime>> {
+        fps.iter().map(|fp| self.runtime(*fp)).collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +165,23 @@ pub struct ApplyReport {
     pub failed: Vec<(Fingerprint, String)>,
 }
 
+/// One page of `token list` (`Lifecycle::list_page`).
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub tokens: Vec<(TokenRecord, Option<TokenRuntime>)>,
+    /// The last token the page read, to page on from; None when there are no more.
+    pub next: Option<Fingerprint>,
+}
+
+/// Active issued tokens under a policy (`Lifecycle::resolve_all`).
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// Their kernel entries (slots are the datapath's to assign).
+    pub entries: Vec<(Fingerprint, TokenInfo)>,
+    /// Those that do not resolve, with why.
+    pub failed: Vec<(Fingerprint, String)>,
+}
+
 /// Issue / rotate / revoke, keeping the store (source of truth) and the kernel in step.
 pub struct Lifecycle {
     store: Arc<Store>,
@@ -174,13 +195,18 @@ fn secs(d: Duration, what: &'static str) -> Result<i64, LifecycleError> {
 
 /// The kernel view of a recorded token.
 pub fn token_info(rec: &TokenRecord, grant: Grant) -> TokenInfo {
+    entry(grant, rec.not_before, rec.expires_at)
+}
+
+/// A token's kernel entry from its grant and validity (Unix seconds).
+fn entry(grant: Grant, not_before: Option<i64>, expires_at: Option<i64>) -> TokenInfo {
     TokenInfo {
         contract: grant.contract,
         flags: grant.flags,
         scopes: grant.scopes,
-        not_before_ns: rec.not_before.map_or(0, unix_to_tai_ns),
+        not_before_ns: not_before.map_or(0, unix_to_tai_ns),
         // A (theoretical) expiry at the epoch must not read as "never expires" (0).
-        expires_ns: rec.expires_at.map_or(0, |e| unix_to_tai_ns(e).max(1)),
+        expires_ns: expires_at.map_or(0, |e| unix_to_tai_ns(e).max(1)),
         ramp_start_ns: 0,
         // Assigned by the datapath.
         ..TokenInfo::default()
@@ -324,27 +350,15 @@ impl Lifecycle {
     /// token under the current policy. Per-token install failures are reported, not fatal;
     /// a failed revocation is fatal, since attaching without it would readmit the token.
     pub fn apply_all(&self, policy: &dyn Resolve) -> Result<ApplyReport, LifecycleError> {
-        let mut report = ApplyReport::default();
-        for fp in self.store.revoked()? {
-            self.enforcer
-                .revoke(fp)
-                .map_err(|source| LifecycleError::KernelRevoke {
-                    fingerprint: fp.to_string(),
-                    source,
-                })?;
-            report.revoked += 1;
-        }
-        let now = unix_now();
-        let mut resolved = Vec::new();
-        for rec in self.store.active()? {
-            if rec.status_at(now) != TokenStatus::Active {
-                continue;
-            }
-            match policy.resolve(&rec.contract, &rec.scopes) {
-                Ok(g) => resolved.push((rec.fingerprint, token_info(&rec, g))),
-                Err(e) => report.failed.push((rec.fingerprint, error_chain(&e))),
-            }
-        }
+        let mut report = ApplyReport {
+            revoked: self.apply_revocations()?,
+            ..ApplyReport::default()
+        };
+        let Resolved {
+            entries: resolved,
+            failed,
+        } = self.resolve_all(policy)?;
+        report.failed = failed;
         // Batched (the datapath writes only what changed); on a failure, token by token,
         // to say which.
         let n = resolved.len();
@@ -361,31 +375,101 @@ impl Lifecycle {
         Ok(report)
     }
 
-    /// `Store::list`, with last-seen times taken from the datapath for the idle filter.
-    pub fn list(&self, filter: &ListFilter) -> Result<Vec<TokenRecord>, LifecycleError> {
-        let now = unix_now();
-        let last_seen = if filter.idle_for.is_some() {
-            let candidates = self.store.list(filter, now, None)?;
-            Some(self.last_seen(&candidates))
-        } else {
-            None
-        };
-        Ok(self.store.list(filter, now, last_seen.as_ref())?)
+    /// Every revocation the store holds, into the kernel again (`apply_all`'s first step).
+    pub fn apply_revocations(&self) -> Result<usize, LifecycleError> {
+        let mut revoked = 0;
+        for fp in self.store.revoked()? {
+            self.enforcer
+                .revoke(fp)
+                .map_err(|source| LifecycleError::KernelRevoke {
+                    fingerprint: fp.to_string(),
+                    source,
+                })?;
+            revoked += 1;
+        }
+        Ok(revoked)
     }
 
-    /// Last-seen times (Unix seconds) of the given tokens that the datapath has seen.
-    pub fn last_seen(&self, records: &[TokenRecord]) -> HashMap<Fingerprint, i64> {
+    /// The kernel entry of every active issued token under `policy` (what `apply_all`
+    /// installs), and the tokens that do not resolve, with why.
+    pub fn resolve_all(&self, policy: &dyn Resolve) -> Result<Resolved, LifecycleError> {
+        let mut out = Resolved::default();
+        // Tokens share a few (contract, scope set) pairs: each is parsed and resolved once.
+        let mut grants: HashMap<(String, String), Result<Grant, String>> = HashMap::new();
+        let mut corrupt = None;
+        self.store
+            .for_each_active(unix_now(), |fp, contract, scopes, not_before, expires| {
+                let key = (contract.to_owned(), scopes.to_owned());
+                let grant = match grants.get(&key) {
+                    Some(g) => g,
+                    None => {
+                        let g = match serde_json::from_str::<Vec<String>>(scopes) {
+                            Ok(names) => policy
+                                .resolve(contract, &names)
+                                .map_err(|e| error_chain(&e)),
+                            Err(e) => {
+                                corrupt.get_or_insert(StoreError::Corrupt {
+                                    what: format!("scope list of {fp}: {e}"),
+                                });
+                                return;
+                            }
+                        };
+                        grants.entry(key).or_insert(g)
+                    }
+                };
+                match grant {
+                    Ok(g) => out.entries.push((fp, entry(*g, not_before, expires))),
+                    Err(why) => out.failed.push((fp, why.clone())),
+                }
+            })?;
+        if let Some(e) = corrupt {
+            return Err(e.into());
+        }
+        Ok(out)
+    }
+
+    /// One page of `token list`: at most `limit` tokens matching `filter`, recorded after
+    /// `after` if given, each with its runtime; and where the next page starts, when more
+    /// may follow. Pages of the store (one indexed query each) are read until `limit`
+    /// tokens pass the idle filter, which needs the datapath's last-seen times.
+    pub fn list_page(
+        &self,
+        filter: &ListFilter,
+        after: Option<Fingerprint>,
+        limit: usize,
+    ) -> Result<ListPage, LifecycleError> {
+        let now = unix_now();
         let offset = crate::datapath::clock::tai_offset_ns();
-        records
-            .iter()
-            .filter_map(|r| {
-                let rt = self.enforcer.runtime(r.fingerprint)?;
-                (rt.state.last_seen_ns != 0).then(|| {
-                    let unix_ns = rt.state.last_seen_ns as i64 - offset;
-                    (r.fingerprint, unix_ns.div_euclid(1_000_000_000))
-                })
-            })
-            .collect()
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let mut page = ListPage::default();
+        let mut cursor = after;
+        while page.tokens.len() < limit {
+            let want = limit - page.tokens.len();
+            let records = self.store.list_page(filter, now, cursor.as_ref(), want)?;
+            let exhausted = records.len() < want;
+            cursor = records.last().map(|r| r.fingerprint).or(cursor);
+            let fps: Vec<Fingerprint> = records.iter().map(|r| r.fingerprint).collect();
+            let runtimes = self.enforcer.runtimes(&fps);
+            for (rec, rt) in records.into_iter().zip(runtimes) {
+                if let Some(d) = filter.idle_for {
+                    let seen = rt
+                        .as_ref()
+                        .filter(|rt| rt.state.last_seen_ns != 0)
+                        .map_or(rec.issued_at, |rt| {
+                            (rt.state.last_seen_ns as i64 - offset).div_euclid(1_000_000_000)
+                        });
+                    if seen > now.saturating_sub(secs(d)) {
+                        continue;
+                    }
+                }
+                page.tokens.push((rec, rt));
+            }
+            if exhausted {
+                return Ok(page);
+            }
+        }
+        page.next = cursor;
+        Ok(page)
     }
 }
 

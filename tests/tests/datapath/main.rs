@@ -15,6 +15,7 @@
 //! - `events`: what a denial streams, and the flood cap;
 //! - `resets`: the reset action's RSTs, also across a restart;
 //! - `migration`: pins adopted by a restarted daemon and earlier layouts moved over;
+//! - `generation`: a generation of token entries seen by the programs at one instant;
 //! - `budget`: the verifier's instruction counts.
 //!
 //! One test target (`datapath`): `cargo xtask test` runs it in the 6.1 VM as one process
@@ -24,6 +25,7 @@ mod budget;
 mod events;
 mod fixtures;
 mod gcra;
+mod generation;
 mod listeners;
 mod migration;
 mod resets;

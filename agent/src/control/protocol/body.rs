@@ -119,6 +119,9 @@ pub struct ShowBody {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListBody {
     pub tokens: Vec<TokenView>,
+    /// Where the next page starts (`after`), when more tokens may follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Fp>,
 }
 
 /// Body of `token.import`.

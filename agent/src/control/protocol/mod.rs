@@ -79,6 +79,15 @@ pub enum Request {
         /// Include revoked and expired tokens.
         #[serde(default)]
         all: bool,
+        /// Only tokens on this contract.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        contract: Option<String>,
+        /// Only tokens recorded after this one (the `next` of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Fp>,
+        /// At most this many tokens (unset: every one, in one reply).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     #[serde(rename = "token.show")]
     TokenShow { fingerprint: Fp },

@@ -244,13 +244,17 @@ fn idle_listing_uses_datapath_last_seen() {
         idle_for: Some(Duration::ZERO),
         ..Default::default()
     };
-    let fps: Vec<_> = lc
-        .list(&idle)
-        .unwrap()
-        .iter()
-        .map(|r| r.fingerprint)
-        .collect();
+    let page = lc.list_page(&idle, None, 10).unwrap();
+    let fps: Vec<_> = page.tokens.iter().map(|(r, _)| r.fingerprint).collect();
     assert_eq!(fps, vec![b.record.fingerprint]);
+    assert_eq!(page.next, None);
+    // A page of one reads on past the token the idle filter drops, and says where it
+    // stopped.
+    let page = lc.list_page(&idle, None, 1).unwrap();
+    let fps: Vec<_> = page.tokens.iter().map(|(r, _)| r.fingerprint).collect();
+    assert_eq!(fps, vec![b.record.fingerprint]);
+    assert_eq!(page.next, Some(b.record.fingerprint));
+    assert!(lc.list_page(&idle, page.next, 1).unwrap().tokens.is_empty());
 }
 
 #[test]
