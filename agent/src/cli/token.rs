@@ -304,7 +304,7 @@ async fn list(
         let body: ListBody = call(client, &req).await?;
         for t in &body.tokens {
             if json {
-                write!(out, "{}\n", if printed == 0 { "" } else { "," })?;
+                writeln!(out, "{}", if printed == 0 { "" } else { "," })?;
                 serde_json::to_writer(&mut *out, t)?;
             } else {
                 print_row(t, out)?;
@@ -339,24 +339,21 @@ fn print_header(out: &mut impl Write) -> io::Result<()> {
 }
 
 fn print_row(t: &TokenView, out: &mut impl Write) -> io::Result<()> {
-    {
-        let last = t
-            .runtime
-            .as_ref()
-            .and_then(|r| r.last_seen)
-            .map_or_else(|| "never".to_owned(), time);
-        writeln!(
-            out,
-            "{:<32}  {:<7}  {:<16}  {:<20}  {:<20}  {}",
-            t.fingerprint,
-            t.status.as_str(),
-            t.contract,
-            opt_time(t.expires_at),
-            last,
-            t.label.as_deref().unwrap_or("")
-        )?;
-    }
-    Ok(())
+    let last = t
+        .runtime
+        .as_ref()
+        .and_then(|r| r.last_seen)
+        .map_or_else(|| "never".to_owned(), time);
+    writeln!(
+        out,
+        "{:<32}  {:<7}  {:<16}  {:<20}  {:<20}  {}",
+        t.fingerprint,
+        t.status.as_str(),
+        t.contract,
+        opt_time(t.expires_at),
+        last,
+        t.label.as_deref().unwrap_or("")
+    )
 }
 
 fn print_show(t: &TokenView, out: &mut impl Write) -> io::Result<()> {
