@@ -211,7 +211,9 @@ impl Datapath {
         let log_level = ebpf_log_level();
         loader.override_global(aya_log::LEVEL, &log_level, false);
         // Programs are verified when first used (see `xdp_program`), not here.
+        let began = std::time::Instant::now();
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let object_secs = began.elapsed().as_secs_f64();
         set_last_reset(&mut ebpf)?;
         let ports =
             MappedWords::new(take(&mut ebpf, "PORTS")?).map_err(|source| DatapathError::Mmap {
@@ -256,6 +258,7 @@ impl Datapath {
         dp.sync_ports();
         dp.adopt_generation()?;
         dp.adopt_token_slots()?;
+        let tokens_secs = began.elapsed().as_secs_f64() - object_secs;
         if let Some(dir) = dp.options.pin_dir.clone() {
             dp.migrate_tokens(&dir)?;
             dp.migrate_verdict_stats(&dir)?;
@@ -267,6 +270,12 @@ impl Datapath {
                 "marked revoked tokens in adopted maps for the revocation flag"
             );
         }
+        tracing::info!(
+            object_secs,
+            tokens_secs,
+            secs = began.elapsed().as_secs_f64(),
+            "datapath loaded (object and maps; TOKENS read and slots rebuilt)"
+        );
         Ok(dp)
     }
 
